@@ -1,0 +1,58 @@
+# fundus_lab: the README's two commands are `make reproduce` and `make test`.
+# Both create .venv on first use and install everything into it.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PRESET ?= default
+ARCH   := $(shell uname -m)
+
+# torch/torchvision pairs that install from this machine family's local wheel cache
+ifeq ($(ARCH),aarch64)
+TORCH_PINS := torch==2.9.1 torchvision==0.24.1
+else
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: install reproduce test test-unit test-notebooks test-browser browser-deps bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+## main job: every notebook on the embedded synthetic benchmark, through papermill
+reproduce: install
+	$(VENV)/bin/fundus-lab reproduce --preset $(PRESET)
+
+## tests: unit + integration, the notebooks under nbval at the smoke preset, the browser test
+test: install
+	$(MAKE) test-unit
+	$(MAKE) test-notebooks
+	$(MAKE) test-browser
+
+test-unit: install
+	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -q -m "not browser" tests
+
+test-notebooks: install
+	rm -rf runs/nbval && mkdir -p runs/nbval
+	for nb in notebooks/[0-9]*.ipynb; do \
+	  $(VENV)/bin/papermill --prepare-only -p preset smoke -p run_dir runs/nbval/run "$$nb" "runs/nbval/$$(basename $$nb)" || exit 1; \
+	done
+	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -q --nbval-lax -p no:cacheprovider runs/nbval
+
+browser-deps:
+	bash .ci/install_browser.sh
+
+test-browser: install browser-deps
+	$(VENV)/bin/pytest -q -m browser tests/browser
+
+bench: install
+	$(PY) benchmarks/synth_speed.py
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf runs/nbval .pytest_cache

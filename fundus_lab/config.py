@@ -1,0 +1,327 @@
+"""Configs: YAML files under ``configs/`` mapped onto dataclasses.
+
+A run's config is built in layers, each one a plain dict of sections:
+
+    dataclass defaults  <-  configs/presets/<preset>.yaml  <-  configs/methods/<method>.yaml
+                        <-  a user YAML file (optional)     <-  ``key=value`` overrides
+
+Every key is checked against the dataclass fields, so a typo is an error that names
+the key, where it came from, and the close matches, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from fundus_lab.data.config import DataConfig
+from fundus_lab.eval.config import EvalConfig
+from fundus_lab.models.config import MethodConfig, ModelConfig
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+CONFIG_DIR = Path(os.environ.get("FUNDUS_LAB_CONFIGS", PACKAGE_ROOT.parent / "configs"))
+PRESETS = ("smoke", "default", "paper")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the dataclasses."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping for ``fundus_lab.train.pretrain``."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    grad_accum_steps: int = 1
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 100
+    clip_grad_norm: Optional[float] = 1.0
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    output_dir: str = "runs/pretrain"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """The whole run: what to learn (method), with what (model), on what (data), how (train)."""
+
+    preset: str = "default"
+    method: MethodConfig = field(default_factory=MethodConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass tree to plain YAML/JSON-safe values (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        keys.append(name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], name + "."))
+    return keys
+
+
+def _unknown_key_error(key: str, cls: type, prefix: str, source: str) -> ConfigError:
+    # nested sections are always parts of a whole Config: suggest across all its sections
+    known = _all_keys(Config) if prefix else _all_keys(cls)
+    # a right name under the wrong section first, then spelling neighbours
+    same_name = [k for k in known if k.rsplit(".", 1)[-1] == key]
+    spelled = difflib.get_close_matches(prefix + key, known, n=3, cutoff=0.6)
+    close = list(dict.fromkeys(same_name + spelled))[:3]
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"{source}: unknown config key {prefix + key!r}{hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; allow only lossless conversions."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = ConfigError(f"{source}: {key} = {value!r} is not a valid {getattr(tp, '__name__', tp)}")
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as err:
+                errors.append(err)
+        raise bad
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{source}: {key} = {value!r}; expected one of {list(args)}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, source, prefix=key + ".")
+    if origin in (list, tuple):
+        if isinstance(value, str):  # "a,b,c" from the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{source}: {key} needs {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, key, source) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    return value
+
+
+def from_dict(cls: type, data: dict, source: str = "<dict>", prefix: str = ""):
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in (data or {}).items():
+        if key not in names:
+            raise _unknown_key_error(key, cls, prefix, source)
+        kwargs[key] = _coerce(value, hints[key], prefix + key, source)
+    return cls(**kwargs)
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Deep-merge ``update`` into a copy of ``base`` (mappings merge, everything else replaces)."""
+    out = dict(base)
+    for key, value in (update or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-3"`` -> (["train", "lr"], 0.001); values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.steps=100)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and value.lower() in ("none", "null"):
+        value = None
+    return key.split("."), value
+
+
+def overrides_to_dict(overrides: list[str] | dict | None) -> dict:
+    """Turn ``["a.b=1", ...]`` (or ``{"a.b": 1}`` from notebook parameters) into a nested dict."""
+    if not overrides:
+        return {}
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    nested: dict = {}
+    for key, value in items:
+        parts = key.split(".") if isinstance(key, str) else key
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {'.'.join(parts)} conflicts with another override")
+        node[parts[-1]] = value
+    return nested
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    return data
+
+
+def _named_file(kind: str, name: str) -> Path:
+    path = CONFIG_DIR / kind / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
+        raise ConfigError(f"no {kind[:-1]} named {name!r} in {CONFIG_DIR / kind}{hint}")
+    return path
+
+
+def available_methods() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "methods").glob("*.yaml"))
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    preset: str | None = None,
+    method: str | None = None,
+    overrides: list[str] | dict | None = None,
+) -> Config:
+    """Compose a :class:`Config` from a preset, a method and overrides.
+
+    Args:
+        path: optional user YAML; it may name ``preset:`` and ``method:`` itself
+            (``method`` as a name of ``configs/methods/*.yaml``) and hold any sections.
+        preset: ``smoke`` | ``default`` | ``paper`` (wins over the file's ``preset``).
+        method: a method name (wins over the file's ``method`` name).
+        overrides: ``["train.steps=10", ...]`` or ``{"train.steps": 10}``.
+    """
+    user = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "<config>"
+    user_method = user.pop("method", None)
+    if isinstance(user_method, str):
+        method = method or user_method
+        user_method = None
+    over = overrides_to_dict(overrides)
+    over_method = over.get("method")
+    if isinstance(over_method, str):  # "method=clip" picks a method file
+        method = over.pop("method")
+    preset = str(over.pop("preset", None) or preset or user.pop("preset", None) or "default")
+    user.pop("preset", None)
+
+    layers: list[tuple[str, dict]] = [(str(_named_file("presets", preset)), read_yaml(_named_file("presets", preset)))]
+    if method:
+        method_path = _named_file("methods", method)
+        layers.append((str(method_path), read_yaml(method_path)))
+    if user_method:
+        user["method"] = user_method
+    if user:
+        layers.append((source, user))
+    if over:
+        layers.append(("<overrides>", over))
+
+    merged: dict = {}
+    for src, layer in layers:
+        layer = {k: v for k, v in layer.items() if k != "preset"}
+        from_dict(Config, layer, src)  # validate each layer against the schema, naming its file
+        merged = merge(merged, layer)
+    cfg = from_dict(Config, merged, source)
+    cfg.preset = preset
+    if method:
+        cfg.method.name = method
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,94 @@
+"""Configs: YAML layers onto dataclasses, typed overrides, and loud errors for typos."""
+
+import pytest
+
+from fundus_lab import config as C
+
+
+@pytest.fixture()
+def config_dir(tmp_path, monkeypatch):
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "methods").mkdir()
+    (tmp_path / "presets" / "tiny.yaml").write_text("train:\n  steps: 7\n  lr: 0.01\ndata:\n  image_size: 64\n")
+    (tmp_path / "methods" / "clip.yaml").write_text("method:\n  name: clip\ntrain:\n  lr: 0.002\n")
+    monkeypatch.setattr(C, "CONFIG_DIR", tmp_path)
+    return tmp_path
+
+
+def test_layers_apply_in_order(config_dir):
+    cfg = C.load_config(preset="tiny", method="clip", overrides=["train.steps=3", "data.augment=false"])
+    assert cfg.preset == "tiny"
+    assert cfg.method.name == "clip"
+    assert cfg.train.steps == 3  # override beats preset
+    assert cfg.train.lr == pytest.approx(0.002)  # method beats preset
+    assert cfg.data.image_size == 64  # preset beats default
+    assert cfg.data.augment is False
+
+
+def test_user_file_names_preset_and_method(config_dir, tmp_path):
+    user = tmp_path / "run.yaml"
+    user.write_text("preset: tiny\nmethod: clip\ntrain:\n  seed: 5\n")
+    cfg = C.load_config(user)
+    assert (cfg.preset, cfg.method.name, cfg.train.seed, cfg.train.steps) == ("tiny", "clip", 5, 7)
+
+
+def test_notebook_style_dict_overrides(config_dir):
+    cfg = C.load_config(preset="tiny", overrides={"train.batch_size": 4, "train.betas": [0.8, 0.9]})
+    assert cfg.train.batch_size == 4
+    assert cfg.train.betas == (0.8, 0.9)
+
+
+def test_unknown_key_names_key_and_close_match(config_dir):
+    with pytest.raises(C.ConfigError, match=r"train\.stesp.*did you mean 'train\.steps'"):
+        C.load_config(preset="tiny", overrides=["train.stesp=3"])
+
+
+def test_key_in_wrong_section_is_pointed_at(config_dir):
+    with pytest.raises(C.ConfigError, match=r"data\.lr.*'train\.lr'"):
+        C.load_config(preset="tiny", overrides=["data.lr=3"])
+
+
+def test_unknown_key_in_file_names_the_file(config_dir):
+    (config_dir / "methods" / "bad.yaml").write_text("method:\n  name: bad\ntrian:\n  steps: 1\n")
+    with pytest.raises(C.ConfigError, match=r"bad\.yaml.*'trian'.*'train'"):
+        C.load_config(preset="tiny", method="bad")
+
+
+def test_wrong_type_is_an_error(config_dir):
+    with pytest.raises(C.ConfigError, match=r"train\.steps = 'many'"):
+        C.load_config(preset="tiny", overrides=["train.steps=many"])
+    with pytest.raises(C.ConfigError, match=r"train\.steps = 2\.5"):
+        C.load_config(preset="tiny", overrides=["train.steps=2.5"])
+    with pytest.raises(C.ConfigError, match="expected one of"):
+        C.load_config(preset="tiny", overrides=["train.mixed_precision=fp8"])
+
+
+def test_unknown_preset_or_method_lists_choices(config_dir):
+    with pytest.raises(C.ConfigError, match="did you mean tiny"):
+        C.load_config(preset="tiyn")
+    with pytest.raises(C.ConfigError, match="no method named 'clipp'.*clip"):
+        C.load_config(preset="tiny", method="clipp")
+
+
+def test_malformed_override():
+    with pytest.raises(C.ConfigError, match="key=value"):
+        C.overrides_to_dict(["train.steps"])
+
+
+def test_round_trip_through_yaml(config_dir, tmp_path):
+    cfg = C.load_config(preset="tiny", method="clip")
+    C.save_config(cfg, tmp_path / "saved.yaml")
+    data = C.read_yaml(tmp_path / "saved.yaml")
+    assert C.from_dict(C.Config, data, "saved.yaml") == cfg
+
+
+def test_shipped_presets_and_methods_load():
+    """Every preset x method shipped in configs/ composes without error."""
+    presets = sorted(p.stem for p in (C.CONFIG_DIR / "presets").glob("*.yaml"))
+    methods = C.available_methods()
+    if not presets or not methods:
+        pytest.skip("configs/ has no presets or methods yet")
+    for preset in presets:
+        for method in methods:
+            cfg = C.load_config(preset=preset, method=method)
+            assert cfg.method.name == method
