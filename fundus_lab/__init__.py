@@ -1,3 +1,32 @@
-"""fundus_lab: self-supervised vision-language learning on retinal fundus photographs."""
+"""fundus_lab: self-supervised vision-language learning on retinal fundus photographs.
+
+Submodules load on first use (``fl.data``, ``fl.models``, ``fl.train`` ...), so
+``import fundus_lab`` stays cheap for the command line and for notebooks.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_SUBMODULES = {"config", "data", "models", "losses", "train", "eval", "viz", "widgets", "knowledge", "reproduce", "checkpoint", "cli"}
+
+
+def load_model(checkpoint_dir, **kwargs):
+    """Rebuild a model from ``save_pretrained`` output (safetensors + JSON; never unpickles)."""
+    from fundus_lab.models import load_model as _load_model
+
+    return _load_model(checkpoint_dir, **kwargs)
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"fundus_lab.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'fundus_lab' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | _SUBMODULES)
