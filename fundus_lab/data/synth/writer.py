@@ -1,0 +1,189 @@
+"""Write a synthetic dataset folder: images, lesion masks, labels.csv and the manifest.
+
+Layout (the contract DATA reads)::
+
+    out_dir/manifest.yaml          copy of data_manifests/synth-<task>.yaml
+    out_dir/labels.csv             one row per image, header LABEL_COLUMNS
+    out_dir/images/<image_id>.png  RGB, image_size square
+    out_dir/masks/<image_id>.npz   one bool [S, S] array per lesion key present
+    out_dir/synth.json             the generation parameters (provenance, reuse)
+
+Image i of a task is patient i // 2, right eye for even i, left for odd. Its pixels and
+report come from ``SeedSequence([seed, task_id, i])`` only, so the output is
+byte-identical whatever the number of workers; the patient (age, camera, split, both
+eyes' labels) comes from ``SeedSequence([seed, task_id, patient, PATIENT_TAG])``, which
+both eyes recompute identically.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .cameras import CAMERAS, HELD_OUT, TRAIN_CAMERAS
+from .labels import ODIR_CODES, TASK_IDS, TASKS, sample_patient
+from .render import render_eye
+from .reports import definition_text, short_text, write_report
+
+LABEL_COLUMNS = ("image_id", "image", "mask", "patient_id", "eye", "age", "camera", "split",
+                 *ODIR_CODES, "dr_grade", "dme", "cdr", "fives_class", "text", "short_text", "definition_text")
+DATASET_NAMES = {t: f"synth-{t}" for t in TASKS}
+PATIENT_TAG = 0x50415431          # "PAT1": keeps patient streams apart from image streams
+FORMAT_VERSION = 1
+
+
+def manifest_template(task: str) -> Path:
+    """data_manifests/synth-<task>.yaml of this checkout (written by the DATA part)."""
+    import fundus_lab
+    return Path(fundus_lab.__file__).resolve().parent.parent / "data_manifests" / f"{DATASET_NAMES[task]}.yaml"
+
+
+def _check(task: str, cameras: Optional[Sequence[str]]) -> list[str]:
+    if task not in TASKS:
+        raise ValueError(f"synth.generate: task must be one of {list(TASKS)}, got {task!r}")
+    if cameras is None:
+        return list(TRAIN_CAMERAS) if task == "pretrain" else list(CAMERAS)
+    cams = list(cameras)
+    bad = [c for c in cams if c not in CAMERAS]
+    if bad or not cams:
+        raise ValueError(f"synth.generate: cameras must be a non-empty list from {sorted(CAMERAS)}, got {cams!r}")
+    return cams
+
+
+def sample_one(task: str, i: int, seed: int, cameras: Sequence[str], image_size: int):
+    """Render image ``i`` of ``task``: (row dict without paths, image, masks)."""
+    tid = TASK_IDS[task]
+    p = i // 2
+    eye = "right" if i % 2 == 0 else "left"
+    held = HELD_OUT if HELD_OUT in cameras else None
+    patient = sample_patient(np.random.default_rng(np.random.SeedSequence([seed, tid, p, PATIENT_TAG])),
+                             task, p, list(cameras), held)
+    lab = patient.eyes[eye]
+    r_img, r_txt = (np.random.default_rng(s) for s in np.random.SeedSequence([seed, tid, i]).spawn(2))
+    out = render_eye(r_img, lab, patient.camera, image_size, eye)
+    codes = lab.odir()
+    row = {
+        "image_id": f"{patient.patient_id}-{'R' if eye == 'right' else 'L'}",
+        "patient_id": patient.patient_id, "eye": eye, "age": patient.age, "camera": patient.camera,
+        "split": patient.split, **codes, "dr_grade": lab.dr_grade, "dme": lab.dme, "cdr": lab.cdr,
+        "fives_class": lab.fives_class(),
+        "text": write_report(r_txt, lab, out.findings, out.anatomy, eye),
+        "short_text": short_text(lab), "definition_text": definition_text(lab),
+    }
+    return row, out.image, out.masks
+
+
+def _work(args):
+    """Worker: render one image and write its PNG and mask file; return the CSV row."""
+    out_dir, task, i, seed, cameras, image_size = args
+    row, image, masks = sample_one(task, i, seed, cameras, image_size)
+    img_rel = f"images/{row['image_id']}.png"
+    mask_rel = f"masks/{row['image_id']}.npz"
+    Image.fromarray(image).save(Path(out_dir) / img_rel, compress_level=4)
+    np.savez_compressed(Path(out_dir) / mask_rel, **masks)
+    row["image"], row["mask"] = img_rel, mask_rel
+    return i, row
+
+
+def _run(jobs: list, workers: int) -> Iterator:
+    """Yield (index, row) as images finish, in any order; rows are sorted later."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(_work, jobs)
+        return
+    ctx = mp.get_context("spawn")             # spawn: safe under threads, same on every OS
+    with ctx.Pool(workers) as pool:
+        yield from pool.imap_unordered(_work, jobs, chunksize=max(1, min(16, len(jobs) // (8 * workers))))
+
+
+def write_dataset(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
+                  cameras: Optional[Sequence[str]] = None, image_size: int = 224,
+                  workers: Optional[int] = None, progress: bool = False) -> Path:
+    """Render ``n`` images of ``task`` into ``out_dir``; return the labels.csv path.
+
+    Everything but the manifest copy (see ``generate``).
+    """
+    cams = _check(task, cameras)
+    if n < 1:
+        raise ValueError(f"synth.generate: n must be >= 1, got {n}")
+    if image_size < 32:
+        raise ValueError(f"synth.generate: image_size must be >= 32, got {image_size}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    workers = (os.cpu_count() or 1) if workers is None else int(workers)
+    jobs = [(str(out), task, i, int(seed), cams, int(image_size)) for i in range(n)]
+    t0 = time.time()
+    results = _run(jobs, min(workers, n))
+    if progress:
+        from tqdm.auto import tqdm
+        results = tqdm(results, total=n, desc=f"synth-{task}")
+    rows = dict(results)
+    labels = out / "labels.csv"
+    tmp = labels.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=LABEL_COLUMNS)
+        w.writeheader()
+        for i in range(n):
+            w.writerow(rows[i])
+    os.replace(tmp, labels)
+    info = {"task": task, "n": n, "seed": int(seed), "cameras": cams, "image_size": int(image_size),
+            "held_out_camera": HELD_OUT if HELD_OUT in cams else None, "format_version": FORMAT_VERSION,
+            "seconds": round(time.time() - t0, 2)}
+    (out / "synth.json").write_text(json.dumps(info, indent=2))
+    return labels
+
+
+def _up_to_date(out: Path, task, n, seed, cams, image_size) -> bool:
+    try:
+        info = json.loads((out / "synth.json").read_text())
+    except (OSError, ValueError):
+        return False
+    want = {"task": task, "n": n, "seed": int(seed), "cameras": cams, "image_size": int(image_size),
+            "format_version": FORMAT_VERSION}
+    return all(info.get(k) == v for k, v in want.items()) and (out / "labels.csv").exists()
+
+
+def generate(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
+             cameras: Optional[Sequence[str]] = None, image_size: int = 224,
+             workers: Optional[int] = None, overwrite: bool = False, progress: bool = False) -> Path:
+    """Write a synthetic ``task`` dataset (pretrain | odir | fives | aptos) to ``out_dir``.
+
+    Args:
+        n: number of images (patients = ceil(n / 2), both eyes).
+        cameras: camera profile names; default: the training cameras for pretrain, all
+            profiles (the held-out one becomes the test split) for the other tasks.
+        workers: processes (default ``os.cpu_count()``); the output does not depend on it.
+        overwrite: re-render even if ``out_dir`` already holds this exact dataset.
+
+    Returns:
+        The path of ``out_dir/manifest.yaml`` (a copy of ``data_manifests/synth-<task>.yaml``).
+    """
+    cams = _check(task, cameras)
+    template = manifest_template(task)
+    if not template.is_file():
+        raise FileNotFoundError(f"synth.generate: manifest template {template} is missing "
+                                f"(expected data_manifests/{DATASET_NAMES[task]}.yaml in the repository)")
+    out = Path(out_dir)
+    if overwrite or not _up_to_date(out, task, n, seed, cams, image_size):
+        write_dataset(out, task, n, seed, cams, image_size, workers, progress)
+    manifest = out / "manifest.yaml"
+    shutil.copyfile(template, manifest)
+    return manifest
+
+
+def generate_benchmark(root, n_pretrain: int = 2000, n_eval: int = 600, seed: int = 0,
+                       image_size: int = 224, workers: Optional[int] = None,
+                       overwrite: bool = False, progress: bool = False) -> dict[str, Path]:
+    """All four synthetic datasets under ``root/synth-<task>/``; returns {task: manifest path}."""
+    sizes = {"pretrain": n_pretrain, "odir": n_eval, "fives": n_eval, "aptos": n_eval}
+    return {t: generate(Path(root) / DATASET_NAMES[t], t, n, seed, None, image_size, workers, overwrite, progress)
+            for t, n in sizes.items()}
