@@ -174,20 +174,23 @@ def _aptos_patient(rng, age, base_grade):
 
 
 def sample_patient(rng: np.random.Generator, task: str, index: int, cameras: list[str],
-                   held_out: Optional[str], val_fraction: float = 0.15) -> Patient:
+                   held_out: Optional[str]) -> Patient:
     """Patient ``index`` of ``task``: age, camera, split and both eyes' labels.
 
-    Split: the held-out camera's patients are the test split; the others are train or
-    val by a draw from the patient's own generator, so a patient never crosses splits.
+    Split: the held-out camera's patients are the test split (2 in 7 patients), 1 in 7
+    is val, the rest train. The slot is the patient index modulo 7, not a random draw, so
+    every split has patients from the third patient on (a smoke-sized set included), and
+    a patient never crosses splits.
     """
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; expected one of {list(TASKS)}")
     train_cams = [c for c in cameras if c != held_out]
-    if held_out in cameras and (not train_cams or rng.random() < 0.3):
+    slot = (index * 3) % 7  # patients 0, 1, 2 land in slots 0 (train), 3 (val), 6 (test)
+    if held_out in cameras and (not train_cams or slot >= 5):
         camera = held_out
     else:
         camera = str(train_cams[int(rng.integers(len(train_cams)))])
-    split = "test" if camera == held_out else ("val" if rng.random() < val_fraction else "train")
+    split = "test" if camera == held_out else ("val" if slot == 3 else "train")
     age = float(rng.uniform(25, 85))
     if task in ("pretrain", "odir"):
         age, eyes = _odir_patient(rng, age)
