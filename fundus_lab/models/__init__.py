@@ -1,0 +1,22 @@
+"""Models: the image and text encoders, the fusion, the decoders and the model that joins them.
+
+    model = build_model(cfg.model, cfg.method, tokenizer)   # a FundusVLM
+    model.save_pretrained(out_dir); model = load_model(out_dir)
+"""
+
+from fundus_lab.models.config import MethodConfig, ModelConfig
+from fundus_lab.models.image import VisionTransformer, patchify, random_masking, unpatchify
+from fundus_lab.models.model import CheckpointError, FundusVLM, build_model, load_model
+
+__all__ = [
+    "CheckpointError",
+    "FundusVLM",
+    "MethodConfig",
+    "ModelConfig",
+    "VisionTransformer",
+    "build_model",
+    "load_model",
+    "patchify",
+    "random_masking",
+    "unpatchify",
+]

@@ -1,0 +1,609 @@
+"""FundusVLM: the one model behind every method (ours, its ablations and the baselines).
+
+    L_total = w_con * L_contrastive + w_img * L_img_gen + w_cap * L_caption      (eq. 8)
+
+A method (``MethodConfig``) switches terms on and off and picks their variants; modules a
+method does not use are not built. The steps of ``forward`` follow the paper:
+
+1. encode: ``E_img`` on the full and/or masked image, ``E_text`` on the full and/or
+   masked report (only the passes the method needs);
+2. contrastive (eq. 2, or FLAIR / ViLReF variants) on projected, normalised CLS features;
+3. fuse (eq. 7): ``CA_img`` (image tokens query text tokens), ``CA_text`` (the reverse);
+4. image generation (eqs. 3-4): MAE decoder on the fused image tokens -> masked patches
+   (or a frozen teacher's features, EVA);
+5. captioning (eqs. 5-6): masked-token decoder on the fused text tokens, or a CoCa
+   captioner cross-attending to the image tokens.
+
+``forward`` returns pre-weighted terms: ``loss == sum of the *_loss entries``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fundus_lab import losses as L
+from fundus_lab.models.config import MethodConfig, ModelConfig
+from fundus_lab.models.decoders import CaptionDecoder, MAEDecoder, MaskedTextDecoder
+from fundus_lab.models.fusion import CrossAttention
+from fundus_lab.models.image import VisionTransformer, patchify, unpatchify
+from fundus_lab.models.text import TextEncoder, config_from_dict, mask_tokens, small_bert_config
+
+FORMAT = "fundus_lab.FundusVLM"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded (missing file, wrong keys or shapes)."""
+
+
+def build_vision_transformer(cfg: ModelConfig) -> VisionTransformer:
+    return VisionTransformer(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.vision_width,
+        depth=cfg.vision_depth,
+        num_heads=cfg.vision_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        drop_path_rate=cfg.drop_path,
+        mean=cfg.image_mean,
+        std=cfg.image_std,
+    )
+
+
+def validate_method(m: MethodConfig) -> None:
+    """Reject switch combinations that cannot train, naming the field."""
+    for name in ("contrastive_weight", "image_gen_weight", "caption_weight"):
+        if getattr(m, name) < 0:
+            raise ValueError(f"method.{name}={getattr(m, name)}: weights must be >= 0")
+    if m.contrastive_weight == 0 and m.image_gen_weight == 0 and m.caption_weight == 0:
+        raise ValueError(f"method {m.name!r}: every loss weight is 0, nothing would train")
+    if not 0.0 <= m.mask_ratio < 1.0:
+        raise ValueError(f"method.mask_ratio={m.mask_ratio}: expected 0 <= mask_ratio < 1")
+    if not 0.0 < m.text_mask_ratio < 1.0 and m.caption_weight > 0 and m.caption_mode == "masked":
+        raise ValueError(f"method.text_mask_ratio={m.text_mask_ratio}: expected 0 < ratio < 1 for masked captioning")
+    if m.image_gen_weight > 0 and m.mask_ratio == 0:
+        raise ValueError("method.mask_ratio=0 with image_gen_weight > 0: nothing would be masked to rebuild")
+    if m.contrastive_weight > 0 and m.contrastive_view == "masked" and m.mask_ratio == 0:
+        raise ValueError("method.contrastive_view='masked' needs method.mask_ratio > 0")
+    if not 0.0 <= m.momentum < 1.0:
+        raise ValueError(f"method.momentum={m.momentum}: expected 0 <= momentum < 1")
+    if m.contrastive_loss == "vilref" and (m.queue_size < 0 or m.num_labels < 1):
+        raise ValueError("method.contrastive_loss='vilref' needs method.queue_size >= 0 and method.num_labels >= 1")
+    if m.init_temperature <= 0 or m.max_logit_scale <= 1:
+        raise ValueError("method.init_temperature must be > 0 and method.max_logit_scale > 1")
+
+
+class FundusVLM(nn.Module):
+    """Two-branch vision-language model with contrastive, image-generation and caption heads.
+
+    Build it with :func:`build_model` (which also loads pretrained text weights and a
+    teacher) or :func:`load_model`; the constructor itself only builds modules.
+
+    Args:
+        model_cfg: sizes (``ModelConfig``).
+        method_cfg: terms, weights and switches (``MethodConfig``).
+        tokenizer: a HF tokenizer with ``[PAD] [CLS] [MASK]``; required when the method
+            has a text branch.
+        text_config: the HF config of the text encoder (default: a small BERT).
+        teacher_config: ``ModelConfig`` of the EVA teacher's image encoder.
+    """
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        method_cfg: MethodConfig,
+        tokenizer=None,
+        text_config=None,
+        teacher_config: ModelConfig | None = None,
+    ):
+        super().__init__()
+        validate_method(method_cfg)
+        self.model_cfg, self.method_cfg = model_cfg, method_cfg
+        m = method_cfg
+        self.use_contrastive = m.contrastive_weight > 0
+        self.use_image_gen = m.image_gen_weight > 0
+        self.use_caption = m.caption_weight > 0
+        self.masked_caption = self.use_caption and m.caption_mode == "masked"
+        self.ar_caption = self.use_caption and m.caption_mode == "autoregressive"
+        self.has_text = self.use_contrastive or self.use_caption
+        self.use_momentum = self.use_contrastive and m.contrastive_loss == "vilref"
+
+        self.image_encoder = build_vision_transformer(model_cfg)
+        vw = model_cfg.vision_width
+        self.tokenizer = tokenizer
+        self.text_encoder = None
+        if self.has_text:
+            if tokenizer is None:
+                raise ValueError(f"method {m.name!r} has a text branch: build_model needs a tokenizer")
+            if text_config is None:
+                text_config = small_bert_config(
+                    len(tokenizer), model_cfg.text_width, model_cfg.text_depth, model_cfg.text_heads,
+                    model_cfg.text_max_length, tokenizer.pad_token_id,
+                )
+            if len(tokenizer) > text_config.vocab_size:
+                raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the text encoder only {text_config.vocab_size}")
+            self.text_encoder = TextEncoder(text_config)
+        tw = self.text_encoder.width if self.text_encoder is not None else None
+
+        # contrastive heads (eq. 2)
+        if self.use_contrastive:
+            self.image_proj = nn.Linear(vw, model_cfg.embed_dim, bias=False)
+            self.text_proj = nn.Linear(tw, model_cfg.embed_dim, bias=False)
+            nn.init.normal_(self.image_proj.weight, std=vw**-0.5)
+            nn.init.normal_(self.text_proj.weight, std=tw**-0.5)
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / m.init_temperature)))
+
+        # cross-attention (eq. 7): each direction only where a decoder reads its output
+        use_fusion = m.cross_attention and self.has_text
+        self.fusion_image = (
+            CrossAttention(vw, tw, model_cfg.fusion_depth, model_cfg.fusion_heads, model_cfg.mlp_ratio)
+            if use_fusion and self.use_image_gen else None
+        )
+        self.fusion_text = (
+            CrossAttention(tw, vw, model_cfg.fusion_depth, model_cfg.fusion_heads, model_cfg.mlp_ratio)
+            if use_fusion and self.masked_caption else None
+        )
+
+        # image generation (eqs. 3-4) or teacher-feature regression (EVA)
+        self.teacher = None
+        self.teacher_config = None
+        if self.use_image_gen:
+            if m.image_gen_target == "teacher":
+                self.teacher_config = teacher_config or model_cfg
+                if (self.teacher_config.img_size, self.teacher_config.patch_size) != (model_cfg.img_size, model_cfg.patch_size):
+                    raise ValueError("method.teacher_checkpoint: the teacher must use the same img_size and patch_size")
+                self.teacher = build_vision_transformer(self.teacher_config)
+                self.teacher.requires_grad_(False)
+                out_dim = self.teacher_config.vision_width
+            else:
+                out_dim = model_cfg.patch_size**2 * 3
+            self.image_decoder = MAEDecoder(
+                self.image_encoder.num_patches, vw, model_cfg.decoder_width, model_cfg.decoder_depth,
+                model_cfg.decoder_heads, out_dim, model_cfg.mlp_ratio,
+            )
+
+        # captioning (eqs. 5-6)
+        vocab = len(tokenizer) if tokenizer is not None else 0
+        if self.masked_caption:
+            self.text_decoder = MaskedTextDecoder(tw, model_cfg.text_decoder_depth, model_cfg.text_heads, vocab, model_cfg.mlp_ratio)
+        elif self.ar_caption:
+            self.text_decoder = CaptionDecoder(
+                vocab, model_cfg.text_max_length, tw, model_cfg.caption_depth, model_cfg.text_heads, vw, model_cfg.mlp_ratio
+            )
+
+        # ViLReF: momentum encoders and a memory queue
+        if self.use_momentum:
+            self.momentum_image_encoder = copy.deepcopy(self.image_encoder).requires_grad_(False)
+            self.momentum_image_proj = copy.deepcopy(self.image_proj).requires_grad_(False)
+            self.momentum_text_encoder = copy.deepcopy(self.text_encoder).requires_grad_(False)
+            self.momentum_text_proj = copy.deepcopy(self.text_proj).requires_grad_(False)
+            k, d = m.queue_size, model_cfg.embed_dim
+            self.register_buffer("image_queue", torch.zeros(k, d))
+            self.register_buffer("text_queue", torch.zeros(k, d))
+            self.register_buffer("label_queue", torch.zeros(k, m.num_labels))
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+            self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.image_encoder.cls_token.device
+
+    def _scale(self) -> torch.Tensor:
+        """exp(t) clamped to ``max_logit_scale`` (CLIP: 100)."""
+        return self.logit_scale.clamp(max=math.log(self.method_cfg.max_logit_scale)).exp()
+
+    def _require(self, what: str, ok: bool, why: str):
+        if not ok:
+            raise RuntimeError(f"method {self.method_cfg.name!r} has no {what}: {why}")
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """list[str] -> input_ids, attention_mask ``[N, T]`` on the model's device."""
+        self._require("text encoder", self.text_encoder is not None, "its contrastive and caption weights are 0")
+        if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+            raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise ValueError(f"batch['text'][{i}] is {t!r}: method {self.method_cfg.name!r} needs a report for every image")
+        max_length = min(self.model_cfg.text_max_length, getattr(self.text_encoder.config, "max_position_embeddings", 10**9))
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def _special_ids(self) -> list[int]:
+        return [i for i in self.tokenizer.all_special_ids if i is not None]
+
+    # ------------------------------------------------------------------ encoders (inference API)
+    def image_features(self, images: torch.Tensor, mask_ratio: float = 0.0) -> dict:
+        """ViT features for probes / fine-tuning: dict(cls ``[N, W]``, tokens ``[N, L', W]`` (patches
+        only), mask ``[N, L]``, ids_restore ``[N, L]``)."""
+        out = self.image_encoder(images, mask_ratio)
+        return {"cls": out["cls"], "tokens": out["tokens"][:, 1:], "mask": out["mask"], "ids_restore": out["ids_restore"]}
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, H, W]`` in [0, 1] -> ``[N, D]`` L2-normalised (the ViT's CLS for ``mae``)."""
+        cls = self.image_encoder(images)["cls"]
+        z = self.image_proj(cls) if self.use_contrastive else cls
+        return F.normalize(z, dim=-1)
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """list[str] -> ``[N, D]`` L2-normalised."""
+        self._require("text embedding", self.use_contrastive, "it learns no image-text alignment (contrastive_weight is 0)")
+        ids, attn = self.tokenize(texts)
+        return F.normalize(self.text_proj(self.text_encoder(ids, attn)["cls"]), dim=-1)
+
+    def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens through the CLS projection, ``[N, L, D]`` L2-normalised.
+
+        The dense read-out of MaskCLIP (no extra training): where in the image a prompt
+        matches. Only meaningful for methods with a contrastive term.
+        """
+        self._require("joint embedding space", self.use_contrastive, "contrastive_weight is 0")
+        tokens = self.image_encoder(images)["tokens"][:, 1:]
+        return F.normalize(self.image_proj(tokens), dim=-1)
+
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Self-attention of every ViT block: list of float ``[N, heads, 1 + L, 1 + L]``."""
+        return [a.float() for a in self.image_encoder.attention_maps(images)]
+
+    @torch.no_grad()
+    def cross_attention_maps(self, images: torch.Tensor, texts: Sequence[str]) -> dict:
+        """Text token -> image token attention of ``CA_text`` (eq. 7) on unmasked inputs.
+
+        Returns dict(maps: list per layer of ``[N, heads, T, 1 + L]`` (column 0 is the image
+        CLS token), tokens: list of token strings per text, attention_mask ``[N, T]``).
+        """
+        self._require("text->image cross-attention", self.fusion_text is not None,
+                      "method.cross_attention is false or masked captioning is off")
+        ids, attn = self.tokenize(texts)
+        img = self.image_encoder(images)["tokens"]
+        txt = self.text_encoder(ids, attn)["tokens"]
+        _, maps = self.fusion_text(txt, img, return_attention=True)
+        maps = [a.float() for a in maps]
+        tokens = [self.tokenizer.convert_ids_to_tokens(row[mask.bool()].tolist()) for row, mask in zip(ids.cpu(), attn.cpu())]
+        return {"maps": maps, "tokens": tokens, "attention_mask": attn}
+
+    # ------------------------------------------------------------------ forward steps
+    def forward_contrastive(self, image_cls, text_cls, labels) -> torch.Tensor:
+        """Eq. 2 (or the FLAIR / ViLReF variant) on projected, normalised CLS features."""
+        m = self.method_cfg
+        z_img = F.normalize(self.image_proj(image_cls), dim=-1)
+        z_txt = F.normalize(self.text_proj(text_cls), dim=-1)
+        scale = self._scale()
+        if m.contrastive_loss == "infonce":
+            return L.contrastive_loss(z_img, z_txt, scale)
+        try:
+            labels = None if labels is None else torch.as_tensor(labels).to(self.device)
+        except (TypeError, ValueError, RuntimeError):
+            labels = None
+        if labels is None:
+            raise ValueError(f"method {m.name!r} ({m.contrastive_loss}) needs batch['label'] (class ids or multi-hot) for every image")
+        if m.contrastive_loss == "label_aware":
+            return L.label_aware_contrastive_loss(z_img, z_txt, labels, scale)
+        k = int(self.queue_count)
+        return L.weighted_similarity_coupling_loss(
+            z_img, z_txt, labels, scale, self.image_queue[:k].clone(), self.text_queue[:k].clone(), self.label_queue[:k].clone()
+        )
+
+    def forward_image_gen(self, images, tokens, mask, ids_restore) -> torch.Tensor:
+        """Eqs. 3-4: decode (fused) visible tokens, score the masked patches."""
+        pred = self.image_decoder(tokens, ids_restore)  # [N, L, out]
+        if self.teacher is not None:
+            with torch.no_grad():
+                self.teacher.eval()
+                target = self.teacher(images)["tokens"][:, 1:]
+            return L.feature_regression_loss(pred, target, mask, self.method_cfg.teacher_loss)
+        target = patchify(self.image_encoder.normalize(images), self.model_cfg.patch_size)
+        return L.masked_image_loss(pred, target, mask, self.method_cfg.norm_pix_loss)
+
+    def forward(self, batch: dict) -> dict:
+        """One training step's losses.
+
+        Args:
+            batch: ``fl.data.collate`` output: "image" ``[N, 3, H, W]`` in [0, 1], "text"
+                list[str] (methods with a text branch), "label" (FLAIR / ViLReF).
+        Returns:
+            dict with "loss" (eq. 8) = the sum of the pre-weighted ``*_loss`` terms, and
+            "logit_scale" (detached) where there is a contrastive term.
+        """
+        if "image" not in batch:
+            raise KeyError("batch has no 'image'")
+        m = self.method_cfg
+        images = batch["image"].to(self.device)
+        labels = batch.get("label")  # read only by the label-aware losses
+        terms: dict[str, torch.Tensor] = {}
+        logs: dict[str, Any] = {}
+
+        # 1. encoders: only the passes this method reads
+        masked_view = self.use_contrastive and m.contrastive_view == "masked"
+        img_masked = self.image_encoder(images, m.mask_ratio) if (self.use_image_gen or masked_view) else None
+        reads_image_tokens = self.ar_caption or self.fusion_text is not None
+        need_full_img = (self.use_contrastive and not masked_view) or (reads_image_tokens and img_masked is None)
+        img_full = self.image_encoder(images) if need_full_img else None
+
+        txt_full = txt_masked = text_targets = ids = attn = None
+        if self.has_text:
+            if "text" not in batch or batch["text"] is None:
+                raise KeyError(f"method {m.name!r} needs batch['text'] (the reports)")
+            ids, attn = self.tokenize(batch["text"])
+            if self.masked_caption:
+                masked_ids, text_targets = mask_tokens(ids, attn, m.text_mask_ratio, self.tokenizer.mask_token_id, self._special_ids())
+                txt_masked = self.text_encoder(masked_ids, attn)
+            if (self.use_contrastive and not (masked_view and txt_masked is not None)) or (
+                txt_masked is None and self.fusion_image is not None
+            ):
+                txt_full = self.text_encoder(ids, attn)
+
+        # 2. contrastive (eq. 2)
+        if self.use_contrastive:
+            img_c = img_masked if masked_view else img_full
+            txt_c = txt_masked if (masked_view and txt_masked is not None) else txt_full
+            terms["contrastive_loss"] = self.forward_contrastive(img_c["cls"], txt_c["cls"], labels)
+            logs["logit_scale"] = self._scale().detach()
+
+        # 3. fusion (eq. 7): both directions read the encoders' (un-updated) tokens
+        img_for_text = img_masked if img_masked is not None else img_full
+        txt_for_img = txt_masked if txt_masked is not None else txt_full
+        img_tokens = img_masked["tokens"] if img_masked is not None else None
+        if self.fusion_image is not None:
+            img_tokens = self.fusion_image(img_tokens, txt_for_img["tokens"], ~attn.bool())
+        txt_tokens = txt_masked["tokens"] if txt_masked is not None else None
+        if self.fusion_text is not None:
+            txt_tokens = self.fusion_text(txt_tokens, img_for_text["tokens"])
+
+        # 4. image generation (eqs. 3-4)
+        if self.use_image_gen:
+            terms["image_gen_loss"] = self.forward_image_gen(images, img_tokens, img_masked["mask"], img_masked["ids_restore"])
+
+        # 5. captioning (eqs. 5-6)
+        if self.masked_caption:
+            logits = self.text_decoder(txt_tokens, attn)
+            terms["caption_loss"] = L.caption_loss(logits, text_targets)
+        elif self.ar_caption:
+            # un-fused image tokens: fused ones would have read the whole report (a leak)
+            logits = self.text_decoder(ids[:, :-1], img_for_text["tokens"])
+            targets = ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
+            terms["caption_loss"] = L.caption_loss(logits, targets)
+
+        total, weighted = L.total_loss(
+            terms, {"contrastive_loss": m.contrastive_weight, "image_gen_loss": m.image_gen_weight, "caption_loss": m.caption_weight}
+        )
+        if self.use_momentum and self.training:
+            self._enqueue(images, ids, attn, labels)
+        return {"loss": total, **weighted, **logs}
+
+    # ------------------------------------------------------------------ momentum encoders (ViLReF)
+    @torch.no_grad()
+    def _enqueue(self, images, ids, attn, labels):
+        """Push this (global) batch's momentum features and labels into the FIFO queue."""
+        k = self.method_cfg.queue_size
+        if k == 0:
+            return
+        zi = F.normalize(self.momentum_image_proj(self.momentum_image_encoder(images)["cls"]), dim=-1)
+        zt = F.normalize(self.momentum_text_proj(self.momentum_text_encoder(ids, attn)["cls"]), dim=-1)
+        y = L._labels_as_matrix(labels, self.method_cfg.num_labels)
+        zi, zt, y = L.gather_no_grad(zi), L.gather_no_grad(zt), L.gather_no_grad(y)
+        n = zi.shape[0]
+        idx = (int(self.queue_ptr) + torch.arange(n, device=zi.device)) % k
+        if n > k:  # a batch larger than the queue: keep its last k entries
+            idx, zi, zt, y = idx[-k:], zi[-k:], zt[-k:], y[-k:]
+        self.image_queue[idx] = zi.to(self.image_queue.dtype)
+        self.text_queue[idx] = zt.to(self.text_queue.dtype)
+        self.label_queue[idx] = y.to(self.label_queue.dtype)
+        self.queue_ptr.fill_((int(self.queue_ptr) + n) % k)
+        self.queue_count.fill_(min(k, int(self.queue_count) + n))
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Call after every optimizer step: clamp the temperature (CLIP) and move the
+        momentum encoders ``theta_m <- mu theta_m + (1 - mu) theta`` (ViLReF)."""
+        if self.use_contrastive:
+            self.logit_scale.clamp_(0, math.log(self.method_cfg.max_logit_scale))
+        if self.use_momentum:
+            mu = self.method_cfg.momentum
+            for online, ema in (
+                (self.image_encoder, self.momentum_image_encoder),
+                (self.image_proj, self.momentum_image_proj),
+                (self.text_encoder, self.momentum_text_encoder),
+                (self.text_proj, self.momentum_text_proj),
+            ):
+                for p, q in zip(online.parameters(), ema.parameters()):
+                    q.mul_(mu).add_(p.detach(), alpha=1 - mu)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:  # a frozen teacher stays in eval mode (no drop-path)
+            self.teacher.eval()
+        return self
+
+    # ------------------------------------------------------------------ visualisation
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, mask_ratio: float | None = None) -> dict:
+        """Rebuild masked patches for display (MAE figure).
+
+        Returns dict(pred_images ``[N, 3, H, W]`` in [0, 1] (the prediction everywhere),
+        pasted ``[N, 3, H, W]`` (visible patches from the input, masked ones predicted),
+        masked_images (input with masked patches zeroed), mask ``[N, L]``, mask_image
+        ``[N, 1, H, W]`` (1 = masked)). With ``norm_pix_loss`` the per-patch normalised
+        prediction is mapped back with each patch's true mean and variance, for display only.
+        The text branch does not take part (no report is given).
+        """
+        self._require("pixel decoder", self.use_image_gen and self.teacher is None,
+                      "it does not rebuild pixels (image_gen_weight is 0 or the target is teacher features)")
+        ratio = self.method_cfg.mask_ratio if mask_ratio is None else mask_ratio
+        enc = self.image_encoder(images, ratio)
+        pred = self.image_decoder(enc["tokens"], enc["ids_restore"])
+        p = self.model_cfg.patch_size
+        target = patchify(self.image_encoder.normalize(images), p)
+        if self.method_cfg.norm_pix_loss:
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            pred = pred * (var + 1.0e-6) ** 0.5 + mean
+        enc_mean, enc_std = self.image_encoder.mean, self.image_encoder.std
+        pred_images = (unpatchify(pred, p) * enc_std + enc_mean).clamp(0, 1)
+        mask_image = unpatchify(enc["mask"].unsqueeze(-1).expand(-1, -1, p * p * 3), p)[:, :1]
+        return {
+            "pred_images": pred_images,
+            "pasted": images * (1 - mask_image) + pred_images * mask_image,
+            "masked_images": images * (1 - mask_image),
+            "mask": enc["mask"],
+            "mask_image": mask_image,
+        }
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write ``model.safetensors``, ``config.json`` (model + method + text/teacher configs)
+        and ``tokenizer/``. Loading needs nothing else (no original paths, no pickle)."""
+        from safetensors.torch import save_file
+
+        from fundus_lab.config import to_dict
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        model_dict = to_dict(self.model_cfg)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+            model_dict["tokenizer"] = TOKENIZER_DIR
+        payload = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": model_dict,
+            "method": to_dict(self.method_cfg),
+            "text_config": self.text_encoder.config.to_dict() if self.text_encoder is not None else None,
+            "teacher_model": to_dict(self.teacher_config) if self.teacher_config is not None else None,
+        }
+        (out / CONFIG_NAME).write_text(json.dumps(payload, indent=2, default=str))
+        return out
+
+
+# ---------------------------------------------------------------------- factories
+
+
+def _resolve_tokenizer(model_cfg: ModelConfig):
+    from fundus_lab.data.tokenizer import default_corpus, load_tokenizer, train_tokenizer
+
+    if model_cfg.tokenizer:
+        return load_tokenizer(model_cfg.tokenizer)
+    if model_cfg.text_pretrained:
+        return load_tokenizer(model_cfg.text_pretrained)
+    # no tokenizer given: learn one from the knowledge base (deterministic)
+    return train_tokenizer(default_corpus(), vocab_size=model_cfg.vocab_size, model_max_length=model_cfg.text_max_length)
+
+
+def _read_checkpoint_config(path: Path) -> dict:
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no {CONFIG_NAME}; is this a directory written by save_pretrained?")
+    try:
+        data = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{cfg_path}: not valid JSON: {err}") from None
+    if data.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_path}: format is {data.get('format')!r}, expected {FORMAT!r}")
+    for key in ("model", "method"):
+        if not isinstance(data.get(key), dict):
+            raise CheckpointError(f"{cfg_path}: field {key!r} is missing or not a mapping")
+    return data
+
+
+def _load_weights(module: nn.Module, weights: Path, prefix: str = "") -> None:
+    """Copy safetensors weights into ``module``; any missing, extra or mis-shaped key is an error."""
+    from safetensors.torch import load_file
+
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} does not exist")
+    state = load_file(str(weights))
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    if wrong:
+        problems.append(
+            "shape mismatch " + ", ".join(f"{k}: file {list(state[k].shape)} vs model {list(expected[k].shape)}" for k in wrong[:8])
+        )
+    if problems:
+        raise CheckpointError(f"{weights}{' [' + prefix + '*]' if prefix else ''} does not fit the model: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True)
+
+
+def build_model(model_cfg: ModelConfig, method_cfg: MethodConfig, tokenizer=None) -> FundusVLM:
+    """Build a :class:`FundusVLM` for ``method_cfg``, loading any pretrained parts.
+
+    - tokenizer: given, else ``model.tokenizer``, else the ``text_pretrained`` checkpoint's,
+      else one trained on the knowledge base.
+    - ``model.text_pretrained``: a local HF checkpoint directory (safetensors) for ``E_text``.
+    - ``method.teacher_checkpoint``: a ``save_pretrained`` directory (a trained CLIP) whose
+      image encoder becomes EVA's frozen teacher. Without one the teacher is a frozen,
+      randomly initialised copy of the student's ViT: a runnable stand-in, not the EVA
+      recipe, which needs a trained CLIP teacher (``fundus-lab compare`` trains ``clip``
+      first and passes its checkpoint).
+    """
+    has_text = method_cfg.contrastive_weight > 0 or method_cfg.caption_weight > 0
+    if has_text and tokenizer is None:
+        tokenizer = _resolve_tokenizer(model_cfg)
+    text_encoder = text_config = None
+    if has_text and model_cfg.text_pretrained:
+        text_encoder = TextEncoder.from_pretrained(model_cfg.text_pretrained)
+        text_config = text_encoder.config
+    teacher_cfg = None
+    uses_teacher = method_cfg.image_gen_weight > 0 and method_cfg.image_gen_target == "teacher"
+    if uses_teacher and method_cfg.teacher_checkpoint:
+        from fundus_lab.config import from_dict
+
+        tpath = Path(method_cfg.teacher_checkpoint)
+        tdata = _read_checkpoint_config(tpath)
+        teacher_cfg = from_dict(ModelConfig, tdata["model"], str(tpath / CONFIG_NAME))
+    model = FundusVLM(model_cfg, method_cfg, tokenizer if has_text else None, text_config, teacher_cfg)
+    if text_encoder is not None:
+        model.text_encoder.load_state_dict(text_encoder.state_dict(), strict=True)
+    if uses_teacher and method_cfg.teacher_checkpoint:
+        _load_weights(model.teacher, Path(method_cfg.teacher_checkpoint) / WEIGHTS_NAME, prefix="image_encoder.")
+    if model.use_momentum:  # momentum encoders start equal to the online ones
+        model.momentum_text_encoder.load_state_dict(model.text_encoder.state_dict())
+    return model
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> FundusVLM:
+    """Load a directory written by :meth:`FundusVLM.save_pretrained` (safetensors + JSON; no pickle)."""
+    from fundus_lab.config import ConfigError, from_dict
+    from fundus_lab.data.tokenizer import load_tokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    data = _read_checkpoint_config(path)
+    src = str(path / CONFIG_NAME)
+    try:
+        model_cfg = from_dict(ModelConfig, data["model"], src, prefix="model.")
+        method_cfg = from_dict(MethodConfig, data["method"], src, prefix="method.")
+        teacher_cfg = from_dict(ModelConfig, data["teacher_model"], src, prefix="teacher_model.") if data.get("teacher_model") else None
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    tokenizer = None
+    if (path / TOKENIZER_DIR).is_dir():
+        tokenizer = load_tokenizer(path / TOKENIZER_DIR)
+        model_cfg = replace(model_cfg, tokenizer=str(path / TOKENIZER_DIR))
+    text_config = config_from_dict(data["text_config"]) if data.get("text_config") else None
+    model = FundusVLM(model_cfg, method_cfg, tokenizer, text_config, teacher_cfg)
+    _load_weights(model, path / WEIGHTS_NAME)
+    return model.to(map_location).eval()
