@@ -1,0 +1,205 @@
+"""Training throughput and peak memory of one optimizer step, every method side by side.
+
+    python benchmarks/train_throughput.py                       # default preset, all methods
+    python benchmarks/train_throughput.py --preset smoke --steps 3 --methods clip,ours,mae
+    python benchmarks/train_throughput.py --preset paper train.batch_size=64   # on a GPU
+
+Each method runs in its own subprocess (a fresh allocator and a clean peak-memory
+high-water mark) through the trainer's own ``fundus_lab.train.train_step`` (forward,
+backward, clipping, AdamW, schedule, after-step hook) on a fixed in-memory batch: random
+images and knowledge-base sentences as reports, so disk and JPEG/PNG decoding are left out
+and only the model's cost is compared.
+
+Reported per method: parameters, images/s over the timed steps, the ratio to ``clip``,
+peak memory (GPU: ``torch.cuda.max_memory_allocated``, and its growth from before the first step;
+CPU: the process's max RSS, and its growth from before the first step, i.e. activations +
+gradients + AdamW state), forward+backward
+GFLOPs per image counted with ``torch.utils.flop_counter.FlopCounterMode``, and on a GPU
+the model FLOPs utilisation against the device's dense bf16/fp16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+# dense tensor-core peaks (FLOP/s) for bf16/fp16, by a substring of the device name
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+                  "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12, "T4": 65e12}
+
+
+def _batch(cfg, n: int, seed: int = 0) -> dict:
+    """A fixed batch: random images, report-length texts from the knowledge base, multi-hot labels."""
+    import random
+
+    import torch
+
+    from fundus_lab import knowledge
+
+    rng = random.Random(seed)
+    sentences = [s for s in knowledge.corpus() if len(s.split()) > 3]
+    texts = [" ".join(rng.sample(sentences, k=min(4, len(sentences)))) for _ in range(n)]
+    g = torch.Generator().manual_seed(seed)
+    side = cfg.model.img_size
+    return {
+        "image": torch.rand(n, 3, side, side, generator=g),
+        "text": texts,
+        "label": (torch.rand(n, cfg.method.num_labels, generator=g) < 0.3).float(),
+    }
+
+
+def _max_rss_mib() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def measure(preset: str, method: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+    """Build ``method`` at ``preset`` and time ``steps`` optimizer steps after ``warmup``."""
+    import torch
+    from accelerate import Accelerator
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fundus_lab import train as T
+    from fundus_lab.config import load_config
+    from fundus_lab.data.tokenizer import default_corpus, train_tokenizer
+    from fundus_lab.models import build_model
+
+    cfg = load_config(preset=preset, method=method, overrides=overrides)
+    torch.manual_seed(cfg.train.seed)
+    accelerator = Accelerator(mixed_precision=T.resolve_mixed_precision(cfg.train.mixed_precision))
+    tokenizer = train_tokenizer(default_corpus(), vocab_size=cfg.model.vocab_size,
+                                model_max_length=cfg.model.text_max_length)
+    model = build_model(cfg.model, cfg.method, tokenizer).train()
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = T.build_optimizer(model, cfg.train)
+    scheduler = T.build_scheduler(optimizer, cfg.train)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    batch = T.to_device(_batch(cfg, cfg.train.batch_size), accelerator.device)
+
+    def forever():
+        while True:
+            yield batch
+
+    data = forever()
+    cuda = accelerator.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rss_before = _max_rss_mib()  # before the first step: optimizer state is allocated by it
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    for i in range(warmup):
+        T.train_step(accelerator, model, optimizer, scheduler, data, cfg.train, i + 1)
+    sync()
+    start = time.perf_counter()
+    for i in range(steps):
+        T.train_step(accelerator, model, optimizer, scheduler, data, cfg.train, warmup + i + 1)
+    sync()
+    elapsed = time.perf_counter() - start
+    images = steps * cfg.train.batch_size * cfg.train.grad_accum_steps
+    if cuda:
+        peak, peak_kind = torch.cuda.max_memory_allocated() / 2**20, "cuda max allocated"
+        step_extra = peak - base
+    else:
+        # max RSS is a process high-water mark: its growth from before the first step is
+        # what training adds (activations, gradients, AdamW moments); peak is the whole process
+        peak, peak_kind = _max_rss_mib(), "max RSS"
+        step_extra = peak - rss_before
+
+    # FLOPs of one forward + backward (the optimizer's elementwise work is negligible)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(batch)
+        accelerator.backward(out["loss"])
+    optimizer.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()
+    result = {
+        "method": method, "preset": preset, "device": str(accelerator.device),
+        "precision": accelerator.mixed_precision, "params_m": params / 1e6,
+        "batch_size": cfg.train.batch_size, "img_size": cfg.model.img_size, "steps": steps,
+        "step_s": elapsed / steps, "images_per_s": images / elapsed,
+        "peak_mem_mib": peak, "peak_kind": peak_kind, "step_extra_mib": step_extra,
+        "gflops_per_image": flops / cfg.train.batch_size / 1e9,
+        "achieved_tflops": flops * steps / elapsed / 1e12,
+    }
+    if cuda:
+        name = torch.cuda.get_device_name()
+        peak_flops = next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+        result["gpu"] = name
+        if peak_flops and accelerator.mixed_precision in ("bf16", "fp16"):
+            result["mfu"] = flops * steps / elapsed / peak_flops
+    return result
+
+
+def run_child(args, method: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--preset", args.preset,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), *args.overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"method": method, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(lines[-1])
+
+
+def table(results: list[dict]) -> str:
+    clip = next((r for r in results if r["method"] == "clip" and "error" not in r), None)
+    head = f"{'method':<16}{'params M':>9}{'img/s':>9}{'vs clip':>9}{'step s':>9}{'peak MiB':>10}{'step +MiB':>10}{'GFLOP/img':>10}{'MFU':>7}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['method']:<16}  failed: {r['error']}")
+            continue
+        ratio = f"{r['images_per_s'] / clip['images_per_s']:.2f}x" if clip else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        lines.append(
+            f"{r['method']:<16}{r['params_m']:>9.2f}{r['images_per_s']:>9.1f}{ratio:>9}{r['step_s']:>9.3f}"
+            f"{r['peak_mem_mib']:>10.0f}{r['step_extra_mib']:>10.0f}{r['gflops_per_image']:>10.2f}{mfu:>7}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--methods", default="all", help="comma-separated, or 'all' (every configs/methods file)")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per method")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocator, lazy init)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.batch_size=16")
+    args = parser.parse_args(argv)
+
+    if args.child:
+        print(json.dumps(measure(args.preset, args.child, args.steps, args.warmup, args.overrides)))
+        return 0
+
+    from fundus_lab.config import available_methods
+
+    methods = available_methods() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "clip" in methods:  # the reference first
+        methods.remove("clip")
+        methods.insert(0, "clip")
+    results = []
+    for method in methods:
+        results.append(run_child(args, method))
+        r = results[-1]
+        print(f"  {method}: " + (f"{r['images_per_s']:.1f} img/s" if "error" not in r else f"failed ({r['error']})"),
+              file=sys.stderr, flush=True)
+    first = next((r for r in results if "error" not in r), {})
+    print(f"preset {args.preset}, device {first.get('gpu', first.get('device'))}, precision {first.get('precision')}, "
+          f"batch {first.get('batch_size')} x {first.get('img_size')}px, {args.steps} timed steps after {args.warmup} warm-up")
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,665 @@
+"""Pretraining: one loop for every method, on Hugging Face ``accelerate``.
+
+The same code runs on one CPU, one GPU, or several GPUs/nodes
+(``accelerate launch -m fundus_lab.train --preset paper --method ours`` or ``torchrun``).
+Each optimizer step is
+
+    for each of grad_accum_steps micro-batches:   out = model(batch); backward(out["loss"] / accum)
+    clip_grad_norm(clip_grad_norm); AdamW step; cosine lr step; model.after_optimizer_step()
+
+``model(batch)`` returns the weighted total ``"loss"`` and every named term ending in
+``_loss`` (open_clip's shape); the loop logs all of them and stops at the first term that is
+NaN or Inf, naming the step and the term, without writing a checkpoint of the broken weights.
+
+Batch size is per process: one optimizer step sees
+``train.batch_size * train.grad_accum_steps * num_processes`` images.
+
+Exact resume: a checkpoint holds the weights, the optimizer and scheduler, every process's
+RNG state and the data position (epoch and batch within it). Data order is a function of
+(seed, epoch) alone and each sample's augmentation a function of (seed, epoch, index), so
+a run killed at any step and resumed from its last checkpoint ends with the same weights
+as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import math
+import random
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fundus_lab import checkpoint as ckpt
+from fundus_lab.config import Config, ConfigError, TrainConfig, load_config, save_config, to_dict
+
+Callback = Callable[[int, dict], None]
+
+# parameters whose weight decay would only pull them towards zero for no regularising gain
+NO_DECAY_NAMES = ("pos_embed", "position_embedding", "positional_embedding", "logit_scale",
+                  "cls_token", "mask_token", "logit_bias")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or Inf; training stopped before the broken step was applied."""
+
+
+# ---------------------------------------------------------------------------------------
+# optimisation
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices only.
+
+    Norm scales, biases (ndim < 2), positional embeddings, class/mask tokens and the
+    temperature get no decay (as in MAE/timm and open_clip). Frozen parameters (an EVA
+    teacher, momentum encoders) are left out of the optimizer altogether.
+    """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or any(key in name for key in NO_DECAY_NAMES):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr, betas=tuple(train.betas))
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based).
+
+    Linear warm-up ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps, then
+    half a cosine from 1 down to ``min_ratio = min_lr / lr`` at ``total_steps``:
+    ``min_ratio + (1 - min_ratio) * (1 + cos(pi * t)) / 2``, ``t = (step - warmup) / (total - warmup)``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    # a partial (not a lambda or closure) so the scheduler's state_dict stays JSON-safe
+    factor = functools.partial(
+        lr_factor, warmup_steps=train.warmup_steps, total_steps=train.steps,
+        min_ratio=train.min_lr / train.lr if train.lr > 0 else 0.0,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """``auto`` -> ``bf16`` on a GPU that has it, else ``no``; fp16 needs a GPU."""
+    cuda = torch.cuda.is_available()
+    if choice == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if choice == "fp16" and not cuda:
+        raise ConfigError("train.mixed_precision = 'fp16' needs a CUDA GPU; use 'auto', 'bf16' or 'no'")
+    if choice not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"train.mixed_precision = {choice!r}; expected one of auto, no, fp16, bf16")
+    return choice
+
+
+def check_train_config(train: TrainConfig) -> None:
+    """Reject settings the loop cannot honour, naming the field."""
+    checks = [
+        (train.steps >= 1, "train.steps", "an integer >= 1"),
+        (train.batch_size >= 1, "train.batch_size", "an integer >= 1"),
+        (train.grad_accum_steps >= 1, "train.grad_accum_steps", "an integer >= 1"),
+        (train.lr >= 0, "train.lr", "a learning rate >= 0"),
+        (0 <= train.min_lr <= max(train.lr, 0.0), "train.min_lr", "between 0 and train.lr"),
+        (train.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0"),
+        (train.log_every >= 1, "train.log_every", "an integer >= 1"),
+        (train.save_every >= 0, "train.save_every", "an integer >= 0 (0: only at the end)"),
+        (train.clip_grad_norm is None or train.clip_grad_norm > 0, "train.clip_grad_norm", "None or > 0"),
+    ]
+    for ok, key, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key} = {getattr(train, key.split('.')[1])!r}; expected {expected}")
+
+
+# ---------------------------------------------------------------------------------------
+# data: order from (seed, epoch), augmentation from (seed, epoch, index)
+
+
+class ResumableBatchSampler(Sampler):
+    """Per-process batches of a seeded permutation, able to start mid-epoch.
+
+    Epoch ``e`` shuffles with ``torch.randperm(n, generator=seed(seed, e))``; process ``r``
+    of ``w`` takes every ``w``-th index from ``r`` (equal shares, the tail dropped), cuts
+    it into full batches and yields ``[(index, sample_seed), ...]`` from batch ``start``.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def batches_per_epoch(self) -> int:
+        return (self.n // self.world_size) // self.batch_size
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch() - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+        order = torch.randperm(self.n, generator=gen).tolist()
+        share = self.n // self.world_size
+        mine = order[self.rank::self.world_size][:share]
+        for b in range(self.start, self.batches_per_epoch()):
+            idx = mine[b * self.batch_size:(b + 1) * self.batch_size]
+            yield [(i, sample_seed(self.seed, self.epoch, i)) for i in idx]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for (run seed, epoch, sample index)."""
+    return int(np.random.SeedSequence([seed, epoch, index + 1]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+@contextmanager
+def isolated_rng(seed: int):
+    """Seed python/numpy/torch for one block, then put the outer states back.
+
+    Why: augmentation draws from the global RNGs; isolating it makes each sample's
+    augmentation independent of worker count, prefetching and resume, and leaves the
+    model's own stream (masks, dropout) untouched.
+    """
+    py, nps, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(nps)
+        torch.set_rng_state(th)
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so that ``ds[(index, seed)]`` fetches ``index`` under :func:`isolated_rng`."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with isolated_rng(seed):
+            return self.dataset[index]
+
+
+def to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------
+# building the run's parts (the library's own data, tokenizer and model)
+
+
+def run_dir_for(cfg: Config) -> Path:
+    """``train.output_dir`` with ``{method}``, ``{preset}``, ``{seed}`` filled in."""
+    return Path(cfg.train.output_dir.format(method=cfg.method.name, preset=cfg.preset, seed=cfg.train.seed))
+
+
+def open_training_data(cfg: Config, is_main: bool = True, wait: Callable[[], None] = lambda: None):
+    """The training split of ``cfg.data.dataset``, its text taken from ``cfg.data.text_field``.
+
+    A synthetic dataset (``synth-*``) with no ``data.root`` lives under ``data.synth_root``;
+    the benchmark is (re)written there first unless it already holds exactly the
+    configured one (``synth_n``, ``synth_seed``, ``synth_image_size``; a cheap check).
+    """
+    from fundus_lab import data as fl_data
+
+    root = cfg.data.root
+    name = cfg.data.dataset
+    if root is None and name.startswith("synth-"):
+        root = str(Path(cfg.data.synth_root) / name)
+        if is_main:
+            from fundus_lab.data import synth
+
+            synth.generate_benchmark(
+                cfg.data.synth_root, n_pretrain=cfg.data.synth_n, n_eval=cfg.data.synth_eval_n,
+                seed=cfg.data.synth_seed, image_size=cfg.data.synth_image_size, workers=None,
+            )
+        wait()
+    ds = fl_data.open_dataset(
+        name, root=root, split="train", image_size=cfg.model.img_size,
+        augment=cfg.data.augment, skip_bad=cfg.data.skip_bad_images,
+    )
+    field = cfg.data.text_field
+    if field != "text":  # e.g. FLAIR trains on the knowledge-base definitions, not the reports
+        lacking = [r.path for r in ds.records if not isinstance(r.meta.get(field), str)]
+        if lacking:
+            columns = sorted(ds.records[0].meta) if ds.records else []
+            raise ConfigError(
+                f"data.text_field = {field!r}: {len(lacking)} record(s) of {name} have no such text "
+                f"(e.g. {lacking[0]}); text fields there: text, {', '.join(columns)}"
+            )
+        for r in ds.records:
+            r.text = r.meta[field]
+    return ds
+
+
+def tokenizer_texts(dataset) -> list[str]:
+    """Tokenizer training text: the knowledge base plus every report of the training split."""
+    from fundus_lab.data.tokenizer import default_corpus
+
+    return default_corpus(r.text for r in getattr(dataset, "records", []) if r.text)
+
+
+def collate(items: list[dict]) -> dict:
+    """``fundus_lab.data.collate`` (tensors stacked, strings kept as lists)."""
+    from fundus_lab.data import collate as data_collate
+
+    return data_collate(items)
+
+
+def prepare_tokenizer(cfg: Config, dataset, run_dir: Path, is_main: bool = True, wait: Callable[[], None] = lambda: None):
+    """``cfg.model.tokenizer`` if given, else the run's own (trained once, kept in ``run_dir/tokenizer``)."""
+    from fundus_lab.data.tokenizer import load_tokenizer, train_tokenizer
+
+    if cfg.model.tokenizer:
+        return load_tokenizer(cfg.model.tokenizer)
+    if cfg.model.text_pretrained:  # a pretrained text encoder comes with its vocabulary
+        return load_tokenizer(cfg.model.text_pretrained)
+    if cfg.method.contrastive_weight <= 0 and cfg.method.caption_weight <= 0:
+        return None  # image-only (MAE): no text branch
+    out = run_dir / "tokenizer"
+    if not out.is_dir():
+        if is_main:
+            train_tokenizer(tokenizer_texts(dataset), vocab_size=cfg.model.vocab_size, out_dir=out,
+                            model_max_length=cfg.model.text_max_length)
+        wait()
+    return load_tokenizer(out)
+
+
+def build_run_model(cfg: Config, tokenizer):
+    from fundus_lab.models import build_model
+
+    return build_model(cfg.model, cfg.method, tokenizer)
+
+
+def load_run_model(checkpoint_dir: Path):
+    from fundus_lab.models import load_model
+
+    return load_model(checkpoint_dir)
+
+
+def save_split(dataset, path: Path) -> None:
+    """The exact training records of this run, so evaluation can exclude them."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "path", "patient_id", "eye", "split"])
+        for i, r in enumerate(getattr(dataset, "records", [])):
+            writer.writerow([i, r.path, r.patient_id, r.eye, r.split])
+
+
+_RESUME_SECTIONS = ("method", "model", "data")
+_RESUME_FREE = {"data.num_workers", "data.skip_bad_images"}  # change nothing that is learnt
+
+
+def check_resumable(saved_config: Path, cfg: Config) -> None:
+    """Refuse to resume a run folder that was trained with a different method/model/data."""
+    import yaml
+
+    saved = yaml.safe_load(saved_config.read_text()) or {}
+    now = to_dict(cfg)
+    diffs = []
+    for section in _RESUME_SECTIONS:
+        old, new = saved.get(section, {}), now.get(section, {})
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key) and f"{section}.{key}" not in _RESUME_FREE:
+                diffs.append(f"{section}.{key}: run has {old.get(key)!r}, config asks {new.get(key)!r}")
+    if diffs:
+        raise ConfigError(
+            f"{saved_config}: cannot resume this run with a different config ("
+            + "; ".join(diffs[:5]) + "); pass resume=False (--no-resume) or set another train.output_dir"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# logging
+
+
+class MetricsLog:
+    """``metrics.csv`` (one row per log step), TensorBoard scalars, and the callbacks.
+
+    On resume, rows written after the checkpoint (by the run that was killed) are dropped
+    so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, run_dir: Path, start_step: int, tensorboard: bool, callbacks: Sequence[Callback], is_main: bool):
+        self.path = run_dir / "metrics.csv"
+        self.callbacks = list(callbacks)
+        self.is_main = is_main
+        self.fields: list[str] = []
+        self.rows: list[dict] = []
+        self.writer = None
+        if not is_main:
+            return
+        if self.path.is_file() and start_step > 0:
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.fields = list(reader.fieldnames or [])
+                self.rows = [r for r in reader if r.get("step") and int(r["step"]) <= start_step]
+            self._rewrite()
+        elif self.path.is_file():
+            self.path.unlink()
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
+    def _rewrite(self) -> None:
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields, restval="")
+            w.writeheader()
+            w.writerows(self.rows)
+
+    def log(self, step: int, logs: dict) -> None:
+        if self.is_main:
+            row = {k: v for k, v in logs.items()}
+            new = [k for k in row if k not in self.fields]
+            self.rows.append(row)
+            if new:  # a term that appeared late: widen the header rather than drop it
+                self.fields += new
+                self._rewrite()
+            else:
+                with open(self.path, "a", newline="") as f:
+                    csv.DictWriter(f, fieldnames=self.fields, restval="").writerow(row)
+            if self.writer is not None:
+                for key, value in logs.items():
+                    if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                        self.writer.add_scalar(f"train/{key}", value, step)
+                self.writer.flush()
+        for cb in self.callbacks:
+            cb(step, dict(logs))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def loss_terms(out: dict) -> dict[str, torch.Tensor]:
+    """The total and the named ``*_loss`` terms of a forward output, total first."""
+    if "loss" not in out:
+        raise KeyError(f"model.forward returned no 'loss' (keys: {sorted(out)})")
+    terms = {"loss": out["loss"]}
+    terms.update({k: v for k, v in out.items() if k.endswith("_loss") and k != "loss"})
+    return terms
+
+
+def scalar_logs(out: dict) -> dict[str, float]:
+    """Every scalar in a forward output as a float, checking loss terms are finite."""
+    keys = [k for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1]
+    values = torch.stack([out[k].detach().float().reshape(()) for k in keys]).tolist() if keys else []
+    logs = dict(zip(keys, values))
+    logs.update({k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return logs
+
+
+def check_finite(step: int, logs: dict[str, float]) -> None:
+    """Raise naming the first non-finite named term (the total only if no term explains it)."""
+    names = [k for k in logs if k.endswith("_loss") and k != "loss"] + (["loss"] if "loss" in logs else [])
+    for name in names:
+        if not math.isfinite(logs[name]):
+            raise NonFiniteLossError(f"step {step}: {name} is {logs[name]}")
+
+
+# ---------------------------------------------------------------------------------------
+# the loop
+
+
+def train_step(accelerator, model, optimizer, scheduler, batches: Iterator[dict], train: TrainConfig,
+               step: int) -> tuple[list[dict], Optional[float], float]:
+    """One optimizer step over ``train.grad_accum_steps`` micro-batches drawn from ``batches``.
+
+    ``step`` (1-based) only names the step in a NaN/Inf error. Returns the scalar logs of
+    each micro-batch, the gradient norm before clipping (None without clipping) and the
+    learning rate this step used. The benchmark (benchmarks/train_throughput.py) times it.
+    """
+    logs = []
+    for micro in range(train.grad_accum_steps):
+        batch = next(batches)
+        # gradients are all-reduced once per step, on its last micro-batch
+        last = micro == train.grad_accum_steps - 1
+        with nullcontext() if last else accelerator.no_sync(model):
+            out = model(batch)
+            logs.append(scalar_logs(out))
+            check_finite(step, logs[-1])  # before backward: broken gradients never reach the weights
+            accelerator.backward(out["loss"] / train.grad_accum_steps)
+    grad_norm = None
+    if train.clip_grad_norm is not None:
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), train.clip_grad_norm))
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    hook = getattr(accelerator.unwrap_model(model), "after_optimizer_step", None)
+    if hook is not None:  # temperature clamp, momentum encoders
+        hook()
+    return logs, grad_norm, lr
+
+
+def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = True) -> Path:
+    """Pretrain ``cfg.method`` and return the run folder.
+
+    The folder (``train.output_dir``, with ``{method}``/``{preset}``/``{seed}`` filled in)
+    holds ``config.yaml``, ``split.csv`` (the training records), ``tokenizer/``,
+    ``metrics.csv``, ``tensorboard/`` and ``checkpoint-<step>/`` folders with
+    ``checkpoint-last`` pointing at the newest (``fl.load_model`` reads any of them).
+
+    Args:
+        cfg: the whole run config (``fundus_lab.config.load_config``).
+        callbacks: ``cb(step, logs)`` called at every log step with the logged values
+            (``loss``, each ``*_loss`` term, ``lr``, ``grad_norm``, ``images_per_s`` ...).
+        resume: continue from ``checkpoint-last`` if the folder has one (exactly: same
+            weights as an uninterrupted run); False starts over and removes old checkpoints.
+
+    Raises:
+        NonFiniteLossError: a loss term became NaN/Inf ("step 17: image_gen_loss is nan");
+            the last checkpoint written before it is kept.
+    """
+    import shutil
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    train = cfg.train
+    check_train_config(train)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(train.mixed_precision))
+    is_main = accelerator.is_main_process
+    wait = accelerator.wait_for_everyone
+    run_dir = run_dir_for(cfg)
+
+    # where to start
+    last = ckpt.last_checkpoint(run_dir) if resume else None
+    if last is not None and (run_dir / "config.yaml").is_file():
+        check_resumable(run_dir / "config.yaml", cfg)
+    if is_main:
+        if last is None and run_dir.is_dir():
+            stale = ckpt.list_checkpoints(run_dir) + [run_dir / ckpt.LAST, run_dir / "tensorboard", run_dir / "tokenizer"]
+            for path in stale:
+                if path.is_symlink() or path.is_file():
+                    path.unlink()
+                elif path.is_dir():
+                    shutil.rmtree(path)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    wait()
+
+    set_seed(train.seed)
+    dataset = open_training_data(cfg, is_main, wait)
+    if is_main:
+        save_split(dataset, run_dir / "split.csv")
+    if last is not None:
+        model = load_run_model(last)
+    else:
+        tokenizer = prepare_tokenizer(cfg, dataset, run_dir, is_main, wait)
+        set_seed(train.seed)  # the same initial weights whatever the tokenizer consumed
+        model = build_run_model(cfg, tokenizer)
+    model.train()
+    optimizer = build_optimizer(model, train)
+    scheduler = build_scheduler(optimizer, train)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # each process its own stream for masks/dropout; the data order is seeded separately
+    set_seed(train.seed + accelerator.process_index)
+
+    sampler = ResumableBatchSampler(len(dataset), train.batch_size, train.seed,
+                                    accelerator.process_index, accelerator.num_processes)
+    if sampler.batches_per_epoch() < 1:
+        raise ConfigError(
+            f"data.dataset {cfg.data.dataset!r}: {len(dataset)} training samples are fewer than one "
+            f"batch (train.batch_size={train.batch_size} x {accelerator.num_processes} processes)"
+        )
+    loader = DataLoader(
+        SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate,
+        num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
+        generator=torch.Generator().manual_seed(train.seed),  # keeps the global RNG out of it
+    )
+
+    step, epoch, position = 0, 0, 0
+    if last is not None:
+        state = ckpt.load_checkpoint(last, optimizer.optimizer)
+        trainer = state["trainer"]
+        step = state["step"]
+        epoch, position = trainer["epoch"], trainer["batch_in_epoch"]
+        scheduler.load_state_dict(trainer["scheduler"])
+        if accelerator.scaler is not None and trainer.get("scaler"):
+            accelerator.scaler.load_state_dict(trainer["scaler"])
+        rng = trainer["rng"]
+        if len(rng) != accelerator.num_processes:
+            raise ckpt.CheckpointError(
+                f"{last}: saved by {len(rng)} processes, resumed with {accelerator.num_processes}; "
+                "exact resume needs the same number"
+            )
+        ckpt.set_rng_state(rng[accelerator.process_index])
+        if is_main:
+            print(f"fundus_lab: resuming {run_dir} from step {step} (epoch {epoch}, batch {position})")
+
+    def batches() -> Iterator[dict]:
+        nonlocal epoch, position
+        while True:
+            sampler.set_position(epoch, position)
+            for batch in loader:
+                position += 1
+                yield to_device(batch, accelerator.device)
+            epoch, position = epoch + 1, 0
+
+    def save() -> None:
+        rng = accelerate_gather(accelerator, ckpt.rng_state())
+        if is_main:
+            ckpt.save_checkpoint(
+                run_dir, step, save_model=accelerator.unwrap_model(model).save_pretrained,
+                optimizer=optimizer.optimizer, keep=train.keep_checkpoints,
+                trainer_state={
+                    "epoch": epoch, "batch_in_epoch": position, "rng": rng,
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                    "images_seen": step * global_batch,
+                },
+            )
+        wait()
+
+    global_batch = train.batch_size * train.grad_accum_steps * accelerator.num_processes
+    logger = MetricsLog(run_dir, step, train.tensorboard, tuple(callbacks), is_main)
+    bar = tqdm(total=train.steps, initial=step, disable=not (is_main and train.progress),
+               desc=f"pretrain {cfg.method.name}", dynamic_ncols=True)
+    data = batches()
+    window: dict[str, list[float]] = {}
+    window_start, window_images = time.perf_counter(), 0
+    try:
+        while step < train.steps:
+            logs, grad_norm, lr = train_step(accelerator, model, optimizer, scheduler, data, train, step + 1)
+            for micro_logs in logs:
+                for key, value in micro_logs.items():
+                    window.setdefault(key, []).append(value)
+            logs = logs[-1]
+            step += 1
+            window_images += global_batch
+            bar.update(1)
+            if bar.disable is False:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k == "loss" or k.endswith("_loss")})
+
+            if step % train.log_every == 0 or step == train.steps:
+                elapsed = time.perf_counter() - window_start
+                row = {"step": step, "epoch": epoch, "lr": lr}
+                row.update({k: float(np.mean(v)) for k, v in window.items()})
+                if grad_norm is not None:  # the window's last step, before clipping
+                    row["grad_norm"] = grad_norm
+                row["images_per_s"] = window_images / elapsed if elapsed > 0 else float("nan")
+                logger.log(step, row)
+                window, window_start, window_images = {}, time.perf_counter(), 0
+            if step == train.steps or (train.save_every and step % train.save_every == 0):
+                save()
+    finally:
+        bar.close()
+        logger.close()
+    return run_dir
+
+
+def accelerate_gather(accelerator, obj) -> list:
+    """Every process's ``obj`` as a list on every process (a plain list on one process)."""
+    if accelerator.num_processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
+
+
+# ---------------------------------------------------------------------------------------
+# command line: fundus-lab pretrain / python -m fundus_lab.train / accelerate launch -m fundus_lab.train
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fundus-lab pretrain",
+        description="Pretrain a method on the configured data (accelerate: the same command on CPU or GPUs).",
+    )
+    parser.add_argument("--config", help="a YAML file of config sections (may name preset: and method:)")
+    parser.add_argument("--preset", help="smoke | default | paper")
+    parser.add_argument("--method", help="a method from configs/methods/")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if the run folder has checkpoints")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=100 model.img_size=128")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, preset=args.preset, method=args.method, overrides=args.overrides)
+    except ConfigError as err:
+        print(f"fundus-lab pretrain: {err}", file=sys.stderr)
+        return 2
+    run_dir = pretrain(cfg, resume=not args.no_resume)
+    print(run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

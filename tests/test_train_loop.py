@@ -1,0 +1,231 @@
+"""The training loop's bookkeeping: schedule, sampler, exact resume, NaN stop, logs, callbacks.
+
+These tests swap the library's model and data for a tiny test double (defined here, used
+nowhere else) so each run takes a fraction of a second; tests/test_train_smoke.py runs the
+real model on the synthetic benchmark.
+"""
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fundus_lab import checkpoint as ckpt
+from fundus_lab import train as T
+from fundus_lab.config import Config, ConfigError, TrainConfig
+
+
+# ---------------------------------------------------------------------------------------
+# test doubles: a 2-term model that draws random masks, a dataset with random augmentation
+
+
+class DoubleModel(nn.Module):
+    """Two named loss terms, a random mask each forward (exercises the RNG), a no-decay scalar."""
+
+    def __init__(self, size=4):
+        super().__init__()
+        self.size = size
+        self.enc = nn.Linear(3 * size * size, 8)
+        self.norm = nn.LayerNorm(8)
+        self.dec = nn.Linear(8, 3 * size * size)
+        self.head = nn.Linear(8, 2)
+        self.logit_scale = nn.Parameter(torch.tensor(1.0))
+        self.steps_done = 0
+
+    def forward(self, batch):
+        x = batch["image"].flatten(1)
+        keep = (torch.rand_like(x) > 0.5).float()
+        z = self.norm(self.enc(x * keep))
+        recon_loss = ((self.dec(z) - x) ** 2).mean()
+        cls_loss = nn.functional.cross_entropy(self.head(z) * self.logit_scale, batch["label"])
+        return {"loss": recon_loss + 0.5 * cls_loss, "image_gen_loss": recon_loss, "class_loss": cls_loss,
+                "logit_scale": self.logit_scale.detach()}
+
+    def after_optimizer_step(self):
+        self.steps_done += 1
+
+    def save_pretrained(self, folder):
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(Path(folder) / "model.safetensors"))
+        (Path(folder) / "config.json").write_text(json.dumps({"size": self.size}))
+
+
+def load_double(folder):
+    model = DoubleModel(**json.loads((Path(folder) / "config.json").read_text()))
+    model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
+    return model
+
+
+@dataclass
+class Rec:
+    path: str
+    text: str
+    patient_id: str = "p"
+    eye: str = "left"
+    split: str = "train"
+
+
+class DoubleData(torch.utils.data.Dataset):
+    def __init__(self, n=12, size=4):
+        g = torch.Generator().manual_seed(1)
+        self.images = torch.rand(n, 3, size, size, generator=g)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+        self.records = [Rec(f"img{i}.png", f"report {i}") for i in range(n)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        if torch.rand(()) < 0.5:  # augmentation from the global RNG, as real datasets do
+            image = image.flip(-1)
+        return {"image": image, "label": self.labels[i], "text": self.records[i].text, "index": i}
+
+
+def double_collate(items):
+    return {"image": torch.stack([it["image"] for it in items]), "label": torch.stack([it["label"] for it in items]),
+            "text": [it["text"] for it in items]}
+
+
+@pytest.fixture()
+def doubles(monkeypatch):
+    monkeypatch.setattr(T, "open_training_data", lambda cfg, *a, **k: DoubleData())
+    monkeypatch.setattr(T, "prepare_tokenizer", lambda *a, **k: None)
+    monkeypatch.setattr(T, "build_run_model", lambda cfg, tok: DoubleModel())
+    monkeypatch.setattr(T, "load_run_model", load_double)
+    monkeypatch.setattr(T, "collate", double_collate)
+
+
+def make_cfg(run_dir, **train):
+    base = dict(steps=8, batch_size=4, lr=0.05, min_lr=0.0, warmup_steps=2, log_every=1, save_every=2,
+                keep_checkpoints=2, output_dir=str(run_dir), tensorboard=False, progress=False, mixed_precision="no")
+    base.update(train)
+    return Config(train=TrainConfig(**base))
+
+
+def weights(run_dir):
+    return load_file(str(Path(run_dir) / "checkpoint-last" / "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = lambda s: T.lr_factor(s, warmup_steps=4, total_steps=12, min_ratio=0.1)  # noqa: E731
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(8) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(12) == pytest.approx(0.1) and f(20) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_norms_biases_and_temperature():
+    model = DoubleModel()
+    groups = T.param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in groups[0]["params"])
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert decayed == ["dec.weight", "enc.weight", "head.weight"]
+
+
+def test_sampler_shards_and_restarts_mid_epoch():
+    full = list(T.ResumableBatchSampler(10, 2, seed=3))
+    assert len(full) == 5 and sorted(i for b in full for i, _ in b) == list(range(10))
+    s = T.ResumableBatchSampler(10, 2, seed=3)
+    s.set_position(0, 3)
+    assert list(s) == full[3:]
+    s.set_position(1, 0)
+    assert [i for b in s for i, _ in b] != [i for b in full for i, _ in b]  # a new order each epoch
+    ranks = [list(T.ResumableBatchSampler(10, 2, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    seen = [i for r in ranks for b in r for i, _ in b]
+    assert len(ranks[0]) == len(ranks[1]) == 2 and len(set(seen)) == 8  # disjoint, equal shares
+
+
+def test_exact_resume_after_a_kill(doubles, tmp_path):
+    straight = T.pretrain(make_cfg(tmp_path / "straight"))
+
+    def kill(step, logs):
+        if step == 5:  # after checkpoint-4, before checkpoint-6
+            raise KeyboardInterrupt("killed")
+
+    cfg = make_cfg(tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        T.pretrain(cfg, callbacks=[kill])
+    assert ckpt.last_checkpoint(cfg.train.output_dir).name == "checkpoint-4"
+    resumed = T.pretrain(cfg, resume=True)
+
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # the CSV reads as one run: the killed run's step-5 row was replaced, not duplicated
+    steps = [int(r["step"]) for r in csv.DictReader(open(resumed / "metrics.csv"))]
+    assert steps == list(range(1, 9))
+    assert [p.name for p in ckpt.list_checkpoints(resumed)] == ["checkpoint-6", "checkpoint-8"]
+    # and the run really learnt something (a broken loop could be "exactly" equal by not moving)
+    first = load_double(tmp_path / "straight" / "checkpoint-6")
+    assert not torch.equal(first.enc.weight, load_double(straight / "checkpoint-8").enc.weight)
+
+
+def test_resume_false_starts_over_and_finished_run_is_not_rerun(doubles, tmp_path):
+    cfg = make_cfg(tmp_path / "run", steps=4)
+    run = T.pretrain(cfg)
+    before = weights(run)
+    assert T.pretrain(cfg, resume=True) == run  # already at train.steps: nothing to do
+    calls = []
+    T.pretrain(cfg, callbacks=[lambda s, l: calls.append(s)], resume=False)
+    assert calls == [1, 2, 3, 4]
+    for key, value in weights(run).items():
+        assert torch.equal(value, before[key])  # seeded: starting over repeats the run
+
+
+def test_nan_loss_stops_naming_step_and_term(doubles, tmp_path, monkeypatch):
+    forward = DoubleModel.forward
+
+    def poisoned(self, batch):
+        out = forward(self, batch)
+        if self.steps_done == 4:  # the 5th step's forward
+            out["image_gen_loss"] = out["image_gen_loss"] * float("nan")
+            out["loss"] = out["loss"] + out["image_gen_loss"]
+        return out
+
+    monkeypatch.setattr(DoubleModel, "forward", poisoned)
+    cfg = make_cfg(tmp_path / "run")
+    with pytest.raises(T.NonFiniteLossError, match=r"^step 5: image_gen_loss is nan$"):
+        T.pretrain(cfg)
+    last = ckpt.last_checkpoint(cfg.train.output_dir)
+    assert last.name == "checkpoint-4"
+    assert all(torch.isfinite(v).all() for v in weights(cfg.train.output_dir).values())
+
+
+def test_csv_has_every_term_and_callbacks_see_them(doubles, tmp_path):
+    seen = []
+    cfg = make_cfg(tmp_path / "run", steps=6, log_every=3, grad_accum_steps=2, tensorboard=True)
+    run = T.pretrain(cfg, callbacks=[lambda step, logs: seen.append((step, logs))])
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [3, 6] == [s for s, _ in seen]
+    for key in ("loss", "image_gen_loss", "class_loss", "lr", "grad_norm", "images_per_s", "logit_scale"):
+        assert key in rows[0], key
+    # logged values are the mean over the window's micro-batches and agree with the callback
+    assert float(rows[1]["loss"]) == pytest.approx(seen[1][1]["loss"])
+    # the lr logged is the one the step used: step 3 is the first after the 2 warm-up steps
+    # (peak lr), step 6 is 3/4 of the way down the cosine over the 4 steps after warm-up
+    assert float(rows[0]["lr"]) == pytest.approx(0.05)
+    assert float(rows[1]["lr"]) == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    assert (run / "config.yaml").is_file() and (run / "split.csv").is_file()
+    assert any((run / "tensorboard").iterdir())
+
+
+def test_bad_settings_name_the_field(doubles, tmp_path):
+    with pytest.raises(ConfigError, match="train.grad_accum_steps"):
+        T.pretrain(make_cfg(tmp_path / "a", grad_accum_steps=0))
+    with pytest.raises(ConfigError, match="fewer than one batch"):
+        T.pretrain(make_cfg(tmp_path / "b", batch_size=64))
+    T.pretrain(make_cfg(tmp_path / "c", steps=2))
+    changed = make_cfg(tmp_path / "c", steps=4)
+    changed.data.augment = not changed.data.augment
+    with pytest.raises(ConfigError, match="data.augment"):
+        T.pretrain(changed)
