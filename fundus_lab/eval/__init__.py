@@ -1,0 +1,31 @@
+"""Evaluation: zero-shot, few-shot, linear probe, fine-tuning, metrics and Table 1.
+
+    import fundus_lab as fl
+    fl.eval.zero_shot(model, ds)                      # prompts from the knowledge base
+    fl.eval.few_shot(model, train_ds, test_ds, shots=(1, 2, 4, 8, 16), seeds=5)
+    fl.eval.linear_probe(model, train_ds, test_ds, val_ds)
+    fl.eval.fine_tune(model, train_ds, val_ds, test_ds)
+    fl.eval.metrics.quadratic_weighted_kappa(y_true, y_pred)
+    fl.eval.compare(cfg, ["clip", "coca", "eva", "ours"], "runs/compare")   # Table 1
+
+(``fl.eval.compare`` is the function; the module of the same name holds the CLI's
+``main`` and ``evaluate_main``.)
+"""
+
+from fundus_lab.eval import metrics
+from fundus_lab.eval.config import EvalConfig
+from fundus_lab.eval.features import extract_features
+from fundus_lab.eval.few_shot import few_shot, sample_few_shot
+from fundus_lab.eval.fine_tune import fine_tune
+from fundus_lab.eval.honesty import LeakageError, assert_disjoint, write_split_file
+from fundus_lab.eval.metrics import bootstrap_ci, compute_metrics, quadratic_weighted_kappa
+from fundus_lab.eval.probe import linear_probe
+from fundus_lab.eval.tables import write_table
+from fundus_lab.eval.zero_shot import ZeroShotUnavailable, class_embeddings, zero_shot
+from fundus_lab.eval.compare import compare, evaluate  # noqa: E402  (after the protocols it runs)
+
+__all__ = [
+    "EvalConfig", "LeakageError", "ZeroShotUnavailable", "assert_disjoint", "bootstrap_ci", "class_embeddings",
+    "compare", "compute_metrics", "evaluate", "extract_features", "few_shot", "fine_tune", "linear_probe",
+    "metrics", "quadratic_weighted_kappa", "sample_few_shot", "write_split_file", "write_table", "zero_shot",
+]

@@ -1,0 +1,154 @@
+"""Frozen image features for probes and zero-shot, extracted once per (model, dataset).
+
+Every protocol that keeps the encoder frozen (zero-shot, few-shot over 5 seeds x 5 shot
+counts, linear probe) reads the same features; extracting them is the expensive part, so
+they are cached: in memory by a fingerprint of the weights and the dataset, and on disk
+under ``cache_dir`` when one is given (keyed by the same fingerprints, so a changed
+checkpoint or split never reuses stale features).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+FEATURE_KINDS = ("embed", "cls")
+_MEMORY: "OrderedDict[str, tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+_MEMORY_SIZE = 16
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-1 over every parameter and buffer (names, shapes, values): equal iff same weights."""
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def dataset_fingerprint(ds) -> str:
+    """Hash of what a dataset yields: its sample paths, labels, split and image size."""
+    h = hashlib.sha1()
+    h.update(type(ds).__name__.encode())
+    for attr in ("root", "split", "image_size", "augment"):
+        h.update(f"{attr}={getattr(ds, attr, None)}".encode())
+    records = getattr(ds, "records", None)
+    if records is None:
+        h.update(f"id={id(ds)}".encode())  # an unknown dataset type: cache per object only
+    else:
+        for r in records:
+            h.update(f"{r.path}|{r.label}".encode())
+    h.update(f"n={len(ds)}".encode())
+    return h.hexdigest()
+
+
+def _image_label_collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.stack([it["image"] for it in items])
+    labels = torch.stack([torch.as_tensor(it["label"]) for it in items])
+    return images, labels
+
+
+@torch.no_grad()
+def encode_images(model, images: torch.Tensor, kind: str = "embed") -> torch.Tensor:
+    """[N, 3, H, W] -> [N, D]: ``embed`` = model.encode_image (projected, L2-normalised,
+    the space text lives in), ``cls`` = the ViT's class token before any projection."""
+    if kind == "embed":
+        return model.encode_image(images)
+    if kind == "cls":
+        return model.image_features(images, mask_ratio=0.0)["cls"]
+    raise ValueError(f"feature kind {kind!r}; expected one of {FEATURE_KINDS}")
+
+
+@torch.no_grad()
+def extract_features(
+    model,
+    ds,
+    kind: str = "embed",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image features and labels of every sample of ``ds``, in dataset order.
+
+    Returns:
+        features: float32 [N, D]; labels: int64 [N] (or float32 [N, C] multi-hot).
+    The model runs in eval mode without gradients and is put back in its previous mode.
+    """
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"feature kind {kind!r}; expected one of {FEATURE_KINDS}")
+    if len(ds) == 0:
+        raise ValueError(f"dataset {getattr(ds, 'root', ds)!r} (split {getattr(ds, 'split', '?')}) is empty")
+    key = None
+    if cache:
+        key = hashlib.sha1(f"{model_fingerprint(model)}|{dataset_fingerprint(ds)}|{kind}".encode()).hexdigest()
+        if key in _MEMORY:
+            _MEMORY.move_to_end(key)
+            feats, labels = _MEMORY[key]
+            return feats.copy(), labels.copy()
+        if cache_dir is not None:
+            path = Path(cache_dir) / f"features-{key[:20]}.npz"
+            if path.is_file():
+                with np.load(path) as z:
+                    feats, labels = z["features"], z["labels"]
+                _remember(key, feats, labels)
+                return feats.copy(), labels.copy()
+
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_image_label_collate)
+    feats, labels = [], []
+    try:
+        for images, y in loader:
+            feats.append(encode_images(model, images.to(device), kind).float().cpu().numpy())
+            labels.append(y.numpy())
+    finally:
+        model.train(was_training)
+    feats = np.concatenate(feats).astype(np.float32)
+    labels = np.concatenate(labels)
+    labels = labels.astype(np.float32) if labels.ndim == 2 else labels.astype(np.int64)
+
+    if key is not None:
+        _remember(key, feats, labels)
+        if cache_dir is not None:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            tmp = Path(cache_dir) / f"features-{key[:20]}.tmp.npz"
+            np.savez(tmp, features=feats, labels=labels)
+            tmp.replace(Path(cache_dir) / f"features-{key[:20]}.npz")
+    return feats.copy(), labels.copy()
+
+
+def _remember(key: str, feats: np.ndarray, labels: np.ndarray) -> None:
+    _MEMORY[key] = (feats, labels)
+    while len(_MEMORY) > _MEMORY_SIZE:
+        _MEMORY.popitem(last=False)
+
+
+def clear_cache() -> None:
+    """Forget in-memory features (e.g. between tests)."""
+    _MEMORY.clear()
+
+
+def dataset_labels(ds) -> np.ndarray:
+    """Labels without reading images: from ``ds.records`` (int [N] or multi-hot [N, C])."""
+    records = getattr(ds, "records", None)
+    if records is None:
+        raise TypeError(f"{type(ds).__name__} has no .records; cannot read labels without images")
+    labels = [r.label for r in records]
+    if labels and isinstance(labels[0], (list, tuple, np.ndarray)):
+        return np.asarray(labels, dtype=np.float32)
+    return np.asarray(labels, dtype=np.int64)

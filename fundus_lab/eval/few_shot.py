@@ -1,0 +1,222 @@
+"""Few-shot learning: k labelled images per class, several seeds, frozen features.
+
+Two heads are trained on the same k-shot samples:
+
+- ``probe``: logistic regression on frozen image features (:mod:`fundus_lab.eval.probe`),
+  its regularisation C chosen on a validation subset drawn from the *training* data
+  (or ``val_ds``), disjoint from the shots, of max(k, 4) images per class: a realistic
+  k-shot learner has few labels for validation too, and the test set is never consulted.
+- ``prompt_head``: a linear head on the joint image-text space initialised from the
+  class-prompt embeddings (so at step 0 it *is* the zero-shot classifier), then trained
+  briefly on the shots with a pull back towards that start (CLAP-style):
+      loss = CE(s * z W^T + b, y) + lambda * ||W - W_0||^2,   W_0 = t (class embeddings)
+  lambda is chosen on the same validation subset. Image-only models have no prompts, so
+  this head is absent (None) for them.
+
+Shapes: features [N, D]; labels [N] int or [N, C] multi-hot; shots sampled per class.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from fundus_lab.eval.features import extract_features
+from fundus_lab.eval.metrics import compute_metrics, primary_metric
+from fundus_lab.eval.probe import C_GRID, fit_probe
+from fundus_lab.eval.zero_shot import class_embeddings, has_text_encoder, logit_scale, negative_prompts, resolve_prompts
+
+LAMBDA_GRID = (0.0, 0.1, 1.0, 10.0)
+
+
+def sample_few_shot(labels: np.ndarray, k: int, seed: int, exclude: Sequence[int] = ()) -> np.ndarray:
+    """Indices of k samples per class, drawn reproducibly (same labels, k, seed -> same set).
+
+    ``labels`` is [N] class indices, or [N, C] multi-hot (then each class gets k positives;
+    a sample positive for several classes counts for all of them). Classes with fewer
+    than k candidates give all they have (with a warning); a class with none is an error.
+    Returns sorted int64 indices.
+    """
+    if k < 1:
+        raise ValueError(f"k={k}; need at least one shot per class")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, k])
+    excluded = np.zeros(len(labels), dtype=bool)
+    excluded[np.asarray(list(exclude), dtype=np.int64)] = True
+    onehot = labels.astype(bool) if labels.ndim == 2 else labels[:, None] == np.arange(int(labels.max()) + 1)[None]
+    chosen = np.zeros(len(labels), dtype=bool)
+    short = []
+    for c in rng.permutation(onehot.shape[1]):
+        positives = np.flatnonzero(onehot[:, c] & ~excluded)
+        if positives.size == 0 and labels.ndim == 1 and not onehot[:, c].any():
+            continue  # class index never used by this label set
+        have = int((onehot[:, c] & chosen).sum())  # multilabel: already covered by other picks
+        candidates = np.flatnonzero(onehot[:, c] & ~excluded & ~chosen)
+        need = max(0, k - have)
+        if candidates.size < need:
+            short.append((int(c), candidates.size + have))
+            if candidates.size + have == 0:
+                raise ValueError(f"class {int(c)} has no samples to draw shots from")
+        chosen[rng.permutation(candidates)[:need]] = True
+    if short:
+        warnings.warn(f"fewer than k={k} samples for classes (class, available): {sorted(short)}")
+    return np.flatnonzero(chosen).astype(np.int64)
+
+
+def _aggregate(runs: list[dict]) -> dict:
+    """Mean and std (over seeds) of every scalar metric of the runs."""
+    names = [k for k, v in runs[0]["metrics"].items() if isinstance(v, float)]
+    stack = {k: np.array([r["metrics"][k] for r in runs], dtype=np.float64) for k in names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {
+            "mean": {k: float(np.nanmean(v)) for k, v in stack.items()},
+            "std": {k: float(np.nanstd(v)) for k, v in stack.items()},
+            "n_seeds": len(runs),
+            "runs": runs,
+        }
+
+
+class PromptHead(torch.nn.Module):
+    """logits = s * z W^T + b, W initialised at the class-prompt embeddings.
+
+    Multilabel: logits_c = s * (<z, w_c> - <z, n_c>) + b_c with n_c the "no <class>"
+    embeddings, matching the zero-shot scoring so that step 0 reproduces it.
+    """
+
+    def __init__(self, text: torch.Tensor, scale: float, negative: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("w0", text.clone())
+        self.weight = torch.nn.Parameter(text.clone())
+        self.bias = torch.nn.Parameter(torch.zeros(text.shape[0]))
+        self.negative = None if negative is None else torch.nn.Parameter(negative.clone())
+        self.scale = scale
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        logits = self.scale * z @ self.weight.T
+        if self.negative is not None:
+            logits = logits - self.scale * z @ self.negative.T
+        return logits + self.bias
+
+    def probs(self, z: torch.Tensor) -> torch.Tensor:
+        logits = self(z)
+        return torch.sigmoid(logits) if self.negative is not None else torch.softmax(logits, -1)
+
+
+def train_prompt_head(
+    z: np.ndarray, y: np.ndarray, text: torch.Tensor, scale: float, task: str,
+    negative: torch.Tensor | None = None, lam: float = 1.0, steps: int = 100, lr: float = 5e-3, seed: int = 0,
+) -> PromptHead:
+    """Full-batch Adam on the shots; the penalty lam * ||W - W_0||^2 keeps it near zero-shot."""
+    torch.manual_seed(seed)
+    head = PromptHead(text.float(), scale, negative.float() if task == "multilabel" and negative is not None else None)
+    x = torch.nn.functional.normalize(torch.as_tensor(z, dtype=torch.float32), dim=-1)
+    target = torch.as_tensor(y, dtype=torch.float32 if task == "multilabel" else torch.long)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    for _ in range(steps):
+        logits = head(x)
+        if task == "multilabel":
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, target)
+        loss = loss + lam * (head.weight - head.w0).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return head
+
+
+def _head_probs(head: PromptHead, z: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        x = torch.nn.functional.normalize(torch.as_tensor(z, dtype=torch.float32), dim=-1)
+        return head.probs(x).numpy()
+
+
+def few_shot(
+    model,
+    train_ds,
+    test_ds,
+    shots: Sequence[int] = (1, 2, 4, 8, 16),
+    seeds: int | Sequence[int] = 5,
+    val_ds=None,
+    C_grid=C_GRID,
+    features: str = "cls",
+    prompts=None,
+    prompt_head: bool = True,
+    head_steps: int = 100,
+    batch_size: int = 64,
+    cache_dir=None,
+) -> dict:
+    """k-shot probes (and prompt-initialised heads) for each k in ``shots`` over seeds.
+
+    Args:
+        seeds: a count (seeds 0..n-1) or explicit seeds; each draws its own shots.
+        val_ds: where the validation subset comes from (default: ``train_ds`` minus shots).
+        features: ``cls`` (ViT class token, every method has one) or ``embed`` for the probe;
+            the prompt head always uses ``embed`` (the space the prompts live in).
+    Returns:
+        {"shots": {k: {"probe": {"mean", "std", "n_seeds", "runs"}, "prompt_head": same | None}},
+         "task", "classes", "features"}; each run records its seed, shot and validation
+        indices into the training/validation set, and the chosen C or lambda.
+    """
+    from fundus_lab.eval.honesty import assert_disjoint
+
+    assert_disjoint(train_ds, test_ds, "few-shot train", "test")
+    if val_ds is not None:
+        assert_disjoint(val_ds, test_ds, "few-shot validation", "test")
+    task, n_classes = test_ds.task, len(test_ds.classes)
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    tx, ty = extract_features(model, train_ds, kind=features, batch_size=batch_size, cache_dir=cache_dir)
+    sx, sy = extract_features(model, test_ds, kind=features, batch_size=batch_size, cache_dir=cache_dir)
+    vx, vy = (None, None)
+    if val_ds is not None:
+        vx, vy = extract_features(model, val_ds, kind=features, batch_size=batch_size, cache_dir=cache_dir)
+
+    use_head = prompt_head and has_text_encoder(model)
+    if use_head:
+        class_prompts = resolve_prompts(test_ds, prompts)
+        text = class_embeddings(model, class_prompts).cpu()
+        negative = class_embeddings(model, negative_prompts(test_ds, class_prompts)).cpu() if task == "multilabel" else None
+        scale = logit_scale(model)
+        tz, _ = extract_features(model, train_ds, kind="embed", batch_size=batch_size, cache_dir=cache_dir)
+        sz, _ = extract_features(model, test_ds, kind="embed", batch_size=batch_size, cache_dir=cache_dir)
+        vz = extract_features(model, val_ds, kind="embed", batch_size=batch_size, cache_dir=cache_dir)[0] if val_ds is not None else None
+
+    results = {}
+    for k in shots:
+        probe_runs, head_runs = [], []
+        for seed in seed_list:
+            idx = sample_few_shot(ty, k, seed)
+            k_val = max(k, 4)
+            if val_ds is None:
+                val_idx = sample_few_shot(ty, k_val, seed + 10_000, exclude=idx)
+                px, py = tx[val_idx], ty[val_idx]
+            else:
+                val_idx = sample_few_shot(vy, k_val, seed + 10_000)
+                px, py = vx[val_idx], vy[val_idx]
+            probe, info = fit_probe(tx[idx], ty[idx], px, py, task, n_classes, C_grid)
+            probe_runs.append({
+                "seed": seed, "shots": idx.tolist(), "val": val_idx.tolist(), "C": info["C"],
+                "metrics": compute_metrics(task, sy, probe.predict_proba(sx)),
+            })
+            if use_head:
+                pz = tz[val_idx] if val_ds is None else vz[val_idx]
+                best, best_score = None, None
+                for lam in LAMBDA_GRID:
+                    head = train_prompt_head(tz[idx], ty[idx], text, scale, task, negative, lam, head_steps, seed=seed)
+                    m = compute_metrics(task, py, _head_probs(head, pz))[primary_metric(task)]
+                    m = m if np.isfinite(m) else -np.inf
+                    if best_score is None or m > best_score:
+                        best, best_score, best_lam = head, m, lam
+                head_runs.append({
+                    "seed": seed, "shots": idx.tolist(), "val": val_idx.tolist(), "lambda": best_lam,
+                    "metrics": compute_metrics(task, sy, _head_probs(best, sz)),
+                })
+        results[int(k)] = {"probe": _aggregate(probe_runs), "prompt_head": _aggregate(head_runs) if use_head else None}
+    return {"shots": results, "task": task, "classes": list(test_ds.classes), "features": features}
+
+
+__all__ = ["LAMBDA_GRID", "PromptHead", "few_shot", "sample_few_shot", "train_prompt_head"]

@@ -1,0 +1,296 @@
+"""Classification metrics for fundus tasks, with seeded bootstrap confidence intervals.
+
+Every metric is implemented here on numpy (no scikit-learn at run time) so that the
+definitions are visible and the tests can hold them against scikit-learn's.
+
+Shapes and conventions:
+    multiclass / ordinal: y_true [N] int in 0..C-1, probs [N, C] (rows sum to 1)
+    binary:               y_true [N] in {0, 1},      probs [N, 2] or [N] (P(class 1))
+    multilabel:           y_true [N, C] multi-hot,   probs [N, C] (independent per class)
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy.stats import rankdata
+
+TASKS = ("multiclass", "multilabel", "ordinal", "binary")
+
+
+def _labels(y) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"expected a 1-d array of class indices, got shape {y.shape}")
+    return y.astype(np.int64)
+
+
+def accuracy(y_true, y_pred) -> float:
+    """Fraction of exact matches (for multi-hot rows: every class right)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} differ in shape")
+    if y_true.ndim == 2:
+        return float(np.mean(np.all(y_true == y_pred, axis=1)))
+    return float(np.mean(y_true == y_pred))
+
+
+def confusion_matrix(y_true, y_pred, n_classes: int | None = None) -> np.ndarray:
+    """O[i, j] = number of samples of true class i predicted as j (classes 0..n_classes-1)."""
+    y_true, y_pred = _labels(y_true), _labels(y_pred)
+    if n_classes is None:
+        n_classes = int(max(y_true.max(initial=0), y_pred.max(initial=0))) + 1
+    out = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(out, (y_true, y_pred), 1)
+    return out
+
+
+def balanced_accuracy(y_true, y_pred) -> float:
+    """Mean per-class recall over the classes present in ``y_true`` (robust to imbalance)."""
+    y_true, y_pred = _labels(y_true), _labels(y_pred)
+    classes = np.unique(y_true)
+    return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in classes]))
+
+
+def _f1_from_counts(tp, fp, fn) -> np.ndarray:
+    """F1 = 2TP / (2TP + FP + FN); 0 where the class never occurs nor is predicted."""
+    tp, fp, fn = (np.asarray(v, dtype=np.float64) for v in (tp, fp, fn))
+    denom = 2 * tp + fp + fn
+    return np.divide(2 * tp, denom, out=np.zeros_like(denom), where=denom > 0)
+
+
+def f1_per_class(y_true, y_pred, labels: Sequence[int] | None = None) -> np.ndarray:
+    """Per-class F1. 1-d class indices (over ``labels``, default: classes seen in either
+    array) or [N, C] multi-hot arrays (per column)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.ndim == 2:
+        t, p = y_true.astype(bool), y_pred.astype(bool)
+        return _f1_from_counts((t & p).sum(0), (~t & p).sum(0), (t & ~p).sum(0))
+    y_true, y_pred = _labels(y_true), _labels(y_pred)
+    if labels is None:
+        labels = np.union1d(y_true, y_pred)
+    labels = np.asarray(labels)
+    t = y_true[:, None] == labels[None, :]
+    p = y_pred[:, None] == labels[None, :]
+    return _f1_from_counts((t & p).sum(0), (~t & p).sum(0), (t & ~p).sum(0))
+
+
+def macro_f1(y_true, y_pred, labels: Sequence[int] | None = None) -> float:
+    """Unweighted mean of per-class F1 (every class counts the same, rare ones included)."""
+    return float(np.mean(f1_per_class(y_true, y_pred, labels)))
+
+
+def binary_auc(y_true, score) -> float:
+    """Area under the ROC curve = P(score of a positive > score of a negative), ties 1/2.
+
+    Mann-Whitney form: AUC = (sum of positive ranks - P(P+1)/2) / (P * N), average ranks
+    for ties. NaN when only one class is present (the AUC is undefined there).
+    """
+    y = np.asarray(y_true).astype(bool).ravel()
+    s = np.asarray(score, dtype=np.float64).ravel()
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auc_per_class(y_true, probs) -> np.ndarray:
+    """One-vs-rest AUC for each class (column of ``probs``); NaN where a class has no
+    positives or no negatives. ``y_true`` is [N] class indices or [N, C] multi-hot."""
+    probs = np.asarray(probs, dtype=np.float64)
+    y_true = np.asarray(y_true)
+    onehot = y_true if y_true.ndim == 2 else np.eye(probs.shape[1], dtype=bool)[_labels(y_true)]
+    return np.array([binary_auc(onehot[:, c], probs[:, c]) for c in range(probs.shape[1])])
+
+
+def auc(y_true, probs) -> float:
+    """Macro one-vs-rest AUC over the classes where it is defined.
+
+    Binary: ``probs`` may be [N] or [N, 2]; the AUC of the positive class.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    y_true = np.asarray(y_true)
+    if probs.ndim == 1:
+        return binary_auc(y_true, probs)
+    if probs.shape[1] == 2 and y_true.ndim == 1:
+        return binary_auc(y_true, probs[:, 1])
+    per_class = auc_per_class(y_true, probs)
+    if np.all(np.isnan(per_class)):
+        return float("nan")
+    return float(np.nanmean(per_class))
+
+
+def cohen_kappa(y_true, y_pred, weights: str | None = None, n_classes: int | None = None) -> float:
+    """Cohen's kappa, kappa = 1 - sum(W * O) / sum(W * E).
+
+    O is the observed confusion matrix, E = outer(row sums, column sums) / N the one
+    expected by chance, W the disagreement weights: 1 off the diagonal (unweighted),
+    |i - j| (linear) or (i - j)^2 (quadratic). Classes are the integers
+    ``min..max`` of both arrays, or ``0..n_classes-1``: weights follow grade values, so a
+    grade absent from the sample still counts in the distance between its neighbours.
+    NaN when chance disagreement is zero (a single class everywhere).
+    """
+    y_true, y_pred = _labels(y_true), _labels(y_pred)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} differ in shape")
+    lo = 0 if n_classes is not None else int(min(y_true.min(), y_pred.min()))
+    k = n_classes if n_classes is not None else int(max(y_true.max(), y_pred.max())) + 1 - lo
+    observed = confusion_matrix(y_true - lo, y_pred - lo, k).astype(np.float64)
+    expected = np.outer(observed.sum(1), observed.sum(0)) / observed.sum()
+    i, j = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+    if weights is None:
+        w = (i != j).astype(np.float64)
+    elif weights == "linear":
+        w = np.abs(i - j).astype(np.float64)
+    elif weights == "quadratic":
+        w = ((i - j) ** 2).astype(np.float64)
+    else:
+        raise ValueError(f"weights={weights!r}; expected None, 'linear' or 'quadratic'")
+    chance = float((w * expected).sum())
+    if chance == 0:
+        return float("nan")
+    return float(1.0 - (w * observed).sum() / chance)
+
+
+def quadratic_weighted_kappa(y_true, y_pred, n_classes: int | None = None) -> float:
+    """Quadratic weighted kappa for ordinal grades (the APTOS / EyePACS metric).
+
+    W_ij = (i - j)^2 / (K - 1)^2 (the normalisation cancels in the ratio), so confusing
+    grade 0 with 4 costs 16 times more than 0 with 1.
+    """
+    return cohen_kappa(y_true, y_pred, weights="quadratic", n_classes=n_classes)
+
+
+def odir_score(y_true, probs, threshold: float = 0.5) -> dict:
+    """ODIR-2019 challenge score on multi-label [N, 8] predictions.
+
+    As the official evaluation script computes it: labels and scores are flattened over
+    images x classes, then kappa = Cohen's kappa of (score > 0.5), F1 = micro F1 of the
+    same (on a flat 0/1 array this equals the element-wise accuracy), AUC = ROC AUC of the
+    flat scores; final = (kappa + F1 + AUC) / 3.
+    """
+    t = np.asarray(y_true).astype(np.int64).ravel()
+    s = np.asarray(probs, dtype=np.float64).ravel()
+    p = (s > threshold).astype(np.int64)
+    kappa = cohen_kappa(t, p, n_classes=2)
+    f1 = float(np.mean(t == p))  # micro F1 over both labels of a flat binary array
+    area = binary_auc(t, s)
+    return {"kappa": kappa, "f1": f1, "auc": area, "final": float(np.mean([kappa, f1, area]))}
+
+
+def bootstrap_ci(
+    metric_fn: Callable[[np.ndarray, np.ndarray], float],
+    y_true,
+    y_score,
+    n: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[float, float]:
+    """Percentile bootstrap (1 - alpha) confidence interval of ``metric_fn(y_true, y_score)``.
+
+    Samples (rows) are drawn with replacement ``n`` times from a generator seeded with
+    ``seed``, so the interval is repeatable. Resamples where the metric is undefined
+    (NaN, e.g. an AUC with one class drawn) are dropped; (nan, nan) if all are.
+    """
+    y_true, y_score = np.asarray(y_true), np.asarray(y_score)
+    if len(y_true) != len(y_score):
+        raise ValueError(f"y_true has {len(y_true)} rows but y_score has {len(y_score)}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha={alpha}; expected a value in (0, 1)")
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for b in range(n):
+            idx = rng.integers(0, len(y_true), len(y_true))
+            stats[b] = metric_fn(y_true[idx], y_score[idx])
+    stats = stats[np.isfinite(stats)]
+    if stats.size == 0:
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(lo), float(hi)
+
+
+# ---------------------------------------------------------------------------------------
+# the metric set of each task
+
+
+def _binary_scores(probs: np.ndarray) -> np.ndarray:
+    return probs[:, 1] if probs.ndim == 2 else probs
+
+
+def metric_functions(task: str, n_classes: int, threshold: float = 0.5) -> dict[str, Callable]:
+    """name -> fn(y_true, probs) for the scalar metrics of ``task`` (what gets bootstrapped)."""
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}; expected one of {TASKS}")
+    if task == "multilabel":
+        return {
+            "auc": auc,
+            "macro_f1": lambda y, p: macro_f1(y, p > threshold),
+            "accuracy": lambda y, p: float(np.mean(y == (p > threshold))),  # per label
+            "odir_score": lambda y, p: odir_score(y, p, threshold)["final"],
+        }
+    if task == "binary":
+        return {
+            "accuracy": lambda y, p: accuracy(y, (_binary_scores(p) > threshold).astype(int)),
+            "balanced_accuracy": lambda y, p: balanced_accuracy(y, (_binary_scores(p) > threshold).astype(int)),
+            "f1": lambda y, p: float(f1_per_class(y, (_binary_scores(p) > threshold).astype(int), [1])[0]),
+            "auc": lambda y, p: binary_auc(y, _binary_scores(p)),
+        }
+    fns = {
+        "accuracy": lambda y, p: accuracy(y, p.argmax(1)),
+        "balanced_accuracy": lambda y, p: balanced_accuracy(y, p.argmax(1)),
+        "macro_f1": lambda y, p: macro_f1(y, p.argmax(1)),
+        "auc": auc,
+    }
+    if task == "ordinal":
+        fns["kappa"] = lambda y, p: quadratic_weighted_kappa(y, p.argmax(1), n_classes=n_classes)
+    return fns
+
+
+def compute_metrics(
+    task: str,
+    y_true,
+    probs,
+    bootstrap: int = 0,
+    seed: int = 0,
+    alpha: float = 0.05,
+    threshold: float = 0.5,
+) -> dict:
+    """The metric set of ``task`` (see :func:`metric_functions`), as plain floats.
+
+    Ordinal adds ``kappa`` (quadratic weighted); multilabel adds ``auc_per_class`` and the
+    ODIR parts. With ``bootstrap > 0`` every scalar metric ``m`` gets ``m_ci = [lo, hi]``.
+    """
+    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=np.float64)
+    if len(y_true) != len(probs):
+        raise ValueError(f"{len(y_true)} labels but {len(probs)} rows of probabilities")
+    if len(y_true) == 0:
+        raise ValueError("cannot compute metrics on an empty set")
+    if task == "multilabel" and (y_true.ndim != 2 or y_true.shape != probs.shape):
+        raise ValueError(f"multilabel needs y_true and probs of shape [N, C]; got {y_true.shape}, {probs.shape}")
+    if task in ("multiclass", "ordinal") and (y_true.ndim != 1 or probs.ndim != 2):
+        raise ValueError(f"{task} needs y_true [N] and probs [N, C]; got {y_true.shape}, {probs.shape}")
+    n_classes = probs.shape[1] if probs.ndim == 2 else 2
+    fns = metric_functions(task, n_classes, threshold)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out: dict = {name: float(fn(y_true, probs)) for name, fn in fns.items()}
+        if task == "multilabel":
+            out["auc_per_class"] = [float(v) for v in auc_per_class(y_true, probs)]
+            parts = odir_score(y_true, probs, threshold)
+            out.update({f"odir_{k}": v for k, v in parts.items() if k != "final"})
+        if bootstrap:
+            for name, fn in fns.items():
+                out[f"{name}_ci"] = list(bootstrap_ci(fn, y_true, probs, n=bootstrap, seed=seed, alpha=alpha))
+    out["n"] = int(len(y_true))
+    return out
+
+
+def primary_metric(task: str) -> str:
+    """The number a model is selected on for ``task`` (kappa for grades, as APTOS scores)."""
+    return {"multiclass": "balanced_accuracy", "ordinal": "kappa", "binary": "auc", "multilabel": "auc"}[task]

@@ -1,0 +1,123 @@
+"""Writing the comparison table as CSV (every number), Markdown and LaTeX (for reading).
+
+A row is one method; a cell is ``{"mean", "std", "n"}`` over seeds, or None where the
+protocol does not apply (``mae`` has no text encoder: zero-shot is "n/a", not 0).
+CSV keeps the raw values (0-1 scale) and the run folders each row came from; Markdown
+and LaTeX show ``mean ± std`` in percent (std only when more than one seed ran), the best
+mean of each column in bold.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Sequence
+
+NA = "n/a"
+
+
+def summarise(values: Sequence[float]) -> dict:
+    """{"mean", "std" (population, as over seeds), "n"} of the finite values."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+    return {"mean": mean, "std": std, "n": len(vals)}
+
+
+def format_cell(cell: dict | None, scale: float = 100.0, digits: int = 1, pm: str = "±") -> str:
+    """``{"mean": .812, "std": .013, "n": 5}`` -> ``81.2 ± 1.3``; None -> ``n/a``."""
+    if cell is None or cell.get("n", 0) == 0 or not math.isfinite(cell["mean"]):
+        return NA
+    text = f"{cell['mean'] * scale:.{digits}f}"
+    if cell.get("n", 1) > 1:
+        text += f" {pm} {cell['std'] * scale:.{digits}f}"
+    return text
+
+
+def _best(rows: list[dict], key: str) -> float | None:
+    means = [r[key]["mean"] for r in rows if r.get(key) and r[key].get("n", 0) > 0 and math.isfinite(r[key]["mean"])]
+    return max(means) if len(means) > 1 else None
+
+
+def _latex_escape(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
+        text = text.replace(a, b)
+    return text
+
+
+def write_table(
+    rows: list[dict],
+    out_dir: str | Path,
+    columns: Sequence[tuple[str, str]],
+    name: str = "table1",
+    caption: str = "",
+    extra: Sequence[str] = (),
+) -> dict[str, Path]:
+    """Write ``<name>.csv``, ``<name>.md`` and ``<name>.tex`` under ``out_dir``.
+
+    Args:
+        rows: ``{"method": str, <column key>: cell | None, <extra key>: str, ...}``.
+        columns: ``(key, header)`` pairs, in order.
+        extra: keys copied verbatim into the CSV only (run folders, seeds).
+    Returns:
+        {"csv": path, "md": path, "tex": path}
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        if "method" not in row:
+            raise ValueError(f"table row {row!r} has no 'method'")
+
+    paths = {"csv": out_dir / f"{name}.csv", "md": out_dir / f"{name}.md", "tex": out_dir / f"{name}.tex"}
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.writer(f)
+        header = ["method"]
+        for key, _ in columns:
+            header += [f"{key}_mean", f"{key}_std", f"{key}_n"]
+        w.writerow(header + list(extra))
+        for row in rows:
+            line = [row["method"]]
+            for key, _ in columns:
+                cell = row.get(key)
+                line += [NA, NA, 0] if cell is None else [f"{cell['mean']:.6f}", f"{cell['std']:.6f}", cell["n"]]
+            w.writerow(line + [row.get(k, "") for k in extra])
+
+    best = {key: _best(rows, key) for key, _ in columns}
+
+    def is_best(row, key) -> bool:
+        cell = row.get(key)
+        return bool(best[key] is not None and cell and cell.get("n", 0) and cell["mean"] == best[key])
+
+    md = []
+    if caption:
+        md += [caption, ""]
+    md.append("| Method | " + " | ".join(h for _, h in columns) + " |")
+    md.append("|---|" + "---:|" * len(columns))
+    for row in rows:
+        cells = []
+        for key, _ in columns:
+            text = format_cell(row.get(key))
+            cells.append(f"**{text}**" if is_best(row, key) else text)
+        md.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    paths["md"].write_text("\n".join(md) + "\n")
+
+    tex = [r"\begin{table}[t]", r"\centering"]
+    if caption:
+        tex.append(r"\caption{" + _latex_escape(caption) + "}")
+    tex += [r"\begin{tabular}{l" + "c" * len(columns) + "}", r"\toprule",
+            "Method & " + " & ".join(_latex_escape(h) for _, h in columns) + r" \\", r"\midrule"]
+    for row in rows:
+        cells = []
+        for key, _ in columns:
+            text = format_cell(row.get(key), pm=r"$\pm$")
+            cells.append(r"\textbf{" + text + "}" if is_best(row, key) else text)
+        tex.append(_latex_escape(str(row["method"])) + " & " + " & ".join(cells) + r" \\")
+    tex += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    paths["tex"].write_text("\n".join(tex) + "\n")
+    return paths
+
+
+__all__ = ["NA", "format_cell", "summarise", "write_table"]
