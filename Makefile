@@ -48,7 +48,7 @@ browser-deps:
 	bash .ci/install_browser.sh
 
 test-browser: install browser-deps
-	$(VENV)/bin/pytest -q -m browser tests/browser
+	FUNDUS_LAB_REQUIRE_BROWSER=1 $(VENV)/bin/pytest -q -m browser -p no:cacheprovider tests/browser
 
 bench: install
 	$(PY) benchmarks/synth_speed.py

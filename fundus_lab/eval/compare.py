@@ -111,18 +111,20 @@ def dataset_root(cfg: "C.Config", name: str, data_root: str | None = None) -> st
     return str(Path(data_root) / name) if (Path(data_root) / name).is_dir() else str(data_root)
 
 
-def ensure_synthetic(cfg: "C.Config", names: Sequence[str], data_root: str | None = None) -> None:
-    """Write the synthetic benchmark once if a synthetic dataset named here is missing."""
+def ensure_synthetic(cfg: "C.Config", names: Sequence[str] = (), data_root: str | None = None) -> Path:
+    """Make sure the synthetic benchmark under ``data_root`` (default ``data.synth_root``) is the
+    configured one (size, seed, image size, generator version) when any of ``names`` is
+    synthetic (all tasks when ``names`` is empty); the generator skips what is up to date."""
     root = Path(data_root or cfg.data.synth_root)
-    missing = [n for n in names if n.startswith("synth-") and not (root / n / "manifest.yaml").is_file()]
-    if missing:
-        from fundus_lab.data import synth
+    if names and not any(n.startswith("synth-") for n in names):
+        return root
+    from fundus_lab.data import synth
 
-        print(f"fundus_lab: writing the synthetic benchmark under {root} ({', '.join(missing)} missing)")
-        synth.generate_benchmark(
-            str(root), n_pretrain=cfg.data.synth_n, n_eval=cfg.data.synth_eval_n, seed=cfg.data.synth_seed,
-            image_size=cfg.data.synth_image_size, workers=None,
-        )
+    synth.generate_benchmark(
+        str(root), n_pretrain=cfg.data.synth_n, n_eval=cfg.data.synth_eval_n, seed=cfg.data.synth_seed,
+        image_size=cfg.data.synth_image_size, workers=None,
+    )
+    return root
 
 
 def open_split(cfg: "C.Config", name: str, split: str, image_size: int, data_root=None, augment: bool = False,

@@ -38,7 +38,7 @@ LABEL_COLUMNS = ("image_id", "image", "mask", "patient_id", "eye", "age", "camer
                  *ODIR_CODES, "dr_grade", "dme", "cdr", "fives_class", "text", "short_text", "definition_text")
 DATASET_NAMES = {t: f"synth-{t}" for t in TASKS}
 PATIENT_TAG = 0x50415431          # "PAT1": keeps patient streams apart from image streams
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: splits by patient slot (index*3 mod 7)
 
 
 def manifest_template(task: str) -> Path:

@@ -1,0 +1,490 @@
+"""Run every numbered notebook headlessly into one run folder, and what the notebooks share.
+
+``fundus-lab reproduce --preset smoke|default|paper`` (or :func:`reproduce`) executes
+``notebooks/NN_*.ipynb`` in order through papermill, passing the same parameters to each
+(``preset``, ``run_dir``, ``data_root``, ``methods``), and writes::
+
+    runs/<name>/
+        notebooks/NN_*.ipynb      executed copies (outputs included) and .html renderings
+        figures/<notebook>/*.png|svg
+        tables/<notebook>/*.csv|md
+        pretrain/<method>/seed<k>/  pretraining runs (shared by the notebooks and Table 1)
+        eval/                     evaluation results of the comparison
+        logs/NN_*.log             each kernel's stdout/stderr
+        status.json               per notebook: ok | failed | not run, seconds
+        index.html, README.md     the tables and figures, with links to each notebook
+
+A failing notebook stops the run; the error names the notebook and the failing cell, and
+everything that finished (and the failing notebook, executed up to the error) is kept.
+
+Notebooks stay thin by calling :func:`notebook_context` once: it resolves paths against
+the project root (so a notebook behaves the same from JupyterLab, papermill or nbval,
+whatever its working directory), builds configs for the preset, and trains a checkpoint on
+first use (:func:`ensure_checkpoint`), cached in the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PRESETS = ("smoke", "default", "paper")
+# methods each preset compares when none are given (all of them where the budget allows)
+DEFAULT_METHODS = {
+    "smoke": ["clip", "ours"],
+    "default": ["clip", "coca", "eva", "mae", "flair", "vilref", "ours"],
+    "paper": ["clip", "coca", "eva", "mae", "flair", "vilref", "ours"],
+}
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised: carries the notebook, the failing cell (1-based, as in the committed file) and the error."""
+
+    def __init__(self, notebook: Path, cell_index: int | None, source: str, error: str, output: Path):
+        self.notebook, self.cell_index, self.source, self.error, self.output = notebook, cell_index, source, error, output
+        first = next((ln for ln in source.splitlines() if ln.strip()), "")
+        cell = f"cell {cell_index}" if cell_index is not None else "a cell"
+        super().__init__(f"{notebook.name} failed in {cell} ({first.strip()[:80]!r}): {error}\n  executed copy: {output}")
+
+
+# ---------------------------------------------------------------------------------------
+# paths
+
+
+def project_root() -> Path:
+    """The checkout holding ``notebooks/`` and ``configs/`` (editable install), else the working directory."""
+    root = PACKAGE_DIR.parent
+    if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir():
+        return root
+    return Path.cwd()
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Relative paths are taken from the project root, not from wherever a kernel started."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else project_root() / p
+
+
+def list_notebooks(notebook_dir: str | Path | None = None, select: Sequence[str] | None = None) -> list[Path]:
+    """``NN_*.ipynb`` in order; ``select`` keeps those whose name or number matches (``"04"``, ``"04_zero_shot"``)."""
+    folder = Path(notebook_dir) if notebook_dir is not None else project_root() / "notebooks"
+    found = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    if not found:
+        raise FileNotFoundError(f"no numbered notebooks (NN_*.ipynb) in {folder}")
+    if not select:
+        return found
+    picked = []
+    for s in select:
+        s = str(s).removesuffix(".ipynb")
+        hits = [p for p in found if p.stem == s or p.stem.split("_", 1)[0] == s]
+        if not hits:
+            raise ValueError(f"notebook {s!r} not found; available: {', '.join(p.stem for p in found)}")
+        picked += [h for h in hits if h not in picked]
+    return sorted(picked)
+
+
+# ---------------------------------------------------------------------------------------
+# what notebooks share: configs, data, checkpoints
+
+
+def make_config(preset: str, method: str | None = None, run_dir: str | Path | None = None, data_root: str | Path | None = None, overrides: Mapping[str, Any] | None = None):
+    """The preset's config (for ``method``) as the comparison trains it, with project-root paths.
+
+    With ``run_dir`` and ``method`` this is exactly the config :func:`fundus_lab.eval.compare`
+    uses for that method's first pretraining seed (:func:`fundus_lab.eval.compare.method_config`),
+    so notebooks and the Table 1 comparison share one checkpoint per method.
+    ``data_root`` is the folder holding the synthetic benchmark (one sub-folder per task);
+    by default the preset's ``data.synth_root``, taken from the project root.
+    """
+    from fundus_lab.config import load_config
+
+    cfg = load_config(preset=preset, overrides=dict(overrides or {}))
+    cfg.data.synth_root = str(resolve_path(data_root if data_root is not None else cfg.data.synth_root))
+    if method is None:
+        return cfg
+    from fundus_lab.eval.compare import method_config
+
+    out = resolve_path(run_dir) if run_dir is not None else resolve_path(cfg.eval.output_dir)
+    return method_config(cfg, method, cfg.eval.pretrain_seeds[0], out, dict(overrides or {}) or None, cfg.data.synth_root)
+
+
+def ensure_data(cfg) -> Path:
+    """Write the synthetic benchmark under ``cfg.data.synth_root`` unless it is up to date; returns that root."""
+    from fundus_lab.eval.compare import ensure_synthetic
+
+    return ensure_synthetic(cfg)
+
+
+def ensure_checkpoint(
+    preset: str,
+    method: str,
+    run_dir: str | Path,
+    data_root: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    callbacks: Iterable[Callable[[int, dict], None]] = (),
+) -> Path:
+    """The method's ``checkpoint-last`` in the run folder, pretraining the preset's model first if absent.
+
+    Every notebook asks for its checkpoint this way, so each runs on its own ("Run all" in a
+    fresh run folder trains what it needs) while a full reproduction trains each method
+    once. The cache is the comparison's own (``run_dir/pretrain/<method>/seed<k>``, keyed
+    by the resolved config and data), so ``07_results_table`` reuses these runs; an EVA
+    run first trains its CLIP teacher the same way.
+    """
+    from fundus_lab.eval.compare import method_config, needs_teacher, pretrain_cached
+
+    mcfg = make_config(preset, method, run_dir, data_root, overrides)
+    ensure_data(mcfg)
+    if needs_teacher(mcfg):
+        teacher = make_config(preset, "clip", run_dir, data_root, overrides)
+        mcfg.method.teacher_checkpoint = str(Path(pretrain_cached(teacher, data_root=teacher.data.synth_root)) / "checkpoint-last")
+    run = Path(pretrain_cached(mcfg, data_root=mcfg.data.synth_root, callbacks=tuple(callbacks)))
+    return run / "checkpoint-last"
+
+
+@dataclass
+class NotebookContext:
+    """One notebook's view of a run: where to write, which data, which checkpoints.
+
+    Built by :func:`notebook_context` from the ``parameters`` cell.
+    """
+
+    name: str
+    preset: str
+    run_dir: Path
+    data_root: Path | None
+    methods: list[str]
+    figures: Path
+    tables: Path
+    _models: dict = field(default_factory=dict, repr=False)
+
+    def config(self, method: str | None = None, overrides: Mapping[str, Any] | None = None):
+        return make_config(self.preset, method, self.run_dir, self.data_root, overrides)
+
+    def data(self) -> Path:
+        """The synthetic benchmark's root, written on first use."""
+        return ensure_data(self.config())
+
+    def dataset(self, name: str, split: str = "test", **kwargs):
+        """``fl.data.open_dataset`` with this run's data root and the preset's image size."""
+        from fundus_lab.data import open_dataset
+
+        cfg = self.config()
+        root = kwargs.pop("root", None)
+        if root is None and name.startswith("synth-"):
+            root = ensure_data(cfg) / name
+        return open_dataset(name, root=root, split=split, image_size=kwargs.pop("image_size", cfg.model.img_size), **kwargs)
+
+    def checkpoint(self, method: str, callbacks: Iterable[Callable[[int, dict], None]] = (), overrides=None) -> Path:
+        return ensure_checkpoint(self.preset, method, self.run_dir, self.data_root, overrides, callbacks)
+
+    def model(self, method: str):
+        """The method's pretrained model (trained first if needed), in eval mode, cached."""
+        if method not in self._models:
+            from fundus_lab import load_model
+
+            self._models[method] = load_model(self.checkpoint(method)).eval()
+        return self._models[method]
+
+    def figure_dir(self) -> Path:
+        self.figures.mkdir(parents=True, exist_ok=True)
+        return self.figures
+
+    def table_dir(self) -> Path:
+        self.tables.mkdir(parents=True, exist_ok=True)
+        return self.tables
+
+
+def notebook_context(
+    name: str,
+    preset: str = "default",
+    run_dir: str | Path = "runs/notebooks",
+    data_root: str | Path | None = None,
+    methods: Sequence[str] | str | None = None,
+) -> NotebookContext:
+    """The one call at the top of every notebook, from its ``parameters`` cell's values.
+
+    Args:
+        name: the notebook's name; its figures and tables go to ``figures/<name>/`` and
+            ``tables/<name>/`` in the run folder.
+        preset: ``smoke`` | ``default`` | ``paper``.
+        run_dir: the run folder (relative paths are from the project root).
+        data_root: folder of the synthetic benchmark; None = the preset's.
+        methods: the methods to compare (list, or comma-separated); None = the preset's default.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}; expected one of {PRESETS}")
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    from fundus_lab.config import available_methods
+
+    known = available_methods()
+    if methods:
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise ValueError(f"methods: {unknown} are not in configs/methods ({', '.join(known)})")
+        chosen = list(methods)
+    else:
+        chosen = [m for m in DEFAULT_METHODS[preset] if m in known] or known
+    run = resolve_path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    return NotebookContext(
+        name=name,
+        preset=preset,
+        run_dir=run,
+        data_root=resolve_path(data_root) if data_root is not None else None,
+        methods=chosen,
+        figures=run / "figures" / name,
+        tables=run / "tables" / name,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# running the notebooks
+
+
+def _notebook_parameters(path: Path) -> set[str]:
+    import papermill
+
+    return set(papermill.inspect_notebook(str(path)).keys())
+
+
+def run_notebook(path: Path, out_path: Path, parameters: Mapping[str, Any], log_path: Path, cwd: Path, kernel_name: str | None = None) -> None:
+    """Execute one notebook with papermill; raise :class:`NotebookFailed` naming the failing cell."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    declared = _notebook_parameters(path)
+    params = {k: v for k, v in parameters.items() if k in declared}  # no "unknown parameter" noise
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        try:
+            papermill.execute_notebook(
+                str(path), str(out_path), parameters=params, cwd=str(cwd), kernel_name=kernel_name,
+                progress_bar=False, log_output=False, stdout_file=log, stderr_file=log,
+            )
+        except PapermillExecutionError as err:
+            raise NotebookFailed(path, _code_cell_number(out_path, err.cell_index), err.source, f"{err.ename}: {err.evalue}", out_path) from None
+
+
+def _code_cell_number(executed: Path, cell_index: int | None) -> int | None:
+    """The failing cell's 1-based position in the committed notebook.
+
+    Papermill adds cells (injected parameters, an error banner); the failing cell is the
+    one whose output is an error, counted without those.
+    """
+    if not executed.is_file():
+        return None if cell_index is None else cell_index + 1
+    import nbformat
+
+    added = {"injected-parameters", "papermill-error-cell-tag"}
+    cells = [c for c in nbformat.read(executed, as_version=4).cells if not added & set(c.metadata.get("tags", []))]
+    for i, c in enumerate(cells, 1):
+        if any(o.get("output_type") == "error" for o in c.get("outputs", [])):
+            return i
+    return None if cell_index is None else cell_index + 1
+
+
+def reproduce(
+    preset: str = "default",
+    data_root: str | Path | None = None,
+    methods: Sequence[str] | None = None,
+    run_name: str | None = None,
+    notebooks: Sequence[str] | None = None,
+    runs_dir: str | Path = "runs",
+    kernel_name: str | None = None,
+    notebook_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Run the notebooks in order into ``runs_dir/<run_name>`` and write its index; returns the run folder.
+
+    Args:
+        preset: ``smoke`` | ``default`` | ``paper``.
+        data_root: folder of the synthetic benchmark (default: the preset's).
+        methods: methods to compare (default: the preset's list).
+        run_name: folder name (default ``<preset>-<UTC time>``); an existing run folder is
+            reused, so its trained checkpoints are too.
+        notebooks: a subset by name or number (default: all).
+        kernel_name: Jupyter kernel (default: the notebooks' own, ``python3``).
+        notebook_dir: where the notebooks are (default: the project's ``notebooks/``).
+
+    Raises:
+        NotebookFailed: after writing the index, which shows what finished.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}; expected one of {PRESETS}")
+    paths = list_notebooks(notebook_dir, select=notebooks)
+    run_name = run_name or f"{preset}-{datetime.utcnow():%Y%m%d-%H%M%S}"
+    run_dir = resolve_path(runs_dir) / run_name
+    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+    parameters = {
+        "preset": preset,
+        "run_dir": str(run_dir),
+        "data_root": str(resolve_path(data_root)) if data_root is not None else None,
+        "methods": list(methods) if methods else None,
+    }
+    # a reused run folder keeps the status of notebooks not run this time
+    previous = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").is_file() else {}
+    status = {p.stem: {"state": "not run", "seconds": None} for p in paths}
+    (run_dir / "parameters.json").write_text(json.dumps(parameters, indent=2))
+    failure: NotebookFailed | None = None
+    log(f"fundus-lab reproduce: preset={preset}, {len(paths)} notebooks -> {run_dir}")
+    for i, path in enumerate(paths, 1):
+        out = run_dir / "notebooks" / path.name
+        log(f"[{i}/{len(paths)}] {path.stem} ...")
+        start = time.perf_counter()
+        try:
+            run_notebook(path, out, parameters, run_dir / "logs" / f"{path.stem}.log", project_root(), kernel_name)
+        except NotebookFailed as err:
+            status[path.stem] = {"state": "failed", "seconds": round(time.perf_counter() - start, 1), "error": str(err)}
+            failure = err
+            log(f"[{i}/{len(paths)}] {path.stem} FAILED after {status[path.stem]['seconds']} s: {err}")
+            break
+        status[path.stem] = {"state": "ok", "seconds": round(time.perf_counter() - start, 1)}
+        log(f"[{i}/{len(paths)}] {path.stem} ok ({status[path.stem]['seconds']} s)")
+    status = dict(sorted({**previous, **status}.items()))
+    (run_dir / "status.json").write_text(json.dumps(status, indent=2))
+    write_index(run_dir, status, parameters)
+    log(f"index: {run_dir / 'index.html'}")
+    if failure is not None:
+        raise failure
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------
+# the run's index page
+
+
+def _render_notebook_html(executed: Path) -> Path | None:
+    try:
+        import nbformat
+        from nbconvert import HTMLExporter
+
+        body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    except Exception as err:  # noqa: BLE001 - the .ipynb link still works
+        print(f"fundus_lab: could not render {executed.name} as HTML ({err})", file=sys.stderr)
+        return None
+    out = executed.with_suffix(".html")
+    out.write_text(body)
+    return out
+
+
+def _tables(run_dir: Path, name: str) -> list[Path]:
+    folder = run_dir / "tables" / name
+    return sorted(folder.glob("*.csv")) if folder.is_dir() else []
+
+
+def _figures(run_dir: Path, name: str) -> list[Path]:
+    folder = run_dir / "figures" / name
+    return sorted(folder.glob("*.png")) if folder.is_dir() else []
+
+
+def write_index(run_dir: Path, status: Mapping[str, Mapping[str, Any]], parameters: Mapping[str, Any]) -> tuple[Path, Path]:
+    """``index.html`` and ``README.md``: per notebook its state, tables, figures and links."""
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    title = f"fundus_lab run {run_dir.name}"
+    params = ", ".join(f"{k}={v}" for k, v in parameters.items() if k != "run_dir")
+    h = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}"
+        "img{max-width:100%;border:1px solid #eee;margin:4px 0}.failed{color:#b00020}.ok{color:#1b7f3b}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(params)}</p>",
+    ]
+    md = [f"# {title}", "", f"Parameters: {params}", "", "| notebook | state | seconds |", "|---|---|---|"]
+    md += [f"| [{n}](notebooks/{n}.ipynb) | {s['state']} | {s.get('seconds') or ''} |" for n, s in status.items()]
+    md.append("")
+    for name, st in status.items():
+        executed = run_dir / "notebooks" / f"{name}.ipynb"
+        links = []
+        if executed.is_file():
+            links.append(f"<a href='notebooks/{name}.ipynb'>notebook</a>")
+            rendered = _render_notebook_html(executed)
+            if rendered is not None:
+                links.append(f"<a href='notebooks/{rendered.name}'>html</a>")
+        h.append(f"<h2 id='{html.escape(name)}'>{html.escape(name)} <span class='{'ok' if st['state'] == 'ok' else 'failed'}'>"
+                 f"[{html.escape(st['state'])}]</span> {' · '.join(links)}</h2>")
+        md.append(f"## {name} ({st['state']})")
+        md.append("")
+        if st.get("error"):
+            h.append(f"<pre class='failed'>{html.escape(st['error'])}</pre>")
+            md += ["```", st["error"], "```", ""]
+        for table in _tables(run_dir, name):
+            rel = table.relative_to(run_dir)
+            links = " · ".join(f"<a href='{p.relative_to(run_dir)}'>{p.suffix[1:]}</a>" for p in sorted(table.parent.glob(f"{table.stem}.*")))
+            written_md = table.with_suffix(".md")
+            if written_md.is_file():  # the notebook's own rendering (e.g. Table 1: mean ± std, best in bold)
+                text = written_md.read_text()
+                h.append(f"<h3>{html.escape(table.stem)}</h3><pre>{html.escape(text)}</pre><p>{links}</p>")
+                md += [f"### {table.stem}", "", text.strip(), "", f"[{rel}]({rel})", ""]
+                continue
+            try:
+                df = pd.read_csv(table)
+            except Exception as err:  # noqa: BLE001 - shown, not fatal
+                h.append(f"<p class='failed'>{html.escape(str(rel))}: unreadable ({html.escape(str(err))})</p>")
+                continue
+            h.append(f"<h3>{html.escape(table.stem)}</h3>" + df.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
+            h.append(f"<p>{links}</p>")
+            md += [f"### {table.stem}", "", markdown_table(df), "", f"[{rel}]({rel})", ""]
+        for fig in _figures(run_dir, name):
+            rel = fig.relative_to(run_dir)
+            svg = fig.with_suffix(".svg")
+            h.append(f"<figure><img src='{rel}' alt='{html.escape(fig.stem)}'><figcaption>{html.escape(fig.stem)}"
+                     + (f" (<a href='{svg.relative_to(run_dir)}'>svg</a>)" if svg.is_file() else "") + "</figcaption></figure>")
+            md += [f"![{fig.stem}]({rel})", ""]
+    h.append("</body></html>")
+    index, readme = run_dir / "index.html", run_dir / "README.md"
+    index.write_text("\n".join(h))
+    readme.write_text("\n".join(md) + "\n")
+    return index, readme
+
+
+def markdown_table(df) -> str:
+    """A DataFrame as a GitHub Markdown table (numbers to 4 significant digits; no tabulate needed)."""
+    def cell(v):
+        if isinstance(v, float):
+            return "" if v != v else f"{v:.4g}"
+        return str(v).replace("|", "\\|")
+
+    head = "| " + " | ".join(cell(c) for c in df.columns) + " |"
+    rule = "|" + "---|" * len(df.columns)
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, rule, *rows])
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fundus-lab reproduce``: every notebook through papermill into ``runs/<name>/``."""
+    parser = argparse.ArgumentParser(prog="fundus-lab reproduce", description=main.__doc__)
+    parser.add_argument("--preset", choices=PRESETS, default="default")
+    parser.add_argument("--data-root", default=None, help="folder of the synthetic benchmark (default: the preset's)")
+    parser.add_argument("--methods", nargs="+", default=None, help="methods to compare (default: the preset's)")
+    parser.add_argument("--name", default=None, help="run folder name under runs/ (default <preset>-<time>)")
+    parser.add_argument("--notebooks", nargs="+", default=None, help="run only these (names or numbers, e.g. 00 04)")
+    parser.add_argument("--runs-dir", default="runs")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        run_dir = reproduce(args.preset, args.data_root, args.methods, args.name, args.notebooks, args.runs_dir)
+    except NotebookFailed as err:
+        print(f"fundus-lab reproduce: {err}", file=sys.stderr)
+        return 1
+    print(run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,993 @@
+"""Figures and explanation scores: attention, reconstructions, embeddings, results.
+
+Everything here is a pure function of arrays (numpy or torch) that returns a
+:class:`matplotlib.figure.Figure` and, given ``out_dir``, also writes it as PNG and SVG.
+Figures are built with the object-oriented API (no pyplot state), so tests and
+papermill runs never accumulate open figures; notebooks display the returned figure.
+
+Shape conventions (ViT with ``P`` prefix tokens, usually P = 1 for CLS):
+
+    attention   [N, heads, T, T]   T = P + L tokens, rows = queries, each row sums to 1
+    patch grid  L = g * g          row-major, as timm's PatchEmbed flattens it
+    heat map    [H, W]             non-negative; "mass" is its sum
+    lesion mask [H, W] bool        as the synthetic generator writes ``masks/<id>.npz``
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "save_figure",
+    "to_numpy",
+    "to_hwc",
+    "attention_rollout",
+    "cls_attention",
+    "tokens_to_grid",
+    "upsample_map",
+    "rollout_maps",
+    "patch_prompt_similarity",
+    "cross_attention_map",
+    "plot_attention",
+    "plot_cross_attention",
+    "plot_prompt_similarity",
+    "mass_in_mask",
+    "pointing_game",
+    "score_explanations",
+    "summarize_explanations",
+    "mask_to_pixels",
+    "paste_visible",
+    "plot_reconstruction",
+    "umap_embed",
+    "plot_embeddings",
+    "plot_training_curves",
+    "LiveLossPlot",
+    "plot_confusion_matrix",
+    "plot_per_class",
+    "plot_comparison",
+    "record_label_name",
+    "load_record_masks",
+    "plot_fundus_grid",
+    "plot_dataset_grid",
+    "label_counts",
+    "plot_label_distribution",
+    "attention_explanations",
+    "dataset_embeddings",
+    "plot_shot_curves",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+
+
+def _new_figure(nrows: int, ncols: int, cell: tuple[float, float] = (2.6, 2.6), **kwargs):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(cell[0] * ncols, cell[1] * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
+    return fig, axes
+
+
+def save_figure(fig, out_dir: str | Path | None, name: str, formats: Sequence[str] = ("png", "svg"), dpi: int = 120) -> list[Path]:
+    """Write ``fig`` as ``out_dir/name.<fmt>`` for each format; nothing when ``out_dir`` is None.
+
+    PNG for the index page and notebooks, SVG for papers (vector, editable).
+    """
+    if out_dir is None:
+        return []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = out / f"{name}.{fmt}"
+        fig.savefig(path, format=fmt, dpi=dpi)
+        paths.append(path)
+    return paths
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Tensor (any device, with grad) or array-like -> float64-or-native numpy array."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def to_hwc(image: Any) -> np.ndarray:
+    """An image as float ``[H, W, 3]`` in [0, 1] from CHW/HWC, uint8/float, tensor/PIL/array."""
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
+        image = np.asarray(image.convert("RGB"))
+    arr = to_numpy(image)
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.ndim != 3:
+        raise ValueError(f"image: expected [3,H,W] or [H,W,3] (or [H,W]), got shape {arr.shape}")
+    if arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    arr = arr.astype(np.float64)
+    if arr.max(initial=0.0) > 1.0 + 1e-6:  # uint8 range
+        arr = arr / 255.0
+    return np.clip(arr, 0.0, 1.0)
+
+
+def _as_attention(a: Any, where: str) -> np.ndarray:
+    arr = to_numpy(a).astype(np.float64)
+    if arr.ndim == 3:  # one image without the batch axis
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != arr.shape[-2]:
+        raise ValueError(f"{where}: expected attention of shape [N, heads, T, T], got {arr.shape}")
+    return arr
+
+
+def _grid_side(num_patches: int, where: str = "tokens") -> int:
+    g = int(round(math.sqrt(num_patches)))
+    if g * g != num_patches:
+        raise ValueError(f"{where}: {num_patches} patch tokens do not form a square grid; pass grid=(gh, gw)")
+    return g
+
+
+# ---------------------------------------------------------------------------------------
+# attention maps
+
+
+def attention_rollout(attentions: Sequence[Any], residual: bool = True, head_fusion: str = "mean") -> np.ndarray:
+    """Attention rollout (Abnar & Zuidema, 2020): how much each output token draws on each input token.
+
+    Per layer l, heads are fused (mean by default) and the skip connection is modelled as
+    an identity added to the attention, then rows are renormalised:
+
+        A_l = norm_rows(0.5 * mean_h(attn_l) + 0.5 * I)
+        R   = A_L @ A_{L-1} @ ... @ A_1
+
+    Args:
+        attentions: per-layer attention, each ``[N, heads, T, T]`` (first layer first).
+        residual: add the identity for the residual stream (the paper's choice).
+        head_fusion: ``"mean"`` | ``"max"`` | ``"min"`` over heads.
+
+    Returns:
+        ``[N, T, T]``; row ``i`` is the share of token ``i``'s final representation that
+        flows from each input token (rows sum to 1).
+    """
+    if len(attentions) == 0:
+        raise ValueError("attention_rollout: got no layers")
+    fuse = {"mean": np.mean, "max": np.max, "min": np.min}
+    if head_fusion not in fuse:
+        raise ValueError(f"attention_rollout: head_fusion={head_fusion!r}; expected one of {sorted(fuse)}")
+    rollout = None
+    for i, layer in enumerate(attentions):
+        a = fuse[head_fusion](_as_attention(layer, f"attention_rollout layer {i}"), axis=1)  # [N,T,T]
+        if residual:
+            a = 0.5 * a + 0.5 * np.eye(a.shape[-1])[None]
+        a = a / a.sum(axis=-1, keepdims=True)
+        rollout = a if rollout is None else a @ rollout
+    return rollout
+
+
+def cls_attention(attention: Any, num_prefix: int = 1) -> np.ndarray:
+    """Attention from the CLS token (query 0) to each patch token, per head: ``[N, heads, L]``."""
+    a = _as_attention(attention, "cls_attention")
+    return a[:, :, 0, num_prefix:]
+
+
+def tokens_to_grid(values: Any, grid: tuple[int, int] | None = None) -> np.ndarray:
+    """``[..., L]`` per-patch values -> ``[..., gh, gw]`` (row-major, as timm flattens patches)."""
+    v = to_numpy(values)
+    if grid is None:
+        g = _grid_side(v.shape[-1])
+        grid = (g, g)
+    return v.reshape(*v.shape[:-1], *grid)
+
+
+def upsample_map(heat: Any, size: tuple[int, int], normalize: bool = True) -> np.ndarray:
+    """Bilinear upsampling of ``[..., gh, gw]`` maps to ``[..., H, W]``; optionally min-max to [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
+    h = torch.as_tensor(to_numpy(heat), dtype=torch.float64)
+    lead = h.shape[:-2]
+    h = h.reshape(-1, 1, *h.shape[-2:])
+    up = F.interpolate(h, size=tuple(size), mode="bilinear", align_corners=False)
+    up = up.reshape(*lead, *size).numpy()
+    if normalize:
+        lo = up.min(axis=(-2, -1), keepdims=True)
+        hi = up.max(axis=(-2, -1), keepdims=True)
+        # a flat map (up to rounding) stays flat instead of amplifying float noise to [0, 1]
+        span = hi - lo
+        flat = span <= 1e-9 * np.maximum(np.abs(hi), 1e-300)
+        up = np.where(flat, 0.0, (up - lo) / np.where(flat, 1.0, span))
+    return up
+
+
+def rollout_maps(attentions: Sequence[Any], image_size: tuple[int, int], num_prefix: int = 1, grid=None) -> np.ndarray:
+    """CLS row of the rollout over the patches, upsampled to the image: ``[N, H, W]`` in [0, 1]."""
+    rollout = attention_rollout(attentions)
+    return upsample_map(tokens_to_grid(rollout[:, 0, num_prefix:], grid), image_size)
+
+
+def patch_prompt_similarity(patch_embeddings: Any, text_embeddings: Any, grid=None) -> np.ndarray:
+    """Cosine similarity of each (projected) patch token with each prompt embedding.
+
+        sim[n, p, i] = <u_{n,i} / |u_{n,i}|, t_p / |t_p|>
+
+    Args:
+        patch_embeddings: ``[N, L, D]`` patch tokens already in the joint embedding space.
+        text_embeddings: ``[P, D]`` (one per prompt).
+
+    Returns:
+        ``[N, P, gh, gw]`` similarities in [-1, 1].
+    """
+    u = to_numpy(patch_embeddings).astype(np.float64)
+    t = to_numpy(text_embeddings).astype(np.float64)
+    if u.ndim == 2:
+        u = u[None]
+    if u.ndim != 3 or t.ndim != 2 or u.shape[-1] != t.shape[-1]:
+        raise ValueError(
+            f"patch_prompt_similarity: expected patches [N, L, D] and prompts [P, D] with the same D, "
+            f"got {u.shape} and {t.shape}"
+        )
+    u = u / np.maximum(np.linalg.norm(u, axis=-1, keepdims=True), 1e-12)
+    t = t / np.maximum(np.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
+    sim = np.einsum("nld,pd->npl", u, t)
+    return tokens_to_grid(sim, grid)
+
+
+def cross_attention_map(cross_attention: Any, token_index: int | Sequence[int], num_prefix: int = 0, grid=None) -> np.ndarray:
+    """Attention from text token(s) to image patches, averaged over heads (and over the tokens given).
+
+    Args:
+        cross_attention: ``[N, heads, T_text, P + L]`` (or ``[N, T_text, P + L]``, or a per-layer
+            list: the last layer is used, the one that feeds the decoder, or the dict of
+            ``model.cross_attention_maps`` with its ``maps`` list).
+        token_index: the text position(s) to show.
+        num_prefix: image tokens before the patches (1 when the image CLS token is a key).
+
+    Returns:
+        ``[N, gh, gw]``.
+    """
+    if isinstance(cross_attention, Mapping):
+        cross_attention = cross_attention["maps"]
+    if isinstance(cross_attention, (list, tuple)):
+        cross_attention = cross_attention[-1]
+    a = to_numpy(cross_attention).astype(np.float64)
+    if a.ndim == 3:
+        a = a[:, None]
+    if a.ndim != 4:
+        raise ValueError(f"cross_attention_map: expected [N, heads, T_text, L], got {a.shape}")
+    idx = [token_index] if isinstance(token_index, int) else list(token_index)
+    if max(idx) >= a.shape[2] or min(idx) < -a.shape[2]:
+        raise ValueError(f"cross_attention_map: token_index {idx} out of range for {a.shape[2]} text tokens")
+    return tokens_to_grid(a[:, :, idx, num_prefix:].mean(axis=(1, 2)), grid)
+
+
+def _overlay(ax, image: np.ndarray, heat: np.ndarray | None, title: str | None = None, alpha: float = 0.5, cmap: str = "jet"):
+    ax.imshow(image)
+    if heat is not None:
+        ax.imshow(heat, cmap=cmap, alpha=alpha, extent=(-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5))
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+
+
+def plot_attention(
+    images: Any,
+    attentions: Sequence[Any],
+    num_prefix: int = 1,
+    max_heads: int = 6,
+    out_dir=None,
+    name: str = "attention",
+):
+    """Per image: the fundus, last-layer CLS attention of each head, and the rollout.
+
+    Args:
+        images: ``[N, 3, H, W]`` (or a list of images).
+        attentions: per-layer ``[N, heads, T, T]`` as ``model.attention_maps`` returns.
+    """
+    imgs = [to_hwc(im) for im in images]
+    size = imgs[0].shape[:2]
+    last = cls_attention(attentions[-1], num_prefix)  # [N, heads, L]
+    heads = min(last.shape[1], max_heads)
+    per_head = upsample_map(tokens_to_grid(last[:, :heads]), size)  # [N, heads, H, W]
+    roll = rollout_maps(attentions, size, num_prefix)  # [N, H, W]
+    fig, axes = _new_figure(len(imgs), heads + 2)
+    for n, im in enumerate(imgs):
+        _overlay(axes[n, 0], im, None, "image" if n == 0 else None)
+        for h in range(heads):
+            _overlay(axes[n, h + 1], im, per_head[n, h], f"head {h} (last layer)" if n == 0 else None)
+        _overlay(axes[n, heads + 1], im, roll[n], "rollout" if n == 0 else None)
+    save_figure(fig, out_dir, name)
+    return fig
+
+
+def plot_cross_attention(
+    images: Any,
+    cross_attention: Any,
+    tokens: Sequence[str],
+    token_indices: Sequence[int],
+    num_prefix: int = 0,
+    out_dir=None,
+    name: str = "cross_attention",
+):
+    """Where in each image the chosen text tokens look (head mean of the last cross-attention layer).
+
+    ``tokens`` names the text positions (for titles); ``num_prefix`` as in :func:`cross_attention_map`.
+    """
+    imgs = [to_hwc(im) for im in images]
+    size = imgs[0].shape[:2]
+    fig, axes = _new_figure(len(imgs), len(token_indices) + 1)
+    for j, t in enumerate(token_indices):
+        maps = upsample_map(cross_attention_map(cross_attention, t, num_prefix), size)
+        for n, im in enumerate(imgs):
+            if j == 0:
+                _overlay(axes[n, 0], im, None, "image" if n == 0 else None)
+            _overlay(axes[n, j + 1], im, maps[n], repr(tokens[t]) if n == 0 else None)
+    save_figure(fig, out_dir, name)
+    return fig
+
+
+def plot_prompt_similarity(image: Any, similarity: Any, prompts: Sequence[str], probs: Sequence[float] | None = None, out_dir=None, name: str = "prompt_similarity"):
+    """One image with a heat map per prompt (``similarity``: ``[P, gh, gw]``), on a shared colour scale.
+
+    The shared scale (not per-map min-max) keeps prompts comparable: a prompt that matches
+    nowhere stays cold everywhere.
+    """
+    im = to_hwc(image)
+    sim = to_numpy(similarity)
+    up = upsample_map(sim, im.shape[:2], normalize=False)
+    lo, hi = float(up.min()), float(up.max())
+    fig, axes = _new_figure(1, len(prompts) + 1)
+    _overlay(axes[0, 0], im, None, "image")
+    for p, prompt in enumerate(prompts):
+        title = prompt if len(prompt) <= 28 else prompt[:27] + "…"
+        if probs is not None:
+            title += f"\np = {probs[p]:.2f}"
+        axes[0, p + 1].imshow(im)
+        mappable = axes[0, p + 1].imshow(up[p], cmap="jet", alpha=0.5, vmin=lo, vmax=hi)
+        axes[0, p + 1].set_title(title, fontsize=8)
+        axes[0, p + 1].set_axis_off()
+    fig.colorbar(mappable, ax=axes[0, -1], shrink=0.7, label="cosine similarity")
+    save_figure(fig, out_dir, name)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# explanation quality against lesion masks
+
+
+def _heat_on_mask_grid(heat: Any, shape: tuple[int, int]) -> np.ndarray:
+    h = to_numpy(heat).astype(np.float64)
+    if h.ndim != 2:
+        raise ValueError(f"explanation map: expected [H, W], got shape {h.shape}")
+    if h.shape != tuple(shape):
+        h = upsample_map(h, shape, normalize=False)
+    return np.clip(h, 0.0, None)  # negative evidence carries no mass
+
+
+def mass_in_mask(heat: Any, mask: Any) -> float:
+    """Share of a map's mass that falls inside the mask: ``sum(h * m) / sum(h)``.
+
+    The map is resized (bilinear) to the mask when the sizes differ and negative values
+    are clipped to 0. A uniform map scores the mask's area fraction, so compare with that.
+    Returns NaN for an all-zero map (it points nowhere).
+    """
+    m = np.asarray(mask, dtype=bool)
+    h = _heat_on_mask_grid(heat, m.shape)
+    total = h.sum()
+    return float(h[m].sum() / total) if total > 0 else float("nan")
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    if radius <= 0:
+        return mask
+    from scipy.ndimage import binary_dilation
+
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return binary_dilation(mask, structure=(yy**2 + xx**2) <= radius**2)
+
+
+def pointing_game(heat: Any, mask: Any, tolerance: float = 0.03) -> bool:
+    """Pointing game (Zhang et al., 2016): is the map's maximum on the lesion?
+
+    A hit when the argmax pixel lies inside the mask dilated by ``tolerance`` x the
+    longer image side (the original uses 15 px at ~224 px; 0.03 is ~7 px at 224,
+    tighter because synthetic lesions are small and placed exactly).
+    """
+    m = np.asarray(mask, dtype=bool)
+    h = _heat_on_mask_grid(heat, m.shape)
+    radius = int(round(tolerance * max(m.shape)))
+    y, x = np.unravel_index(int(np.argmax(h)), h.shape)
+    return bool(_dilate(m, radius)[y, x])
+
+
+def score_explanations(maps: Mapping[str, Sequence[Any]], masks: Sequence[Mapping[str, Any]], tolerance: float = 0.03):
+    """Score explanation maps of several methods against per-image lesion masks.
+
+    Args:
+        maps: method name -> one ``[H, W]`` (or patch-grid) map per image.
+        masks: per image, lesion key -> boolean mask (the generator's ``masks/<id>.npz``).
+        tolerance: pointing-game tolerance (fraction of the image side).
+
+    Returns:
+        A long :class:`pandas.DataFrame`, one row per (method, image, lesion) with
+        ``mass_in_mask``, ``pointing_hit``, ``area_fraction`` (the uniform-map baseline)
+        and ``mask_pixels``. Empty masks are kept as rows with NaN scores, never dropped.
+    """
+    import pandas as pd
+
+    rows = []
+    for method, method_maps in maps.items():
+        if len(method_maps) != len(masks):
+            raise ValueError(f"score_explanations: method {method!r} has {len(method_maps)} maps for {len(masks)} images")
+        for i, (heat, lesions) in enumerate(zip(method_maps, masks)):
+            for lesion, mask in lesions.items():
+                m = np.asarray(mask, dtype=bool)
+                pixels = int(m.sum())
+                rows.append(
+                    {
+                        "method": method,
+                        "image": i,
+                        "lesion": lesion,
+                        "mass_in_mask": mass_in_mask(heat, m) if pixels else float("nan"),
+                        "pointing_hit": float(pointing_game(heat, m, tolerance)) if pixels else float("nan"),
+                        "area_fraction": pixels / m.size,
+                        "mask_pixels": pixels,
+                    }
+                )
+    return pd.DataFrame(rows, columns=["method", "image", "lesion", "mass_in_mask", "pointing_hit", "area_fraction", "mask_pixels"])
+
+
+def summarize_explanations(scores):
+    """Mean scores per method and lesion type (and ``all``), with the number of scored masks."""
+    import pandas as pd
+
+    valid = scores.dropna(subset=["mass_in_mask"])
+    cols = ["mass_in_mask", "pointing_hit", "area_fraction"]
+    per = valid.groupby(["method", "lesion"])[cols].mean()
+    per["n"] = valid.groupby(["method", "lesion"]).size()
+    overall = valid.groupby("method")[cols].mean()
+    overall["n"] = valid.groupby("method").size()
+    overall.index = pd.MultiIndex.from_product([overall.index, ["all"]], names=["method", "lesion"])
+    out = pd.concat([per, overall])
+    order = sorted(out.index, key=lambda ml: (ml[0], ml[1] == "all", ml[1]))  # "all" last per method
+    return out.loc[order]
+
+
+# ---------------------------------------------------------------------------------------
+# reconstruction
+
+
+def mask_to_pixels(mask: Any, patch_size: int, image_size: tuple[int, int]) -> np.ndarray:
+    """MAE patch mask ``[N, L]`` (0 keep, 1 remove) -> pixel mask ``[N, H, W]`` (1 = removed)."""
+    m = to_numpy(mask).astype(np.float64)
+    if m.ndim == 1:
+        m = m[None]
+    gh, gw = image_size[0] // patch_size, image_size[1] // patch_size
+    if m.shape[1] != gh * gw:
+        raise ValueError(f"mask_to_pixels: mask has {m.shape[1]} patches, image {image_size} / patch {patch_size} gives {gh * gw}")
+    grid = m.reshape(-1, gh, gw)
+    return np.kron(grid, np.ones((patch_size, patch_size)))
+
+
+def paste_visible(original: Any, prediction: Any, pixel_mask: np.ndarray) -> np.ndarray:
+    """Visible patches from the original, removed ones from the prediction (MAE's figure 2 style)."""
+    o, p = to_hwc(original), to_hwc(prediction)
+    m = np.asarray(pixel_mask, dtype=np.float64)[..., None]
+    return o * (1 - m) + p * m
+
+
+def plot_reconstruction(images: Any, results: Mapping[float, Mapping[str, Any]], patch_size: int, out_dir=None, name: str = "reconstruction"):
+    """For each mask ratio and image: original, masked input, reconstruction, reconstruction + visible.
+
+    Args:
+        images: ``[N, 3, H, W]`` in [0, 1].
+        results: mask ratio -> ``model.reconstruct(images, ratio)``, i.e. a dict with
+            ``pred_images`` ``[N, 3, H, W]`` and ``mask`` ``[N, L]`` (0 keep, 1 remove).
+        patch_size: the ViT patch size.
+    """
+    imgs = [to_hwc(im) for im in images]
+    size = imgs[0].shape[:2]
+    rows = [(ratio, n) for ratio in results for n in range(len(imgs))]
+    fig, axes = _new_figure(len(rows), 4)
+    titles = ["original", "masked input", "reconstruction", "reconstruction + visible"]
+    for r, (ratio, n) in enumerate(rows):
+        res = results[ratio]
+        pix = mask_to_pixels(res["mask"], patch_size, size)[n]
+        pred = to_hwc(res["pred_images"][n])
+        masked = imgs[n] * (1 - pix[..., None]) + 0.5 * pix[..., None]  # grey where removed
+        panels = [imgs[n], masked, pred, paste_visible(imgs[n], pred, pix)]
+        for c, panel in enumerate(panels):
+            axes[r, c].imshow(panel)
+            axes[r, c].set_axis_off()
+            if r == 0:
+                axes[r, c].set_title(titles[c], fontsize=9)
+        axes[r, 0].text(-0.08, 0.5, f"mask {ratio:.0%}", transform=axes[r, 0].transAxes, rotation=90, va="center", ha="right", fontsize=9)
+    save_figure(fig, out_dir, name)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# embeddings
+
+
+def umap_embed(features: Any, n_neighbors: int = 15, min_dist: float = 0.1, metric: str = "cosine", seed: int = 0) -> np.ndarray:
+    """UMAP to 2-D; ``n_neighbors`` is capped at ``n - 1`` so a handful of points still works.
+
+    Spectral initialisation needs more points than a smoke run has; below 16 points a
+    random initialisation is used instead.
+    """
+    import umap
+
+    x = to_numpy(features).astype(np.float32)
+    n = x.shape[0]
+    if x.ndim != 2 or n < 3:
+        raise ValueError(f"umap_embed: need features [N, D] with N >= 3, got shape {x.shape}")
+    reducer = umap.UMAP(
+        n_components=2,
+        n_neighbors=max(2, min(n_neighbors, n - 1)),
+        min_dist=min_dist,
+        metric=metric,
+        random_state=seed,
+        init="spectral" if n >= 16 else "random",
+        n_jobs=1,
+    )
+    return reducer.fit_transform(x)
+
+
+def _colours(values: Sequence[Any]):
+    from matplotlib import colormaps
+
+    cats = sorted({str(v) for v in values})
+    cmap = colormaps["tab10" if len(cats) <= 10 else "tab20"]
+    return {c: cmap(i % cmap.N) for i, c in enumerate(cats)}
+
+
+def plot_embeddings(
+    methods: Mapping[str, Mapping[str, Any]],
+    meta: Mapping[str, Sequence[Any]],
+    color_by: Sequence[str] = ("disease", "camera", "split"),
+    n_neighbors: int = 15,
+    seed: int = 0,
+    out_dir=None,
+    name: str = "embeddings",
+):
+    """UMAP of image (circles) and text (crosses) embeddings: one column per method, one row per colouring.
+
+    Args:
+        methods: method -> ``{"image": [N, D], "text": [N, D] (optional, paired with the images)}``.
+            Image and text embeddings of a method are projected together, so their
+            distance in the plot reflects the modality gap.
+        meta: column -> N values (e.g. a DataFrame with ``disease``, ``camera``, ``split``).
+    """
+    color_by = [c for c in color_by if c in meta]
+    if not color_by:
+        raise ValueError(f"plot_embeddings: none of the colourings is in meta (columns: {list(meta)})")
+    fig, axes = _new_figure(len(color_by), len(methods), cell=(3.4, 3.2))
+    for j, (method, emb) in enumerate(methods.items()):
+        img = to_numpy(emb["image"])
+        txt = to_numpy(emb["text"]) if emb.get("text") is not None else None
+        n = len(img)
+        xy = umap_embed(np.concatenate([img, txt]) if txt is not None else img, n_neighbors=n_neighbors, seed=seed)
+        for i, col in enumerate(color_by):
+            values = [str(v) for v in list(meta[col])]
+            if len(values) != n:
+                raise ValueError(f"plot_embeddings: meta[{col!r}] has {len(values)} values for {n} images of {method!r}")
+            colours = _colours(values)
+            ax = axes[i, j]
+            for cat, colour in colours.items():
+                sel = np.array([v == cat for v in values])
+                ax.scatter(xy[:n][sel, 0], xy[:n][sel, 1], s=12, color=colour, label=cat, marker="o", alpha=0.8)
+                if txt is not None:
+                    ax.scatter(xy[n:][sel, 0], xy[n:][sel, 1], s=14, color=colour, marker="x", alpha=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(method)
+            if j == 0:
+                ax.set_ylabel(col)
+            if j == len(methods) - 1:
+                ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    save_figure(fig, out_dir, name)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# training curves and results
+
+
+def _loss_columns(df) -> list[str]:
+    return [c for c in df.columns if (c == "loss" or c.endswith("_loss") or c.endswith("/loss")) and df[c].dtype.kind in "fi"]
+
+
+def plot_training_curves(metrics: Any, keys: Sequence[str] | None = None, x: str = "step", log_y: bool = False, out_dir=None, name: str = "training_curves"):
+    """Loss terms against steps from a run's ``metrics.csv`` (path or DataFrame); learning rate beside.
+
+    Rows where a column is empty (e.g. validation logged less often) are skipped per curve.
+    """
+    import pandas as pd
+
+    df = pd.read_csv(metrics) if isinstance(metrics, (str, Path)) else pd.DataFrame(metrics)
+    if x not in df.columns:
+        raise ValueError(f"plot_training_curves: {metrics if isinstance(metrics, (str, Path)) else 'metrics'} has no column {x!r} (columns: {list(df.columns)})")
+    keys = list(keys) if keys else _loss_columns(df)
+    missing = [k for k in keys if k not in df.columns]
+    if missing:
+        raise ValueError(f"plot_training_curves: no column(s) {missing} in metrics (columns: {list(df.columns)})")
+    lr_col = next((c for c in df.columns if c in ("lr", "train/lr", "learning_rate")), None)
+    fig, axes = _new_figure(1, 2 if lr_col else 1, cell=(4.5, 3.2))
+    ax = axes[0, 0]
+    for k in keys:
+        d = df[[x, k]].dropna()
+        ax.plot(d[x], d[k], label=k, lw=1.2)
+    ax.set_xlabel(x)
+    ax.set_ylabel("loss")
+    if log_y:
+        ax.set_yscale("log")
+    if keys:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    if lr_col:
+        d = df[[x, lr_col]].dropna()
+        axes[0, 1].plot(d[x], d[lr_col], color="k", lw=1.2)
+        axes[0, 1].set_xlabel(x)
+        axes[0, 1].set_ylabel("learning rate")
+        axes[0, 1].grid(alpha=0.3)
+    save_figure(fig, out_dir, name)
+    return fig
+
+
+class LiveLossPlot:
+    """Trainer callback ``cb(step, logs)`` that redraws the loss curves in place in a notebook.
+
+    Pass it in ``fl.train.pretrain(cfg, callbacks=[LiveLossPlot()])``. Outside IPython it
+    only collects the rows (``.history``), so the same notebook runs headless.
+    """
+
+    def __init__(self, keys: Sequence[str] | None = None, every: int = 1):
+        self.keys = list(keys) if keys else None
+        self.every = max(1, int(every))
+        self.history: list[dict] = []
+        self._handle = None
+        self._calls = 0
+
+    def __call__(self, step: int, logs: Mapping[str, Any]) -> None:
+        row = {"step": int(step)}
+        for k, v in logs.items():
+            try:
+                row[k] = float(v)
+            except (TypeError, ValueError):
+                continue
+        self.history.append(row)
+        self._calls += 1
+        if self._calls % self.every == 0:
+            self.show()
+
+    def figure(self):
+        import pandas as pd
+
+        return plot_training_curves(pd.DataFrame(self.history), keys=self.keys)
+
+    def show(self):
+        try:
+            from IPython import get_ipython
+            from IPython.display import display
+        except ImportError:
+            return
+        if get_ipython() is None or not self.history:
+            return
+        fig = self.figure()
+        if self._handle is None:
+            self._handle = display(fig, display_id=True)
+        else:
+            self._handle.update(fig)
+
+
+def plot_confusion_matrix(y_true: Any, y_pred: Any, classes: Sequence[str], normalize: bool = True, out_dir=None, name: str = "confusion_matrix"):
+    """Confusion matrix (rows = true class); row-normalised so rare classes are readable."""
+    from sklearn.metrics import confusion_matrix
+
+    cm = confusion_matrix(to_numpy(y_true), to_numpy(y_pred), labels=list(range(len(classes)))).astype(np.float64)
+    shown = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1) if normalize else cm
+    k = len(classes)
+    fig, axes = _new_figure(1, 1, cell=(0.6 * k + 2.5, 0.6 * k + 2))
+    ax = axes[0, 0]
+    im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    for i in range(k):
+        for j in range(k):
+            text = f"{shown[i, j]:.2f}" if normalize else f"{int(cm[i, j])}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if shown[i, j] > 0.5 * (shown.max() or 1) else "black")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    save_figure(fig, out_dir, name)
+    return fig
+
+
+def plot_per_class(values: Mapping[str, float] | Mapping[str, Mapping[str, float]], metric: str = "score", errors=None, out_dir=None, name: str = "per_class"):
+    """Bars per class; ``values`` is class -> value, or series -> (class -> value) for grouped bars."""
+    first = next(iter(values.values()))
+    series = values if isinstance(first, Mapping) else {metric: values}
+    errors = errors if errors is None or isinstance(next(iter(errors.values())), Mapping) else {metric: errors}
+    classes = list(next(iter(series.values())).keys())
+    width = 0.8 / len(series)
+    fig, axes = _new_figure(1, 1, cell=(max(4.0, 0.7 * len(classes) * max(1, len(series) / 2)), 3.2))
+    ax = axes[0, 0]
+    x = np.arange(len(classes))
+    for s, (label, vals) in enumerate(series.items()):
+        err = [errors[label].get(c, 0.0) for c in classes] if errors and label in errors else None
+        ax.bar(x + (s - (len(series) - 1) / 2) * width, [vals[c] for c in classes], width, yerr=err, capsize=3, label=label)
+    ax.set_xticks(x, classes, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(metric)
+    ax.grid(axis="y", alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    save_figure(fig, out_dir, name)
+    return fig
+
+
+def plot_comparison(
+    table: Any,
+    value: str = "mean",
+    error: str | tuple[str, str] | None = "std",
+    group: str | None = "protocol",
+    hue: str = "method",
+    facet: str | None = None,
+    out_dir=None,
+    name: str = "comparison",
+):
+    """Grouped bar chart with error bars from a long results table (path to CSV or DataFrame).
+
+    One bar per ``hue`` (method) inside each ``group`` (protocol; None: a single group),
+    one panel per ``facet`` value (e.g. protocol, when each has its own metric). ``error``
+    is a spread column (symmetric) or a pair of CI columns ``(low, high)``; None for no
+    error bars. Missing values (a protocol a method cannot do) leave a gap marked "n/a".
+    """
+    import pandas as pd
+
+    source = str(table) if isinstance(table, (str, Path)) else "table"
+    df = pd.read_csv(table) if isinstance(table, (str, Path)) else pd.DataFrame(table)
+    needed = [value, hue] + ([group] if group else []) + ([facet] if facet else [])
+    needed += list(error) if isinstance(error, tuple) else ([error] if error else [])
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise ValueError(f"plot_comparison: {source} has no column(s) {missing} (columns: {list(df.columns)})")
+    facets = list(dict.fromkeys(df[facet])) if facet else [None]
+    fig, axes = _new_figure(1, len(facets), cell=(4.8, 3.4))
+    hues = list(dict.fromkeys(df[hue]))
+    width = 0.8 / len(hues)
+    for f, fv in enumerate(facets):
+        ax = axes[0, f]
+        d = df[df[facet] == fv] if facet else df
+        if group is None:  # one bar per method, named on the axis
+            d = d.assign(_group="")
+            width = 0.8
+        gcol = group or "_group"
+        groups = list(dict.fromkeys(d[gcol]))
+        x = np.arange(len(groups)) if group else np.zeros(1)
+        for h, hv in enumerate(hues):
+            sel = d[d[hue] == hv].drop_duplicates(gcol).set_index(gcol).reindex(groups)
+            y = sel[value].to_numpy(dtype=float)
+            if isinstance(error, tuple):
+                yerr = np.vstack([y - sel[error[0]].to_numpy(dtype=float), sel[error[1]].to_numpy(dtype=float) - y])
+            elif error:
+                yerr = sel[error].to_numpy(dtype=float)
+            else:
+                yerr = None
+            xs = x + (h - (len(hues) - 1) / 2) * width if group else np.array([float(h)])
+            ax.bar(xs, y, width, yerr=yerr, capsize=3, label=str(hv), color=f"C{h}")
+            for xi, yi in zip(xs, y):
+                if not np.isfinite(yi):
+                    ax.text(xi, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+        if group:
+            ax.set_xticks(x, [str(g) for g in groups], fontsize=8)
+        else:
+            ax.set_xticks(np.arange(len(hues)), [str(hv) for hv in hues], fontsize=8, rotation=30, ha="right")
+        ax.set_ylabel(value)
+        ax.grid(axis="y", alpha=0.3)
+        if fv is not None:
+            ax.set_title(str(fv))
+    if group:
+        axes[0, -1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    save_figure(fig, out_dir, name)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# datasets: image grids and label counts
+
+
+def record_label_name(ds, record) -> str:
+    """A record's label as class names (multi-label: positives joined with '+'; none: 'none')."""
+    label = record.label
+    if isinstance(label, (list, tuple, np.ndarray)):
+        names = [c for c, v in zip(ds.classes, label) if v]
+        return "+".join(names) if names else "none"
+    return ds.classes[int(label)]
+
+
+def load_record_masks(ds, record) -> dict[str, np.ndarray]:
+    """The lesion masks of a record (``meta["mask"]``, an .npz relative to the dataset root); {} if none."""
+    rel = (record.meta or {}).get("mask")
+    if not rel or (isinstance(rel, float) and rel != rel):
+        return {}
+    path = Path(ds.root) / str(rel)
+    if not path.is_file():
+        raise FileNotFoundError(f"{ds.root}: mask file {rel!r} of {record.path} does not exist")
+    with np.load(path) as z:
+        return {k: z[k].astype(bool) for k in z.files}
+
+
+def plot_fundus_grid(
+    images: Sequence[Any],
+    titles: Sequence[str] | None = None,
+    masks: Sequence[Mapping[str, Any]] | None = None,
+    ncols: int = 6,
+    out_dir=None,
+    name: str = "fundus_grid",
+):
+    """Images in a grid; lesion masks (lesion -> bool [H, W]) outlined in one colour per lesion type."""
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig, axes = _new_figure(nrows, ncols, cell=(2.3, 2.5))
+    lesion_colours = _colours(sorted({k for m in (masks or []) for k, v in m.items() if np.any(v)})) if masks else {}
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for i, image in enumerate(images):
+        ax = axes.ravel()[i]
+        im = to_hwc(image)
+        ax.imshow(im)
+        if masks is not None:
+            for lesion, m in masks[i].items():
+                m = np.asarray(m, dtype=bool)
+                if m.any():
+                    if m.shape != im.shape[:2]:
+                        m = upsample_map(m.astype(float), im.shape[:2], normalize=False) > 0.5
+                    ax.contour(m, levels=[0.5], colors=[lesion_colours[lesion]], linewidths=0.8)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8)
+    if lesion_colours:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([0], [0], color=c, lw=2, label=k) for k, c in lesion_colours.items()]
+        fig.legend(handles=handles, loc="outside right center", fontsize=7, frameon=False)
+    save_figure(fig, out_dir, name)
+    return fig
+
+
+def plot_dataset_grid(ds, by: str = "class", per_group: int = 2, show_masks: bool = True, max_groups: int = 12, out_dir=None, name: str | None = None):
+    """The first ``per_group`` images of each class (``by="class"``) or meta value (``by="camera"``).
+
+    Images are read from disk at their stored size so lesion masks line up with them.
+    """
+    from PIL import Image
+
+    groups: dict[str, list] = {}
+    for rec in ds.records:
+        key = record_label_name(ds, rec) if by == "class" else str((rec.meta or {}).get(by, getattr(rec, by, None)))
+        if len(groups.setdefault(key, [])) < per_group:
+            groups[key].append(rec)
+    picked = [(k, r) for k in sorted(groups)[:max_groups] for r in groups[k]]
+    if not picked:
+        raise ValueError(f"plot_dataset_grid: dataset {getattr(ds, 'root', '')} has no records")
+    images = [np.asarray(Image.open(r.path).convert("RGB")) for _, r in picked]
+    masks = [load_record_masks(ds, r) for _, r in picked] if show_masks else None
+    titles = [k if len(k) <= 30 else k[:29] + "…" for k, _ in picked]
+    return plot_fundus_grid(images, titles, masks, ncols=6, out_dir=out_dir, name=name or f"grid_by_{by}")
+
+
+def label_counts(ds):
+    """Counts of each class per split (multi-label: each positive class counts): a DataFrame."""
+    import pandas as pd
+
+    rows = []
+    for rec in ds.records:
+        label = rec.label
+        positives = [c for c, v in zip(ds.classes, label) if v] if isinstance(label, (list, tuple, np.ndarray)) else [ds.classes[int(label)]]
+        rows += [{"class": c, "split": rec.split or "all"} for c in positives]
+    df = pd.DataFrame(rows, columns=["class", "split"])
+    table = df.groupby(["class", "split"]).size().unstack(fill_value=0)
+    return table.reindex([c for c in ds.classes if c in table.index])
+
+
+def plot_label_distribution(datasets: Mapping[str, Any], out_dir=None, name: str = "label_distribution"):
+    """One panel per dataset: images per class, one bar per split (held-out camera = test)."""
+    fig, axes = _new_figure(1, len(datasets), cell=(4.2, 3.2))
+    for ax, (title, ds) in zip(axes[0], datasets.items()):
+        counts = label_counts(ds)
+        x = np.arange(len(counts))
+        width = 0.8 / max(1, counts.shape[1])
+        for s, split in enumerate(counts.columns):
+            ax.bar(x + (s - (counts.shape[1] - 1) / 2) * width, counts[split], width, label=split)
+        ax.set_xticks(x, [c if len(c) <= 14 else c[:13] + "…" for c in counts.index], rotation=45, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("images")
+        ax.legend(fontsize=7)
+    save_figure(fig, out_dir, name)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# from a model (thin wrappers the notebooks call; the maths is in the functions above)
+
+
+def attention_explanations(model, images, mask_size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Attention-based explanation maps of a ViT model, ``{name: [N, H, W]}`` in [0, 1].
+
+    ``rollout`` (all layers, :func:`attention_rollout`) and ``last_layer`` (CLS attention of
+    the last block, mean over heads), upsampled to ``mask_size`` (default: the image size).
+    """
+    import torch
+
+    with torch.no_grad():
+        attn = model.attention_maps(images)
+    size = tuple(mask_size) if mask_size is not None else tuple(images.shape[-2:])
+    last = cls_attention(attn[-1]).mean(axis=1)  # [N, L]
+    return {
+        "rollout": rollout_maps(attn, size),
+        "last_layer": upsample_map(tokens_to_grid(last), size),
+    }
+
+
+def dataset_embeddings(model, ds, max_items: int = 300, batch_size: int = 32) -> dict[str, Any]:
+    """Image (and, where the model has a text encoder and records have text, report) embeddings.
+
+    Returns dict(image ``[N, D]``, text ``[N, D]`` or None, meta DataFrame with ``disease``,
+    ``camera``, ``split``) for the first ``max_items`` records.
+    """
+    import pandas as pd
+    import torch
+
+    n = min(len(ds), max_items)
+    records = ds.records[:n]
+    image_emb, text_emb = [], []
+    texts = [r.text for r in records]
+    use_text = all(isinstance(t, str) and t for t in texts) and callable(getattr(model, "encode_text", None)) and bool(getattr(model, "use_contrastive", True))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                idx = range(start, min(n, start + batch_size))
+                images = torch.stack([ds[i]["image"] for i in idx])
+                image_emb.append(model.encode_image(images).float().cpu().numpy())
+                if use_text:
+                    text_emb.append(model.encode_text([texts[i] for i in idx]).float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    meta = pd.DataFrame(
+        {
+            "disease": [record_label_name(ds, r) for r in records],
+            "camera": [str((r.meta or {}).get("camera", "unknown")) for r in records],
+            "split": [r.split or "all" for r in records],
+        }
+    )
+    return {"image": np.concatenate(image_emb), "text": np.concatenate(text_emb) if use_text else None, "meta": meta}
+
+
+def plot_shot_curves(table: Any, value: str = "mean", error: str | None = "std", x: str = "k", hue: str = "method", out_dir=None, name: str = "few_shot"):
+    """Few-shot score against shots per class (log-2 axis), mean +- spread over seeds, one line per method."""
+    import pandas as pd
+
+    df = pd.read_csv(table) if isinstance(table, (str, Path)) else pd.DataFrame(table)
+    missing = [c for c in [value, x, hue] + ([error] if error else []) if c not in df.columns]
+    if missing:
+        raise ValueError(f"plot_shot_curves: no column(s) {missing} (columns: {list(df.columns)})")
+    fig, axes = _new_figure(1, 1, cell=(4.6, 3.4))
+    ax = axes[0, 0]
+    for label, d in df.groupby(hue, sort=False):
+        d = d.sort_values(x)
+        ax.errorbar(d[x], d[value], yerr=d[error] if error else None, marker="o", capsize=3, label=str(label))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("labelled images per class")
+    ax.set_ylabel(value)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, out_dir, name)
+    return fig

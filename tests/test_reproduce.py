@@ -1,0 +1,136 @@
+"""fundus_lab.reproduce on tiny stand-in notebooks: order, parameters, index page, failure reporting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from fundus_lab import reproduce as rp
+
+PARAMS = 'preset = "default"\nrun_dir = "runs/notebooks"\ndata_root = None\nmethods = None\n'
+
+
+def _notebook(path: Path, *cells: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    first = nbformat.v4.new_code_cell(PARAMS)
+    first.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell(f"# {path.stem}"), first] + [nbformat.v4.new_code_cell(c) for c in cells]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def notebooks(tmp_path):
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    _notebook(
+        folder / "00_write.ipynb",
+        "from pathlib import Path\n"
+        "figs = Path(run_dir) / 'figures' / '00_write'; figs.mkdir(parents=True)\n"
+        "tabs = Path(run_dir) / 'tables' / '00_write'; tabs.mkdir(parents=True)\n"
+        "from PIL import Image\n"
+        "Image.new('RGB', (4, 4)).save(figs / 'square.png')\n"
+        "(tabs / 'scores.csv').write_text(f'method,mean\\nclip,0.61234\\nours,0.75\\n')\n"
+        "(Path(run_dir) / 'seen.txt').write_text(f'{preset}|{methods}|{data_root}')",
+    )
+    _notebook(folder / "01_read.ipynb", "from pathlib import Path\nassert (Path(run_dir) / 'seen.txt').is_file()\nprint('second ran')")
+    _notebook(folder / "02_fail.ipynb", "x = 1", "raise ValueError('boom')", "print('never')")
+    _notebook(folder / "03_after.ipynb", "print('should not run')")
+    return folder
+
+
+def test_reproduce_runs_in_order_and_writes_index(notebooks, tmp_path):
+    lines = []
+    run = rp.reproduce("smoke", methods=["clip", "ours"], run_name="r1", runs_dir=tmp_path / "runs",
+                       notebooks=["00", "01_read"], notebook_dir=notebooks, log=lines.append)
+    assert run == tmp_path / "runs" / "r1"
+    assert (run / "seen.txt").read_text() == "smoke|['clip', 'ours']|None"
+    status = json.loads((run / "status.json").read_text())
+    assert [s["state"] for s in status.values()] == ["ok", "ok"]
+    assert any("[2/2] 01_read ok" in line for line in lines)
+    executed = nbformat.read(run / "notebooks" / "01_read.ipynb", as_version=4)
+    assert "second ran" in json.dumps(executed.cells[-1].outputs)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    index = (run / "index.html").read_text()
+    assert "<img src='figures/00_write/square.png'" in index and "0.6123" in index
+    assert "notebooks/01_read.ipynb" in index
+    readme = (run / "README.md").read_text()
+    assert "| clip | 0.6123 |" in readme and "![square](figures/00_write/square.png)" in readme
+
+
+def test_failure_names_notebook_and_cell_and_keeps_what_finished(notebooks, tmp_path):
+    with pytest.raises(rp.NotebookFailed) as info:
+        rp.reproduce("smoke", run_name="r2", runs_dir=tmp_path / "runs", notebook_dir=notebooks,
+                     notebooks=["00", "02", "03"], log=lambda _: None)
+    err = info.value
+    assert err.notebook.name == "02_fail.ipynb"
+    assert err.cell_index == 4  # markdown 1, parameters 2, "x = 1" 3, the raise 4 (as committed)
+    assert "ValueError: boom" in str(err) and "raise ValueError" in str(err)
+    run = tmp_path / "runs" / "r2"
+    status = json.loads((run / "status.json").read_text())
+    assert {k: v["state"] for k, v in status.items()} == {"00_write": "ok", "02_fail": "failed", "03_after": "not run"}
+    assert (run / "notebooks" / "02_fail.ipynb").is_file()  # executed up to the error
+    assert not (run / "notebooks" / "03_after.ipynb").exists()
+    assert "boom" in (run / "index.html").read_text()
+
+
+def test_main_returns_nonzero_on_failure(notebooks, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(rp, "list_notebooks", lambda _dir=None, select=None: [notebooks / "02_fail.ipynb"])
+    assert rp.main(["--preset", "smoke", "--name", "r3", "--runs-dir", str(tmp_path / "runs")]) == 1
+    assert "02_fail.ipynb failed in cell 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        rp.main(["--preset", "huge"])
+
+
+def test_list_notebooks_selects_by_number_or_name(notebooks):
+    assert [p.stem for p in rp.list_notebooks(notebooks)] == ["00_write", "01_read", "02_fail", "03_after"]
+    assert [p.stem for p in rp.list_notebooks(notebooks, ["03", "00_write"])] == ["00_write", "03_after"]
+    with pytest.raises(ValueError, match="notebook '9' not found; available: 00_write"):
+        rp.list_notebooks(notebooks, ["9"])
+
+
+def test_paths_resolve_against_the_project_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a kernel started elsewhere (nbval runs in the notebook's folder)
+    root = rp.project_root()
+    assert (root / "pyproject.toml").is_file()
+    assert rp.resolve_path("runs/x") == root / "runs" / "x"
+    assert rp.resolve_path(tmp_path / "abs") == tmp_path / "abs"
+
+
+def test_markdown_table():
+    import pandas as pd
+
+    md = rp.markdown_table(pd.DataFrame({"a": ["x|y"], "b": [0.123456]}))
+    assert md.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 0.1235 |"]
+
+
+@pytest.mark.timeout(900)
+def test_reproduce_smoke_end_to_end_on_the_real_notebooks(tmp_path):
+    """`fundus-lab reproduce --preset smoke` over notebooks/: every notebook executed, every table, the index."""
+    data_root = tmp_path / "synth"
+    code = rp.main(["--preset", "smoke", "--name", "e2e", "--runs-dir", str(tmp_path / "runs"),
+                    "--data-root", str(data_root)])
+    assert code == 0
+    run = tmp_path / "runs" / "e2e"
+    expected = [p.name for p in rp.list_notebooks()]
+    status = json.loads((run / "status.json").read_text())
+    assert sorted(status) == sorted(Path(n).stem for n in expected)
+    assert all(s["state"] == "ok" for s in status.values()), status
+    for name in expected:
+        executed = nbformat.read(run / "notebooks" / name, as_version=4)
+        errors = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors, f"{name}: {errors[:1]}"
+    # the comparison table in all three formats, and the per-notebook tables the index shows
+    table1 = list(run.rglob("table1.csv"))
+    assert table1, "no table1.csv in the run folder"
+    for suffix in (".md", ".tex"):
+        assert table1[0].with_suffix(suffix).is_file()
+    assert list((run / "tables").rglob("*.csv"))
+    index = (run / "index.html").read_text()
+    for name in expected:
+        assert f"notebooks/{name}" in index
+    assert "<img src=" in index and "<table" in index
+    assert (run / "README.md").is_file()
