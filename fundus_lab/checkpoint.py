@@ -40,8 +40,10 @@ FORMAT_VERSION = 1
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint folder that is missing, incomplete or not of this format."""
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, incomplete, of another format or not matching the model.
+
+    The one error type for weights (``fl.load_model``) and training state alike."""
 
 
 # ---------------------------------------------------------------------------------------

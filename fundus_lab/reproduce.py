@@ -37,10 +37,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PRESETS = ("smoke", "default", "paper")
-# methods each preset compares when none are given (all of them where the budget allows)
+# methods each preset compares when none are given
 DEFAULT_METHODS = {
     "smoke": ["clip", "ours"],
-    "default": ["clip", "coca", "eva", "mae", "flair", "vilref", "ours"],
+    # the paper's Table 1 on a laptop; `--methods` adds mae, flair, vilref and the ablations
+    "default": ["clip", "coca", "eva", "ours"],
     "paper": ["clip", "coca", "eva", "mae", "flair", "vilref", "ours"],
 }
 
@@ -164,10 +165,12 @@ class NotebookContext:
     methods: list[str]
     figures: Path
     tables: Path
+    overrides: dict = field(default_factory=dict)
     _models: dict = field(default_factory=dict, repr=False)
 
     def config(self, method: str | None = None, overrides: Mapping[str, Any] | None = None):
-        return make_config(self.preset, method, self.run_dir, self.data_root, overrides)
+        """The preset's config with the run's overrides, then this call's."""
+        return make_config(self.preset, method, self.run_dir, self.data_root, {**self.overrides, **(overrides or {})})
 
     def data(self) -> Path:
         """The synthetic benchmark's root, written on first use."""
@@ -177,14 +180,18 @@ class NotebookContext:
         """``fl.data.open_dataset`` with this run's data root and the preset's image size."""
         from fundus_lab.data import open_dataset
 
+        from fundus_lab.eval.compare import dataset_root
+
         cfg = self.config()
         root = kwargs.pop("root", None)
         if root is None and name.startswith("synth-"):
-            root = ensure_data(cfg) / name
+            ensure_data(cfg)
+        if root is None:  # synthetic: <synth_root>/<name>; real: <data_root>/<name> (or the manifest's own)
+            root = dataset_root(cfg, name, str(self.data_root) if self.data_root is not None else None)
         return open_dataset(name, root=root, split=split, image_size=kwargs.pop("image_size", cfg.model.img_size), **kwargs)
 
     def checkpoint(self, method: str, callbacks: Iterable[Callable[[int, dict], None]] = (), overrides=None) -> Path:
-        return ensure_checkpoint(self.preset, method, self.run_dir, self.data_root, overrides, callbacks)
+        return ensure_checkpoint(self.preset, method, self.run_dir, self.data_root, {**self.overrides, **(overrides or {})}, callbacks)
 
     def model(self, method: str):
         """The method's pretrained model (trained first if needed), in eval mode, cached."""
@@ -209,6 +216,7 @@ def notebook_context(
     run_dir: str | Path = "runs/notebooks",
     data_root: str | Path | None = None,
     methods: Sequence[str] | str | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] | None = None,
 ) -> NotebookContext:
     """The one call at the top of every notebook, from its ``parameters`` cell's values.
 
@@ -219,6 +227,8 @@ def notebook_context(
         run_dir: the run folder (relative paths are from the project root).
         data_root: folder of the synthetic benchmark; None = the preset's.
         methods: the methods to compare (list, or comma-separated); None = the preset's default.
+        overrides: config overrides for every config of the run (``["eval.zero_shot_dataset=odir5k"]``
+            or a dict), e.g. to evaluate on a real dataset found under ``data_root``.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}; expected one of {PRESETS}")
@@ -244,7 +254,25 @@ def notebook_context(
         methods=chosen,
         figures=run / "figures" / name,
         tables=run / "tables" / name,
+        overrides=parse_overrides(overrides),
     )
+
+
+def parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``["a.b=1", ...]`` (values parsed as YAML, as on the command line) or a mapping -> ``{"a.b": value}``."""
+    from fundus_lab.config import parse_override
+
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    parsed = {}
+    for item in overrides:
+        keys, value = parse_override(str(item))
+        parsed[".".join(keys)] = value
+    return parsed
 
 
 # ---------------------------------------------------------------------------------------
@@ -303,6 +331,7 @@ def reproduce(
     kernel_name: str | None = None,
     notebook_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
+    overrides: Sequence[str] | None = None,
 ) -> Path:
     """Run the notebooks in order into ``runs_dir/<run_name>`` and write its index; returns the run folder.
 
@@ -315,6 +344,7 @@ def reproduce(
         notebooks: a subset by name or number (default: all).
         kernel_name: Jupyter kernel (default: the notebooks' own, ``python3``).
         notebook_dir: where the notebooks are (default: the project's ``notebooks/``).
+        overrides: ``key=value`` config overrides passed to every notebook.
 
     Raises:
         NotebookFailed: after writing the index, which shows what finished.
@@ -330,6 +360,7 @@ def reproduce(
         "run_dir": str(run_dir),
         "data_root": str(resolve_path(data_root)) if data_root is not None else None,
         "methods": list(methods) if methods else None,
+        "overrides": list(overrides or []),
     }
     # a reused run folder keeps the status of notebooks not run this time
     previous = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").is_file() else {}
@@ -471,14 +502,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``fundus-lab reproduce``: every notebook through papermill into ``runs/<name>/``."""
     parser = argparse.ArgumentParser(prog="fundus-lab reproduce", description=main.__doc__)
     parser.add_argument("--preset", choices=PRESETS, default="default")
-    parser.add_argument("--data-root", default=None, help="folder of the synthetic benchmark (default: the preset's)")
+    parser.add_argument("--data-root", default=None,
+                        help="folder of the datasets: the synthetic benchmark is written there, and real datasets "
+                             "named in overrides are read from <data-root>/<name> (default: the preset's synth_root)")
     parser.add_argument("--methods", nargs="+", default=None, help="methods to compare (default: the preset's)")
     parser.add_argument("--name", default=None, help="run folder name under runs/ (default <preset>-<time>)")
     parser.add_argument("--notebooks", nargs="+", default=None, help="run only these (names or numbers, e.g. 00 04)")
     parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="config overrides for every notebook, e.g. eval.zero_shot_dataset=odir5k eval.seeds=3")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    methods = [m.strip() for item in args.methods for m in item.split(",") if m.strip()] if args.methods else None
+    try:  # a mistyped key or value fails here, before any notebook starts
+        from fundus_lab.config import ConfigError, load_config
+
+        load_config(preset=args.preset, overrides=list(args.overrides))
+    except (ConfigError, ValueError) as err:
+        print(f"fundus-lab reproduce: {err}", file=sys.stderr)
+        return 2
     try:
-        run_dir = reproduce(args.preset, args.data_root, args.methods, args.name, args.notebooks, args.runs_dir)
+        run_dir = reproduce(args.preset, args.data_root, methods, args.name, args.notebooks, args.runs_dir,
+                            overrides=args.overrides)
     except NotebookFailed as err:
         print(f"fundus-lab reproduce: {err}", file=sys.stderr)
         return 1

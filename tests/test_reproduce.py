@@ -134,3 +134,27 @@ def test_reproduce_smoke_end_to_end_on_the_real_notebooks(tmp_path):
         assert f"notebooks/{name}" in index
     assert "<img src=" in index and "<table" in index
     assert (run / "README.md").is_file()
+
+
+def test_notebook_context_reads_a_real_dataset_under_data_root(tmp_path):
+    """--data-root with a real layout: the notebooks' datasets come from <data_root>/<name>."""
+    from test_data_layouts import build_aptos
+
+    truth = build_aptos(tmp_path / "data" / "aptos2019")
+    ctx = rp.notebook_context("04_zero_shot", preset="smoke", run_dir=tmp_path / "run", data_root=tmp_path / "data",
+                              overrides=["eval.zero_shot_dataset=aptos2019", "eval.seeds=1"])
+    cfg = ctx.config()
+    assert cfg.eval.zero_shot_dataset == "aptos2019" and cfg.eval.seeds == 1
+    ds = ctx.dataset(cfg.eval.zero_shot_dataset, split="all")
+    assert len(ds) == len(truth)
+    assert {Path(r.path).stem: r.label for r in ds.records} == truth
+
+
+def test_reproduce_rejects_a_mistyped_override_before_running(capsys, tmp_path):
+    code = rp.main(["--preset", "smoke", "--runs-dir", str(tmp_path), "eval.zero_shot_datset=odir5k"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "zero_shot_datset" in err and "zero_shot_dataset" in err
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="key=value"):
+        rp.parse_overrides(["no-equals-sign"])

@@ -36,16 +36,13 @@ from fundus_lab.models.decoders import CaptionDecoder, MAEDecoder, MaskedTextDec
 from fundus_lab.models.fusion import CrossAttention
 from fundus_lab.models.image import VisionTransformer, patchify, unpatchify
 from fundus_lab.models.text import TextEncoder, config_from_dict, mask_tokens, small_bert_config
+from fundus_lab.checkpoint import CheckpointError  # noqa: F401  (re-exported by fundus_lab.models)
 
 FORMAT = "fundus_lab.FundusVLM"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TOKENIZER_DIR = "tokenizer"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded (missing file, wrong keys or shapes)."""
 
 
 def build_vision_transformer(cfg: ModelConfig) -> VisionTransformer:
