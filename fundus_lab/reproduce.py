@@ -201,6 +201,28 @@ class NotebookContext:
             self._models[method] = load_model(self.checkpoint(method)).eval()
         return self._models[method]
 
+    def evaluate(self, method: str, protocol: str) -> dict:
+        """One protocol for one method, exactly as Table 1 runs it, cached in the run folder.
+
+        Calls :func:`fundus_lab.eval.compare.evaluate` with the paths ``compare`` uses
+        (``eval/<method>/seed<s>/<protocol>.json``, one split file per dataset), so a
+        notebook's numbers are Table 1's numbers and ``07_results_table`` reuses them.
+        """
+        from fundus_lab.eval.compare import evaluate, open_split
+
+        cfg = self.config(method)
+        seed = cfg.eval.pretrain_seeds[0]
+        dataset = {"zero_shot": cfg.eval.zero_shot_dataset, "few_shot": cfg.eval.few_shot_dataset,
+                              "linear_probe": cfg.eval.few_shot_dataset, "fine_tune": cfg.eval.fine_tune_dataset}[protocol]
+        checkpoint = self.checkpoint(method)
+        run = checkpoint.parent
+        data_root = str(self.data_root) if self.data_root is not None else cfg.data.synth_root
+        pretrain_ds = open_split(cfg, cfg.data.dataset, "train", cfg.model.img_size, cfg.data.root or data_root)
+        provenance = {"method": method, "pretrain_seed": seed, "run_dir": str(run), "config": str(run / "config.yaml"),
+                      "checkpoint": str(checkpoint), "pretrain_split": str(run / "split.csv")}
+        return evaluate(self.model(method), protocol, dataset, cfg, self.run_dir / "eval" / method / f"seed{seed}",
+                            data_root, pretrain_ds, provenance=provenance, split_dir=self.run_dir / "splits")
+
     def figure_dir(self) -> Path:
         self.figures.mkdir(parents=True, exist_ok=True)
         return self.figures

@@ -154,6 +154,7 @@ EXPECTED_MODULES = {
     "flair": (True, False, None, False, False, False),
     "vilref": (True, False, None, False, False, False),
     "ours": (True, True, "MaskedTextDecoder", True, True, False),
+    "ours-full-view": (True, True, "MaskedTextDecoder", True, True, False),
     "ours-no-mim": (True, False, "MaskedTextDecoder", False, True, False),
     "ours-no-caption": (True, True, None, True, False, False),
     "ours-no-xattn": (True, True, "MaskedTextDecoder", False, False, False),

@@ -330,7 +330,8 @@ def evaluate(
         try:
             result = zero_shot(model, test, batch_size=ecfg.batch_size, bootstrap=ecfg.bootstrap, cache_dir=cache_dir)
             values = [result["metrics"][metric]]
-            result = {"metrics": result["metrics"], "prompts": result["prompts"]}
+            result = {"metrics": result["metrics"], "prompts": result["prompts"],
+                      "labels": result["labels"], "probs": result["probs"]}
         except ZeroShotUnavailable as err:
             available, result = False, {"reason": str(err)}
     elif protocol == "few_shot":
@@ -356,7 +357,8 @@ def evaluate(
                           batch_size=ecfg.fine_tune_batch_size, class_balanced=ecfg.fine_tune_class_balanced,
                           patience=ecfg.fine_tune_patience, seed=seed, bootstrap=ecfg.bootstrap)
             runs.append({"seed": seed, "metrics": r["metrics"], "best_epoch": r["best_epoch"],
-                         "best_val": r["best_val"], "selection_metric": r["selection_metric"], "history": r["history"]})
+                         "best_val": r["best_val"], "selection_metric": r["selection_metric"], "history": r["history"],
+                         "labels": r["labels"], "probs": r["probs"]})  # test predictions: confusion matrices
             values.append(r["metrics"][metric])
         result = {"runs": runs}
     out = {
