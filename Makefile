@@ -5,6 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PRESET ?= default
+ARGS   ?=
 ARCH   := $(shell uname -m)
 
 # torch/torchvision pairs that install from this machine family's local wheel cache
@@ -26,7 +27,7 @@ install: $(VENV)/.installed
 
 ## main job: every notebook on the embedded synthetic benchmark, through papermill
 reproduce: install
-	$(VENV)/bin/fundus-lab reproduce --preset $(PRESET)
+	$(VENV)/bin/fundus-lab reproduce --preset $(PRESET) $(ARGS)
 
 ## tests: unit + integration, the notebooks under nbval at the smoke preset, the browser test
 test: install

@@ -215,6 +215,20 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1, allow_nan=True))
 
 
+def read_json_file(path: Path, missing_hint: str = "") -> dict:
+    """A checkpoint's JSON file as a dict; a missing, unparsable or non-mapping file is a
+    :class:`CheckpointError` naming the file (``missing_hint`` says what to check)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} is not a complete checkpoint: {path.name} is missing{missing_hint}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -271,12 +285,7 @@ def load_checkpoint(path: str | Path, optimizer: Optional[torch.optim.Optimizer]
     """
     path = Path(path)
     state_path = path / STATE_FILE
-    if not state_path.is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint: {STATE_FILE} is missing")
-    try:
-        state = json.loads(state_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{state_path}: not valid JSON ({err})") from None
+    state = read_json_file(state_path)
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{state_path}: format_version {state.get('format_version')!r}, expected {FORMAT_VERSION}"

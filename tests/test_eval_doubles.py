@@ -11,24 +11,12 @@ fine-tuning. Nothing here is collected as a test.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-
-@dataclass
-class ToyRecord:
-    path: str
-    label: object
-    raw_label: object = None
-    patient_id: Optional[str] = None
-    eye: Optional[str] = None
-    text: Optional[str] = None
-    split: Optional[str] = None
-    meta: dict = field(default_factory=dict)
+from fundus_lab.data.readers import Record
 
 
 class ToyDataset(torch.utils.data.Dataset):
@@ -54,7 +42,7 @@ class ToyDataset(torch.utils.data.Dataset):
         n = len(self.labels)
         patients = patients or [f"{split}-p{i}" for i in range(n)]
         self.records = [
-            ToyRecord(path=f"{root}/{split}/{i}.png", label=(row.tolist() if self.labels.ndim == 2 else int(row)),
+            Record(path=f"{root}/{split}/{i}.png", label=(row.tolist() if self.labels.ndim == 2 else int(row)),
                       patient_id=patients[i], split=split)
             for i, row in enumerate(self.labels)
         ]

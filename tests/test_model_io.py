@@ -110,6 +110,18 @@ def test_loading_a_bad_checkpoint_is_a_clear_error(tmp_path, tokenizer):
     with pytest.raises(CheckpointError, match="contrastive_wieght"):
         load_model(ckpt)
 
+    (ckpt / "config.json").write_text('{"model": {')
+    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
+        load_model(ckpt)
+
+    (ckpt / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config\.json: expected a JSON object, got list"):
+        load_model(ckpt)
+
+    (ckpt / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json is missing; is this a directory written by save_pretrained"):
+        load_model(ckpt)
+
 
 def test_without_a_tokenizer_one_is_learnt_from_the_knowledge_base():
     pytest.importorskip("fundus_lab.knowledge")

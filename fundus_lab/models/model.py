@@ -36,7 +36,7 @@ from fundus_lab.models.decoders import CaptionDecoder, MAEDecoder, MaskedTextDec
 from fundus_lab.models.fusion import CrossAttention
 from fundus_lab.models.image import VisionTransformer, patchify, unpatchify
 from fundus_lab.models.text import TextEncoder, config_from_dict, mask_tokens, small_bert_config
-from fundus_lab.checkpoint import CheckpointError  # noqa: F401  (re-exported by fundus_lab.models)
+from fundus_lab.checkpoint import CheckpointError, read_json_file  # noqa: F401  (CheckpointError re-exported by fundus_lab.models)
 
 FORMAT = "fundus_lab.FundusVLM"
 FORMAT_VERSION = 1
@@ -502,12 +502,7 @@ def _resolve_tokenizer(model_cfg: ModelConfig):
 
 def _read_checkpoint_config(path: Path) -> dict:
     cfg_path = path / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{path}: no {CONFIG_NAME}; is this a directory written by save_pretrained?")
-    try:
-        data = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{cfg_path}: not valid JSON: {err}") from None
+    data = read_json_file(cfg_path, "; is this a directory written by save_pretrained?")
     if data.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_path}: format is {data.get('format')!r}, expected {FORMAT!r}")
     for key in ("model", "method"):
