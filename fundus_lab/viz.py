@@ -972,7 +972,9 @@ def dataset_embeddings(model, ds, max_items: int = 300, batch_size: int = 32) ->
 
 
 def plot_shot_curves(table: Any, value: str = "mean", error: str | None = "std", x: str = "k", hue: str = "method", out_dir=None, name: str = "few_shot"):
-    """Few-shot score against shots per class (log-2 axis), mean +- spread over seeds, one line per method."""
+    """Few-shot score against shots per class (log-2 axis), mean +- spread over seeds, one line per method.
+
+    The y axis is named by the table's ``metric`` column when it has one value, else by ``value``."""
     import pandas as pd
 
     df = pd.read_csv(table) if isinstance(table, (str, Path)) else pd.DataFrame(table)
@@ -986,7 +988,8 @@ def plot_shot_curves(table: Any, value: str = "mean", error: str | None = "std",
         ax.errorbar(d[x], d[value], yerr=d[error] if error else None, marker="o", capsize=3, label=str(label))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("labelled images per class")
-    ax.set_ylabel(value)
+    metrics = df["metric"].unique() if "metric" in df.columns else []
+    ax.set_ylabel(f"{metrics[0]} ({value} over seeds)" if len(metrics) == 1 else value)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, out_dir, name)

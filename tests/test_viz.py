@@ -176,6 +176,19 @@ def test_figures_save_png_and_svg(tmp_path):
         _assert_saved(tmp_path, name)
 
 
+def test_shot_curves_name_the_metric_and_save(tmp_path):
+    table = pd.DataFrame({"method": ["clip"] * 2 + ["ours"] * 2, "k": [1, 16] * 2, "metric": "accuracy",
+                          "mean": [0.3, 0.5, 0.35, 0.6], "std": [0.05, 0.02, 0.04, 0.01]})
+    fig = viz.plot_shot_curves(table, out_dir=tmp_path, name="shots")
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "accuracy (mean over seeds)"
+    assert ax.get_legend_handles_labels()[1] == ["clip", "ours"]
+    assert list(ax.containers[1].lines[0].get_ydata()) == [0.35, 0.6]
+    _assert_saved(tmp_path, "shots")
+    with pytest.raises(ValueError, match=r"no column\(s\) \['k'\]"):
+        viz.plot_shot_curves(table.drop(columns="k"))
+
+
 def test_bad_inputs_name_what_was_expected(tmp_path):
     with pytest.raises(ValueError, match=r"\[N, heads, T, T\]"):
         viz.attention_rollout([np.ones((2, 3, 4))[None, None]])
