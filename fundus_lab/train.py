@@ -45,7 +45,7 @@ Callback = Callable[[int, dict], None]
 
 # parameters whose weight decay would only pull them towards zero for no regularising gain
 NO_DECAY_NAMES = ("pos_embed", "position_embedding", "positional_embedding", "logit_scale",
-                  "cls_token", "mask_token", "logit_bias")
+                  "cls_token", "reg_token", "mask_token", "logit_bias")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -56,18 +56,22 @@ class NonFiniteLossError(FloatingPointError):
 # optimisation
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on weight matrices only.
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Norm scales, biases (ndim < 2), positional embeddings, class/mask tokens and the
+    temperature are not decayed (as in MAE/timm and open_clip); pretraining and
+    fine-tuning share this rule."""
+    return param.ndim < 2 or any(key in name for key in NO_DECAY_NAMES)
 
-    Norm scales, biases (ndim < 2), positional embeddings, class/mask tokens and the
-    temperature get no decay (as in MAE/timm and open_clip). Frozen parameters (an EVA
-    teacher, momentum encoders) are left out of the optimizer altogether.
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices only (:func:`no_weight_decay`). Frozen
+    parameters (an EVA teacher, momentum encoders) are left out of the optimizer altogether.
     """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or any(key in name for key in NO_DECAY_NAMES):
+        if no_weight_decay(name, param):
             no_decay.append(param)
         else:
             decay.append(param)

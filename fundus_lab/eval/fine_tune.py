@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from fundus_lab.eval.features import _image_label_collate, dataset_labels, model_device
 from fundus_lab.eval.metrics import compute_metrics, primary_metric
+from fundus_lab.train import no_weight_decay
 
 _EMBED_NAMES = ("cls_token", "pos_embed", "patch_embed", "reg_token", "mask_token", "pos_drop", "norm_pre")
 
@@ -72,7 +73,7 @@ def param_groups(classifier: FineTuneClassifier, lr: float, layer_decay: float, 
 
     def add(name: str, p: nn.Parameter, lid: int):
         p.requires_grad_(True)
-        no_decay = p.ndim <= 1 or name.startswith(("cls_token", "pos_embed", "reg_token"))
+        no_decay = no_weight_decay(name, p)
         key = (lid, no_decay)
         if key not in groups:
             scale = layer_decay ** (n_blocks + 1 - lid)
