@@ -29,7 +29,6 @@ from torch.utils.data import DataLoader
 
 from fundus_lab.eval.features import _image_label_collate, dataset_labels, model_device
 from fundus_lab.eval.metrics import compute_metrics, primary_metric
-from fundus_lab.train import no_weight_decay
 
 _EMBED_NAMES = ("cls_token", "pos_embed", "patch_embed", "reg_token", "mask_token", "pos_drop", "norm_pre")
 
@@ -63,6 +62,8 @@ def param_groups(classifier: FineTuneClassifier, lr: float, layer_decay: float, 
     Only the image encoder and the head are trained; other parts of the backbone (text
     branch, decoders) are frozen because the classifier never uses them.
     """
+    from fundus_lab.train import no_weight_decay  # train imports config, which imports eval
+
     encoder = classifier.backbone.image_encoder
     if not hasattr(encoder, "blocks"):
         raise AttributeError(f"{type(encoder).__name__} has no .blocks; layer-wise lr decay needs the ViT blocks")
