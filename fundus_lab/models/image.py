@@ -20,7 +20,9 @@ CNNs read the final feature map as ``h * w`` tokens and cannot mask.
 
 from __future__ import annotations
 
+import argparse
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -477,7 +479,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"model.image_weights: {path} does not exist")
+        raise CheckpointError(f"model.image_weights={path}: the file does not exist")
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
@@ -485,23 +487,30 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         elif suffix in (".pth", ".pt", ".bin"):
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            # MAE/RETFound checkpoints also pickle their argparse.Namespace of arguments: a plain
+            # record, allowed; anything else that is not a tensor container is refused
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
         else:
-            raise CheckpointError(f"model.image_weights: {path} is neither .safetensors nor .pth/.pt/.bin")
+            raise CheckpointError(f"model.image_weights={path}: neither .safetensors nor .pth/.pt/.bin")
     except CheckpointError:
         raise
     except Exception as err:  # safetensors, pickle and zip errors have many types
-        raise CheckpointError(f"model.image_weights: cannot read {path} ({type(err).__name__}: {err})") from None
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if refused:
+            raise CheckpointError(f"model.image_weights={path}: torch.load(weights_only=True) refuses the pickled object "
+                                  f"{refused.group(1)}; save only tensors (a state dict) or use .safetensors") from None
+        raise CheckpointError(f"model.image_weights={path}: cannot read it ({type(err).__name__}: {err})") from None
     if isinstance(state, dict):
         for key in _WRAPPER_KEYS:
             if isinstance(state.get(key), dict):
                 state = state[key]
                 break
     if not isinstance(state, dict) or not state:
-        raise CheckpointError(f"model.image_weights: {path} holds no state dict (a mapping of names to tensors)")
+        raise CheckpointError(f"model.image_weights={path}: holds no state dict (a mapping of names to tensors)")
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"model.image_weights: {path}: entries {bad[:5]} are not tensors; expected a state dict")
+        raise CheckpointError(f"model.image_weights={path}: entries {bad[:5]} are not tensors; expected a state dict")
     for prefix in _PREFIXES:
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
