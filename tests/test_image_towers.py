@@ -235,3 +235,16 @@ def test_block_mask_ratio_shape_and_blocks():
     assert not block_mask(2, 4, 0.0, g).any()
     with pytest.raises(ValueError, match="ratio=1.0"):
         block_mask(2, 4, 1.0, g)
+
+
+def test_layer_wise_lr_decay_reads_the_trunk_block_names():
+    from fundus_lab.eval.fine_tune import FineTuneClassifier, param_groups
+    from fundus_lab.models import MethodConfig, build_model
+
+    mae = build_model(PRESET, MethodConfig(name="mae", contrastive_weight=0.0, caption_weight=0.0, cross_attention=False))
+    groups = param_groups(FineTuneClassifier(mae, 3, 32), lr=1.0, layer_decay=0.5, weight_decay=0.05)
+    layer_of = {id(p): g["layer"] for g in groups for p in g["params"]}
+    trunk = mae.image_encoder.trunk
+    assert layer_of[id(trunk.cls_token)] == layer_of[id(trunk.patch_embed.proj.weight)] == 0
+    assert layer_of[id(trunk.blocks[0].attn.qkv.weight)] == 1 and layer_of[id(trunk.blocks[1].mlp.fc1.weight)] == 2
+    assert layer_of[id(trunk.norm.weight)] == 3
