@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fundus_lab.models.external import (
-    CLIPTextEncoder, ExternalModelError, detect_kind, load_external, read_state_dict,
+    CLIPTextEncoder, ExternalModelError, detect_kind, is_external, load_external, read_state_dict,
 )
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip not installed (pip install 'fundus_lab[external]')")
@@ -190,3 +190,24 @@ def test_eval_protocols_accept_external_models(which, open_clip_file, hf_folder,
     assert fs["shots"][1]["probe"]["n_seeds"] == 1 and fs["shots"][1]["prompt_head"] is not None
     ft = fle.fine_tune(model, train, train, test, epochs=1, batch_size=8)  # val = train: only the plumbing is tested
     assert ft["probs"].shape == (len(test), len(test.classes))
+
+
+def test_clip_text_tower_serves_a_fundus_model(hf_folder, tmp_path):
+    """What model.text_pretrained=<CLIP folder> needs once the model builds CLIPTextEncoder for a
+    CLIPTextConfig: the tower's contract (config.hidden_size, width, forward) fits FundusVLM."""
+    from fundus_lab.models import MethodConfig, ModelConfig, build_model
+
+    _, tok, folder = hf_folder
+    model = build_model(ModelConfig(img_size=32, patch_size=16, vision_width=32, vision_depth=1, vision_heads=2,
+                                    text_width=32, text_depth=1, text_heads=2, text_max_length=24, embed_dim=16),
+                        MethodConfig(name="clip", image_gen_weight=0.0, caption_weight=0.0, cross_attention=False), tok)
+    model.text_encoder = CLIPTextEncoder.from_pretrained(folder)
+    z = model.encode_text(TEXTS)
+    assert z.shape == (3, 16) and torch.allclose(z.norm(dim=-1), torch.ones(3))
+    assert not torch.allclose(z[0], z[1])  # pooled at the end token, not the constant first token
+
+
+def test_is_external_tells_fundus_checkpoints_apart(open_clip_file, hf_folder, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"format": "fundus_lab", "model": {}, "method": {}}))
+    assert not is_external(tmp_path) and not is_external(tmp_path / "missing")
+    assert is_external(open_clip_file[1]) and is_external(hf_folder[2])

@@ -490,6 +490,16 @@ def detect_kind(path: str | Path) -> str:
                              f"nor an open_clip checkpoint (weights {WEIGHT_SUFFIXES} + model config JSON)")
 
 
+def is_external(path: str | Path) -> bool:
+    """True for a folder or file :func:`load_external` reads (the dispatch ``fl.load_model``
+    needs: fundus_lab checkpoints and anything unrecognised give False)."""
+    try:
+        detect_kind(path)
+    except ExternalModelError:
+        return False
+    return True
+
+
 def load_external(path: str | Path, kind: str | None = None, model_config: str | Path | dict | None = None,
                   map_location: str | torch.device = "cpu") -> ExternalModel:
     """Load an outside CLIP-style model for evaluation (see the module docstring).
@@ -576,5 +586,5 @@ def clip_text_encoder(path: str | Path) -> CLIPTextEncoder:
 
 __all__ = [
     "CLIPTextEncoder", "ExternalModel", "ExternalModelError", "HFCLIP", "OpenCLIP", "clip_text_encoder",
-    "detect_kind", "load_external", "load_hf_clip", "load_open_clip", "read_state_dict",
+    "detect_kind", "is_external", "load_external", "load_hf_clip", "load_open_clip", "read_state_dict",
 ]
