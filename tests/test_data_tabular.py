@@ -43,7 +43,7 @@ def test_csv_manifest_classes_prompts_and_dataset(csv_dataset):
     assert by_path["im0"] == 1 and by_path["im1"] == 2 and by_path["im2"] == 0
     assert ds[0]["image"].shape == (3, 32, 32)
     test = open_dataset(table_manifest(csv_dataset / "labels.csv", "file", "diagnosis", split_column="split"),
-                        root=csv_dataset, split="test", image_size=32)
+                        split="test", image_size=32)  # root defaults to the CSV's folder
     assert len(test) == 4
 
 
@@ -87,7 +87,7 @@ def test_folder_per_class_and_split_folders(tmp_path):
     (tmp_path / "flat" / "README.txt").write_text("not an image")
     m = manifest_from_folder(tmp_path / "flat")
     assert m["task"] == "binary" and [c["name"] for c in m["classes"]] == ["Glaucoma", "Non-Glaucoma"]
-    ds = open_dataset(table_manifest(tmp_path / "flat"), root=tmp_path / "flat", split=None, image_size=16)
+    ds = open_dataset(table_manifest(tmp_path / "flat"), split=None, image_size=16)  # root: the folder
     assert len(ds) == 8 and sum(r.label for r in ds.records) == 4
 
     for split, n in (("train", 6), ("test", 3)):
