@@ -198,7 +198,7 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     stats = np.empty(n)
     # inputs were checked once above; skipping scikit-learn's finiteness scan per resample
-    with warnings.catch_warnings(), sklearn.config_context(assume_finite=True):
+    with warnings.catch_warnings(), sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
         warnings.simplefilter("ignore", RuntimeWarning)
         for b in range(n):
             idx = rng.integers(0, len(y_true), len(y_true))
