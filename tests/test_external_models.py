@@ -76,6 +76,9 @@ def test_open_clip_features_equal_the_source(open_clip_file):
     assert detect_kind(folder) == "open_clip"
     model = load_external(folder / "open_clip_model.safetensors")
     assert model.image_size == 32 and {"zero_shot", "attention", "patches"} <= model.capabilities
+    from fundus_lab.widgets import model_image_size
+
+    assert model_image_size(model) == 32
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         expected_img = torch.nn.functional.normalize(src.encode_image(_normalise(x)), dim=-1)

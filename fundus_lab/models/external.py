@@ -146,6 +146,11 @@ class ExternalModel(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    @property
+    def img_size(self) -> int:
+        """``image_size`` under the name fundus_lab's own models use (the widget reads it)."""
+        return self.image_size
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] in [0, 1] -> the source model's input: shorter side resized to
         ``image_size`` (bicubic, antialiased), centre crop, mean/std normalisation."""
@@ -325,7 +330,8 @@ class OpenCLIP(ExternalModel):
 
     @property
     def text_encoder(self) -> nn.Module:
-        return getattr(self.model, "text", None) or self.model.transformer
+        text = getattr(self.model, "text", None)  # CustomTextCLIP / CoCa keep the tower as .text
+        return text if text is not None else self.model.transformer
 
     @property
     def image_encoder(self) -> nn.Module:
