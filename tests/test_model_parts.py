@@ -93,7 +93,7 @@ def test_cross_attention_maps_text_to_image(ours):
 
 def test_reconstruct_pastes_prediction_into_masked_patches(ours):
     images = torch.rand(2, 3, 32, 32)
-    rec = ours.reconstruct(images, mask_ratio=0.5)
+    rec = ours.reconstruct(images, mask_ratio=0.5, texts=TEXTS[:2])  # through CA_img, as trained
     assert rec["pred_images"].shape == images.shape and rec["mask"].shape == (2, 4)
     assert rec["pred_images"].min() >= 0 and rec["pred_images"].max() <= 1
     visible = rec["mask_image"] == 0

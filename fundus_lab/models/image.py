@@ -151,24 +151,42 @@ class VisionTransformer(nn.Module):
             )
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 1] images -> patch tokens with position, ``[N, L, W]`` (no CLS)."""
+    def add_mask_token(self) -> None:
+        """A learnt [MASK] token for block-wise masked image modelling (BEiT / EVA stage 1)."""
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        trunc_normal_(self.mask_token, std=0.02)
+
+    def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[0, 1] images -> patch tokens with position, ``[N, L, W]`` (no CLS); patches where
+        ``mask`` (bool ``[N, L]``) is True are replaced by the [MASK] token first."""
         x = self.patch_embed(self.normalize(images))
+        if mask is not None:
+            if getattr(self, "mask_token", None) is None:
+                raise RuntimeError("forward_features(mask=...) needs a [MASK] token: call add_mask_token() when building")
+            w = mask.unsqueeze(-1).to(x.dtype)
+            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         return x + self.pos_embed[:, 1:].to(x.dtype)
 
     def prepend_cls(self, x: torch.Tensor) -> torch.Tensor:
         cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)
 
-    def forward_features(self, images: torch.Tensor, mask_ratio: float = 0.0) -> dict:
-        """Encode, masking first when ``mask_ratio > 0``.
+    def forward_features(self, images: torch.Tensor, mask_ratio: float = 0.0, mask: torch.Tensor | None = None) -> dict:
+        """Encode, masking first when ``mask_ratio > 0`` (masked patches dropped, MAE) or
+        where ``mask`` (bool ``[N, L]``) is True (every patch kept, masked ones replaced by
+        the [MASK] token, BEiT / EVA).
 
         Returns:
             dict(tokens ``[N, 1 + L_keep, W]`` after the final norm, mask ``[N, L]`` (0 keep,
             1 remove), ids_restore ``[N, L]``).
         """
-        x = self.embed(images)
-        if mask_ratio > 0:
+        x = self.embed(images, mask)
+        if mask is not None:
+            if mask_ratio > 0:
+                raise ValueError("forward_features: give mask_ratio (drop patches) or mask ([MASK] tokens), not both")
+            ids_restore = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+            mask = mask.to(x.dtype)
+        elif mask_ratio > 0:
             x, mask, ids_restore = random_masking(x, mask_ratio)
         else:
             n, length = x.shape[:2]
