@@ -146,6 +146,18 @@ class PairedText(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    @property
+    def augment(self) -> bool:
+        return self.dataset.augment
+
+    @augment.setter
+    def augment(self, value: bool) -> None:
+        self.dataset.augment = value
+
+    def subset(self, indices: Sequence[int]) -> "PairedText":
+        """The same pairing on ``dataset.subset(indices)``."""
+        return PairedText(self.dataset.subset(indices), self.text_source, self.text_per_image, self.labels_from)
+
     def _keys_of(self, idx: list[int]) -> list[int]:
         idx = [i for i in idx if self.class_keys[i] is not None]
         if not idx and "normal" in self.class_keys:

@@ -33,7 +33,7 @@ class ModelConfig:
     text_width: int = 192
     text_depth: int = 4
     text_heads: int = 3
-    text_max_length: int = 96
+    text_max_length: int = 192  # fits the longest synthetic "both" text (definitions + report, 154 tokens measured)
     text_pretrained: Optional[str] = None
     tokenizer: Optional[str] = None
     vocab_size: int = 4000
