@@ -948,7 +948,9 @@ def dataset_embeddings(model, ds, max_items: int = 300, batch_size: int = 32) ->
     records = ds.records[:n]
     image_emb, text_emb = [], []
     texts = [r.text for r in records]
-    use_text = all(isinstance(t, str) and t for t in texts) and callable(getattr(model, "encode_text", None)) and bool(getattr(model, "use_contrastive", True))
+    from fundus_lab.eval.zero_shot import has_text_encoder
+
+    use_text = all(isinstance(t, str) and t for t in texts) and has_text_encoder(model)
     was_training = model.training
     model.eval()
     try:
