@@ -256,6 +256,18 @@ def test_each_method_runs_exactly_its_encoder_passes(name, image, text, tokenize
     assert sorted(r for _, r in plan["image"]) == image and sorted(plan["text"]) == sorted(text)
 
 
+@pytest.mark.parametrize("name,heads", [
+    ("clip", ["Contrastive"]), ("coca", ["Contrastive", "CoCaCaption"]), ("mae", ["ImageGeneration"]),
+    ("eva", ["TeacherMIM", "Contrastive"]), ("ours", ["ImageGeneration", "Contrastive", "MaskedCaption"]),
+    ("ours-no-caption", ["ImageGeneration", "Contrastive"]),
+])
+def test_methods_compose_objective_heads(name, heads, tokenizer):
+    model = tiny_model(name, tokenizer)
+    assert [type(h).__name__ for h in model.objectives] == heads
+    out = model(batch())
+    assert {k for k in out if k.endswith("_loss")} == {h.key for h in model.objectives if h.active(model)}
+
+
 def _method_lines(name):
     lines = (METHOD_DIR / f"{name}.yaml").read_text().split("method:\n", 1)[1].splitlines()
     return {line.split(":")[0].strip(): line.split(":", 1)[1].split("#")[0].strip() for line in lines if ":" in line}

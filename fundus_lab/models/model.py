@@ -3,8 +3,11 @@
     L_total = w_con * L_contrastive + w_img * L_img_gen + w_cap * L_caption      (eq. 8)
 
 A method (``MethodConfig``) switches terms on and off and picks their variants; modules a
-method does not use are not built. ``forward`` follows the paper (``docs/fidelity.md``
-maps each step to its equation and declares every deviation):
+method does not use are not built. The terms are objective heads
+(``fundus_lab.models.objectives``: Contrastive, ImageGeneration / TeacherMIM,
+MaskedCaption / CoCaCaption), each declaring the encoder passes it reads; ``capabilities``
+says what the model can do. ``forward`` follows the paper (``docs/fidelity.md`` maps
+each step to its equation and declares every deviation):
 
 1. encode (eq. 1): ``E_img`` / ``E_text`` on the unmasked image and text, one pass each,
    for the contrastive term; ``E_img`` on the masked image (eq. 3) and ``E_text`` on the
@@ -42,6 +45,7 @@ from fundus_lab.models.decoders import MAEDecoder, MaskedTextDecoder
 from fundus_lab.models.fusion import CrossAttention
 from fundus_lab.models.image import VisionTransformer, patchify, unpatchify
 from fundus_lab.models.masking import block_wise_mask
+from fundus_lab.models.objectives import objectives_for
 from fundus_lab.models.text import TextEncoder, config_from_dict, mask_tokens, small_bert_config
 from fundus_lab.checkpoint import CheckpointError, read_json_file  # noqa: F401  (CheckpointError re-exported by fundus_lab.models)
 
@@ -243,6 +247,8 @@ class FundusVLM(nn.Module):
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
             self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
 
+        self.objectives = objectives_for(self)  # the terms of eq. 8 this method trains
+
     # ------------------------------------------------------------------ what it can do
     @property
     def capabilities(self) -> frozenset[str]:
@@ -262,34 +268,37 @@ class FundusVLM(nn.Module):
         return frozenset(caps)
 
     def passes(self) -> dict[str, Any]:
-        """The encoder passes one training step runs (what each term declares it needs).
+        """The encoder passes one training step runs: the union of what the active
+        objective heads declare (``fundus_lab.models.objectives``), each run once.
 
-        Returns dict(image: list of ("full" | "masked" | "mask_token", ratio), text: list of
-        "full" | "masked"), in the order run. The paper's ``ours`` runs one unmasked and one
-        masked pass of each encoder.
+        Returns dict(image: list of (kind, ratio) with kind "full" | "masked" |
+        "mask_token", text: list of "full" | "masked"). The paper's ``ours`` runs one
+        unmasked and one masked pass of each encoder.
         """
-        m, stage = self.method_cfg, self.stage
-        con = self.use_contrastive and stage != 1
-        mim = self.use_image_gen and stage != 2
-        image, text = [], []
-        if self.teacher_target and mim:
-            image.append(("mask_token", m.mask_ratio))
-        con_ratio = m.contrastive_mask_ratio if (con and m.contrastive_view == "masked") else 0.0
-        mim_ratio = m.mask_ratio if (mim and not self.teacher_target) else None
-        if con or self.coca or self.fusion_text is not None or (self.fusion_image is not None and mim):
-            if con_ratio > 0:
-                image.append(("masked", con_ratio))
-            elif con or self.coca or self.fusion_text is not None:
-                image.append(("full", 0.0))
-        if mim_ratio is not None and not any(k == "masked" and r == mim_ratio for k, r in image):
-            image.append(("masked", mim_ratio))
-        if self.has_text and stage != 1:
-            flip_text = con and m.contrastive_view == "masked" and self.masked_caption
-            if self.masked_caption:
-                text.append("masked")
-            if (con and not flip_text) or self.coca or (self.fusion_image is not None and mim and not flip_text):
-                text.append("full")
-        return {"image": image, "text": text}
+        views: list[tuple[str, Any]] = []
+        for head in self.objectives:
+            if head.active(self):
+                views += [v for v in head.needs(self) if v not in views]
+        image = []
+        for _, r in (v for v in views if v[0] == "image"):
+            if r == "mask_token":
+                image.append(("mask_token", self.method_cfg.mask_ratio))
+            else:
+                image.append(("masked" if r > 0 else "full", r))
+        return {"image": image, "text": [t for k, t in views if k == "text"]}
+
+    def context_image_ratio(self) -> float:
+        """Mask ratio of the image view the contrastive term and ``CA_text`` read: 0 (the
+        unmasked image, eq. 1) or FLIP's ``contrastive_mask_ratio``."""
+        m = self.method_cfg
+        return m.contrastive_mask_ratio if (self.use_contrastive and m.contrastive_view == "masked") else 0.0
+
+    def context_text_view(self) -> str:
+        """The text view the contrastive term and ``CA_img`` read: the unmasked text (eq. 1),
+        or under FLIP the masked text that captioning makes anyway (one text pass)."""
+        m = self.method_cfg
+        flip = self.use_contrastive and m.contrastive_view == "masked" and self.masked_caption
+        return "masked" if flip else "full"
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -350,7 +359,7 @@ class FundusVLM(nn.Module):
         out = self.image_encoder(images, mask_ratio)
         return {"cls": out["cls"], "tokens": out["tokens"][:, 1:], "mask": out["mask"], "ids_restore": out["ids_restore"]}
 
-    def _image_embedding_input(self, enc: dict) -> torch.Tensor:
+    def image_embedding_input(self, enc: dict) -> torch.Tensor:
         """The pooled image feature the contrastive projection reads: the CLS token, or
         CoCa's one-query attentional pool over every token."""
         if self.coca:
@@ -360,7 +369,7 @@ class FundusVLM(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """``[N, 3, H, W]`` in [0, 1] -> ``[N, D]`` L2-normalised (the ViT's CLS for ``mae``)."""
         enc = self.image_encoder(images)
-        z = self.image_proj(self._image_embedding_input(enc)) if self.use_contrastive else enc["cls"]
+        z = self.image_proj(self.image_embedding_input(enc)) if self.use_contrastive else enc["cls"]
         return F.normalize(z, dim=-1)
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
@@ -400,16 +409,12 @@ class FundusVLM(nn.Module):
         ids, attn = self.tokenize(texts)
         if mask_text:
             ids, _ = mask_tokens(ids, attn, self.method_cfg.text_mask_ratio, self.tokenizer.mask_token_id, self._special_ids())
-        img = self.image_encoder(images, self._context_image_ratio())["tokens"]
+        img = self.image_encoder(images, self.context_image_ratio())["tokens"]
         txt = self.text_encoder(ids, attn)["tokens"]
         _, maps = self.fusion_text(txt, img, return_attention=True)
         maps = [a.float() for a in maps]
         tokens = [self.tokenizer.convert_ids_to_tokens(row[mask.bool()].tolist()) for row, mask in zip(ids.cpu(), attn.cpu())]
         return {"maps": maps, "tokens": tokens, "attention_mask": attn}
-
-    def _context_image_ratio(self) -> float:
-        m = self.method_cfg
-        return m.contrastive_mask_ratio if (self.use_contrastive and m.contrastive_view == "masked") else 0.0
 
     # ------------------------------------------------------------------ loss terms
     def forward_contrastive(self, image_feature, text_cls, labels) -> torch.Tensor:
@@ -433,102 +438,65 @@ class FundusVLM(nn.Module):
             z_img, z_txt, labels, scale, self.image_queue[:k].clone(), self.text_queue[:k].clone(), self.label_queue[:k].clone()
         )
 
-    def forward_image_gen(self, images, tokens, mask, ids_restore) -> torch.Tensor:
-        """Eqs. 3-4: decode (fused) visible tokens, score the masked patches."""
-        pred = self.image_decoder(tokens, ids_restore)  # [N, L, p*p*3]
-        target = patchify(self.image_encoder.normalize(images), self.model_cfg.patch_size)
-        return L.masked_image_loss(pred, target, mask, self.method_cfg.norm_pix_loss)
-
-    def forward_teacher_mim(self, images) -> torch.Tensor:
-        """EVA stage 1: block-wise [MASK] tokens in the encoder; a linear head on its masked
-        outputs regresses the frozen teacher's patch features of the unmasked image (cosine)."""
-        enc = self.image_encoder
-        mask = block_wise_mask(images.shape[0], enc.grid_size, self.method_cfg.mask_ratio, device=images.device)
-        out = enc.forward_features(images, mask=mask)
-        pred = self.image_decoder(out["tokens"][:, 1:])  # [N, L, teacher width]
-        with torch.no_grad():
-            self.teacher.eval()
-            target = self.teacher(images)["tokens"][:, 1:]
-        return L.feature_regression_loss(pred, target, mask.to(pred.dtype), self.method_cfg.teacher_loss)
-
     def forward(self, batch: dict) -> dict:
-        """One training step's losses.
+        """One training step's losses: run the passes the active heads declare, then each head.
 
         Args:
             batch: ``fl.data.collate`` output: "image" ``[N, 3, H, W]`` in [0, 1], "text"
                 list[str] (methods with a text branch), "label" (FLAIR / ViLReF).
         Returns:
-            dict with "loss" (eq. 8) = the sum of the pre-weighted ``*_loss`` terms, and
-            "logit_scale" (detached) where there is a contrastive term; "stage" for
+            dict with "loss" (eq. 8) = the sum of the pre-weighted ``*_loss`` terms,
+            "logit_scale" (detached) where there is a contrastive term, and "stage" for
             two-stage methods.
         """
         if "image" not in batch:
             raise KeyError("batch has no 'image'")
         m = self.method_cfg
-        images = batch["image"].to(self.device)
-        labels = batch.get("label")  # read only by the label-aware losses
-        terms: dict[str, torch.Tensor] = {}
+        enc = self.encode_views(batch)
+        terms = {head.key: head(self, enc, batch) for head in self.objectives if head.active(self)}
         logs: dict[str, Any] = {}
-        plan = self.passes()
-        con = self.use_contrastive and self.stage != 1
-        mim = self.use_image_gen and self.stage != 2
+        if "contrastive_loss" in terms:
+            logs["logit_scale"] = self._scale().detach()
         if self.stage:
             logs["stage"] = self.stage
+        total, weighted = L.total_loss(
+            terms, {"contrastive_loss": m.contrastive_weight, "image_gen_loss": m.image_gen_weight, "caption_loss": m.caption_weight}
+        )
+        if self.use_momentum and self.training and "contrastive_loss" in terms:
+            self._enqueue(enc["images"], enc["input_ids"], enc["attention_mask"], batch.get("label"))
+        return {"loss": total, **weighted, **logs}
 
-        # 1. encoders (eq. 1, 3, 5): exactly the planned passes
-        img = {}
+    def encode_views(self, batch: dict) -> dict:
+        """Eqs. 1, 3, 5: each planned pass once. Returns ``{("image", ratio | "mask_token"):
+        encoder output, ("text", "full" | "masked"): encoder output}`` plus images,
+        input_ids, attention_mask and text_targets (the caption targets)."""
+        m = self.method_cfg
+        images = batch["image"].to(self.device)
+        enc: dict[Any, Any] = {"images": images}
+        plan = self.passes()
         for kind, ratio in plan["image"]:
             if kind == "mask_token":
-                terms["image_gen_loss"] = self.forward_teacher_mim(images)
+                mask = block_wise_mask(images.shape[0], self.image_encoder.grid_size, ratio, device=images.device)
+                out = self.image_encoder.forward_features(images, mask=mask)
+                enc[("image", "mask_token")] = {**out, "mask": mask.to(out["tokens"].dtype)}
             else:
-                img[ratio] = self.image_encoder(images, ratio)
-        txt_full = txt_masked = text_targets = ids = attn = None
+                enc[("image", ratio)] = self.image_encoder(images, ratio)
         if plan["text"]:
             if "text" not in batch or batch["text"] is None:
                 raise KeyError(f"method {m.name!r} needs batch['text'] (one text per image)")
             ids, attn = self.tokenize(batch["text"])
+            targets = None
             if self.coca:  # teacher forcing: the stack reads ids[:-1] and predicts ids[1:]
-                ids, attn, text_targets = ids[:, :-1], attn[:, :-1], ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
+                ids, attn, targets = ids[:, :-1], attn[:, :-1], ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
             if "masked" in plan["text"]:
                 masked_ids, masked_targets = mask_tokens(ids, attn, m.text_mask_ratio, self.tokenizer.mask_token_id, self._special_ids())
                 # eq. 6 sums over all T tokens; "masked" scores only the masked ones (MLM)
-                text_targets = masked_targets if m.caption_targets == "masked" else ids.masked_fill(attn == 0, -100)
-                txt_masked = self.text_encoder(masked_ids, attn)
+                targets = masked_targets if m.caption_targets == "masked" else ids.masked_fill(attn == 0, -100)
+                enc[("text", "masked")] = self.text_encoder(masked_ids, attn)
             if "full" in plan["text"]:
-                txt_full = self.text_encoder(ids, attn)
-        con_img = img.get(self._context_image_ratio()) if img else None
-        con_txt = txt_full if txt_full is not None else txt_masked
-
-        # 2. contrastive (eq. 2)
-        if con:
-            terms["contrastive_loss"] = self.forward_contrastive(self._image_embedding_input(con_img), con_txt["cls"], labels)
-            logs["logit_scale"] = self._scale().detach()
-
-        # 3-4. image generation (eqs. 3-4) from CA_img(masked image tokens, text tokens) (eq. 7)
-        if mim and not self.teacher_target:
-            enc = img[m.mask_ratio]
-            tokens = enc["tokens"]
-            if self.fusion_image is not None:
-                tokens = self.fusion_image(tokens, con_txt["tokens"], ~attn.bool())
-            terms["image_gen_loss"] = self.forward_image_gen(images, tokens, enc["mask"], enc["ids_restore"])
-
-        # 5. captioning (eqs. 5-6) from CA_text(masked text tokens, image tokens) (eq. 7)
-        if self.masked_caption and self.stage != 1:
-            tokens = txt_masked["tokens"]
-            if self.fusion_text is not None:
-                tokens = self.fusion_text(tokens, con_img["tokens"])
-            terms["caption_loss"] = L.caption_loss(self.text_decoder(tokens, attn), text_targets)
-        elif self.coca:
-            image_tokens = self.caption_pooler(con_img["tokens"])
-            logits = self.text_decoder(txt_full["tokens"], attn, image_tokens)
-            terms["caption_loss"] = L.caption_loss(logits, text_targets)
-
-        total, weighted = L.total_loss(
-            terms, {"contrastive_loss": m.contrastive_weight, "image_gen_loss": m.image_gen_weight, "caption_loss": m.caption_weight}
-        )
-        if self.use_momentum and self.training and con:
-            self._enqueue(images, ids, attn, labels)
-        return {"loss": total, **weighted, **logs}
+                enc[("text", "full")] = self.text_encoder(ids, attn)
+            enc.update(input_ids=ids, attention_mask=attn, text_targets=targets)
+        return enc
 
     # ------------------------------------------------------------------ momentum encoders (ViLReF)
     @torch.no_grad()
