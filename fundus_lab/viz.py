@@ -485,7 +485,7 @@ def plot_reconstruction(images: Any, results: Mapping[float, Mapping[str, Any]],
 
     Args:
         images: ``[N, 3, H, W]`` in [0, 1].
-        results: mask ratio -> ``model.reconstruct(images, ratio)``, i.e. a dict with
+        results: mask ratio -> ``model.reconstruct(images, ratio, texts=...)``, i.e. a dict with
             ``pred_images`` ``[N, 3, H, W]`` and ``mask`` ``[N, L]`` (0 keep, 1 remove).
         patch_size: the ViT patch size.
     """

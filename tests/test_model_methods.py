@@ -205,6 +205,21 @@ def test_unused_modules_are_not_built(name, tokenizer):
     assert hasattr(model, "logit_scale") == (name != "mae")
 
 
+def test_visionclip_resnet50_trains_and_evaluates_zero_shot(tokenizer):
+    """VisionCLIP: CLIP with timm's ResNet-50 image tower, one step and zero-shot scores."""
+    needs_image_encoder_field("visionclip")
+    model = tiny_model("visionclip", tokenizer).train()
+    assert model.model_cfg.image_encoder == "resnet50"
+    out = model(batch())
+    out["loss"].backward()
+    assert all(p.grad is not None for n, p in model.image_encoder.named_parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        scores = model.encode_image(batch()["image"]) @ model.encode_text(TEXTS).t()
+    assert scores.shape == (4, 4) and torch.isfinite(scores).all()
+    assert "text_embedding" in model.capabilities
+
+
 def count_passes(model, monkeypatch):
     """Record every image pass (its mask ratio, or "mask_token") and text pass (masked or not)."""
     calls = {"image": [], "text": []}

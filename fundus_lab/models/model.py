@@ -303,7 +303,7 @@ class FundusVLM(nn.Module):
     # ------------------------------------------------------------------ helpers
     @property
     def device(self) -> torch.device:
-        return self.image_encoder.cls_token.device
+        return next(self.image_encoder.parameters()).device  # any tower (a CNN has no cls_token)
 
     def _scale(self) -> torch.Tensor:
         """exp(t) clamped to ``max_logit_scale`` (CLIP: 100)."""
