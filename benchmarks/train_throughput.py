@@ -3,12 +3,20 @@
     python benchmarks/train_throughput.py                       # default preset, all methods
     python benchmarks/train_throughput.py --preset smoke --steps 3 --methods clip,ours,mae
     python benchmarks/train_throughput.py --preset paper train.batch_size=64   # on a GPU
+    python benchmarks/train_throughput.py --methods clip,coca,ours-flip,open_clip:clip,open_clip:coca
+
+With ``open_clip`` installed (``pip install -e .[bench]``) the run adds open_clip's own
+CLIP and CoCa (``open_clip:clip``, ``open_clip:coca``) built at the same sizes as ours
+(towers, heads, context length = the batch's token length, caption loss weight 2) and
+trained on the same batch with open_clip's ``ClipLoss`` / ``CoCaLoss`` and AdamW, so the
+library's methods can be read against the reference implementations.
 
 Each method runs in its own subprocess (a fresh allocator and a clean peak-memory
 high-water mark) through the trainer's own ``fundus_lab.train.train_step`` (forward,
 backward, clipping, AdamW, schedule, after-step hook) on a fixed in-memory batch: random
-images and knowledge-base sentences as reports, so disk and JPEG/PNG decoding are left out
-and only the model's cost is compared.
+images and the texts of the configured ``data.text_source`` (definitions of drawn
+knowledge-base classes by default; knowledge-base sentences for ``report``), so disk and
+JPEG/PNG decoding are left out and only the model's cost is compared.
 
 Reported per method: parameters, images/s over the timed steps, the ratio to ``clip``,
 peak memory (GPU: ``torch.cuda.max_memory_allocated``, and its growth from before the first step;
@@ -34,16 +42,27 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12
 
 
 def _batch(cfg, n: int, seed: int = 0) -> dict:
-    """A fixed batch: random images, report-length texts from the knowledge base, multi-hot labels."""
+    """A fixed batch: random images, texts like ``data.text_source``'s, multi-hot labels."""
     import random
 
     import torch
 
     from fundus_lab import knowledge
+    from fundus_lab.data.text_source import describe
 
     rng = random.Random(seed)
     sentences = [s for s in knowledge.corpus() if len(s.split()) > 3]
-    texts = [" ".join(rng.sample(sentences, k=min(4, len(sentences)))) for _ in range(n)]
+    classes = knowledge.class_keys()
+
+    def definitions() -> str:  # one or two labels, as in synth-pretrain
+        return "; ".join(describe(k, rng) for k in rng.sample(classes, k=rng.choice([1, 1, 2]))) + "."
+
+    def report() -> str:
+        return " ".join(rng.sample(sentences, k=min(4, len(sentences))))
+
+    source = cfg.data.text_source
+    texts = [{"definitions": definitions, "report": report, "both": lambda: f"{definitions()} {report()}"}[source]()
+             for _ in range(n)]
     g = torch.Generator().manual_seed(seed)
     side = cfg.model.img_size
     return {
@@ -137,6 +156,120 @@ def measure(preset: str, method: str, steps: int, warmup: int, overrides: list[s
     return result
 
 
+def build_open_clip(kind: str, cfg, tokenizer, context_length: int):
+    """open_clip's ``CLIP`` or ``CoCa`` at our preset's sizes, and its loss."""
+    import open_clip
+    from open_clip.coca_model import MultimodalCfg
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    m = cfg.model
+    vision = CLIPVisionCfg(layers=m.vision_depth, width=m.vision_width, head_width=m.vision_width // m.vision_heads,
+                           mlp_ratio=m.mlp_ratio, patch_size=m.patch_size, image_size=m.img_size)
+    text = dict(context_length=context_length, vocab_size=len(tokenizer), width=m.text_width, heads=m.text_heads,
+                layers=m.text_depth, mlp_ratio=m.mlp_ratio, pad_id=tokenizer.pad_token_id)
+    if kind == "clip":
+        model = open_clip.CLIP(m.embed_dim, vision, CLIPTextCfg(**text), output_dict=True)
+        return model, open_clip.ClipLoss()
+    if kind == "coca":
+        vision.attentional_pool = True
+        vision.attn_pooler_queries = cfg.method.coca_pool_queries if cfg.method.caption_mode == "autoregressive" else 16
+        # open_clip's poolers work at the embedding width: heads must divide it
+        vision.attn_pooler_heads = next(h for h in (m.vision_heads, 8, 4, 2, 1) if m.embed_dim % h == 0)
+        vision.output_tokens = True
+        multimodal = MultimodalCfg(**{**text, "layers": m.caption_depth})
+        # open_clip's multimodal layers attend to the pooled image tokens at the embedding
+        # width, so its CoCa needs embed_dim == text width (as in its model configs)
+        vision.attn_pooler_heads = next(h for h in (m.text_heads, 8, 4, 2, 1) if m.text_width % h == 0)
+        model = open_clip.CoCa(m.text_width, multimodal, CLIPTextCfg(**{**text, "embed_cls": True, "output_tokens": True}),
+                               vision, pad_id=tokenizer.pad_token_id)
+        return model, open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, pad_id=tokenizer.pad_token_id)
+    raise ValueError(f"open_clip:{kind}: expected open_clip:clip or open_clip:coca")
+
+
+def measure_open_clip(preset: str, kind: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+    """open_clip's ``kind`` model at ``preset``'s sizes, timed like :func:`measure` (forward,
+    loss, backward, clipping, AdamW) on the same batch, tokenised by our tokenizer."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fundus_lab.config import load_config
+    from fundus_lab.data.tokenizer import default_corpus, train_tokenizer
+
+    cfg = load_config(preset=preset, method="coca" if kind == "coca" else "clip", overrides=overrides)
+    torch.manual_seed(cfg.train.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = train_tokenizer(default_corpus(), vocab_size=cfg.model.vocab_size, model_max_length=cfg.model.text_max_length)
+    batch = _batch(cfg, cfg.train.batch_size)
+    ids = tokenizer(batch["text"], padding=True, truncation=True, max_length=cfg.model.text_max_length,
+                    return_tensors="pt")["input_ids"].to(device)
+    images = batch["image"].to(device)
+    model, loss_fn = build_open_clip(kind, cfg, tokenizer, ids.shape[1])
+    model = model.to(device).train()
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    cuda = device.type == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with amp:
+            out = model(images, ids)
+            if kind == "coca":
+                loss = loss_fn(out["image_features"], out["text_features"], out["logits"], out["labels"], out["logit_scale"])
+                loss = sum(loss) if isinstance(loss, tuple) else loss
+            else:
+                loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        loss.backward()
+        if cfg.train.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rss_before = _max_rss_mib()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    elapsed = time.perf_counter() - start
+    if cuda:
+        peak, peak_kind, extra = torch.cuda.max_memory_allocated() / 2**20, "cuda max allocated", None
+        extra = peak - base
+    else:
+        peak, peak_kind = _max_rss_mib(), "max RSS"
+        extra = peak - rss_before
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    n = cfg.train.batch_size
+    result = {
+        "method": f"open_clip:{kind}", "preset": preset, "device": str(device), "precision": "bf16" if cuda else "no",
+        "params_m": params / 1e6, "batch_size": n, "img_size": cfg.model.img_size, "steps": steps,
+        "step_s": elapsed / steps, "images_per_s": steps * n / elapsed, "peak_mem_mib": peak, "peak_kind": peak_kind,
+        "step_extra_mib": extra, "gflops_per_image": flops / n / 1e9, "achieved_tflops": flops * steps / elapsed / 1e12,
+    }
+    if cuda:
+        name = torch.cuda.get_device_name()
+        peak_flops = next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+        result["gpu"] = name
+        if peak_flops:
+            result["mfu"] = flops * steps / elapsed / peak_flops
+    return result
+
+
+def open_clip_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("open_clip") is not None
+
+
 def run_child(args, method: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--preset", args.preset,
            "--steps", str(args.steps), "--warmup", str(args.warmup), *args.overrides]
@@ -176,12 +309,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.child:
-        print(json.dumps(measure(args.preset, args.child, args.steps, args.warmup, args.overrides)))
+        if args.child.startswith("open_clip:"):
+            print(json.dumps(measure_open_clip(args.preset, args.child.split(":", 1)[1], args.steps, args.warmup, args.overrides)))
+        else:
+            print(json.dumps(measure(args.preset, args.child, args.steps, args.warmup, args.overrides)))
         return 0
 
     from fundus_lab.config import available_methods
 
-    methods = available_methods() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.methods == "all":
+        methods = available_methods()
+        if open_clip_available():  # the reference implementations, side by side
+            methods += ["open_clip:clip", "open_clip:coca"]
+    else:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "clip" in methods:  # the reference first
         methods.remove("clip")
         methods.insert(0, "clip")

@@ -61,6 +61,7 @@ def export(model: nn.Module, out_dir: str | Path, format: str = "hf") -> Path:
 def _encoder_layout(model: nn.Module) -> tuple[nn.Module, dict]:
     """The image encoder and its geometry, from the encoder itself or ``model.model_cfg``."""
     enc = getattr(model, "image_encoder", None)
+    enc = getattr(enc, "trunk", enc)  # a fundus_lab tower wraps a plain timm model
     if enc is None or not hasattr(enc, "blocks"):
         raise ExportError(f"{type(model).__name__}.image_encoder is not a ViT with .blocks; only ViT towers export")
     cfg = getattr(model, "model_cfg", None)

@@ -76,21 +76,26 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
-def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
-    """Symmetric InfoNCE (eq. 2).
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float,
+                     directions: str = "symmetric") -> torch.Tensor:
+    """InfoNCE (eq. 2), symmetric as CLIP trains it or image-to-text as the paper writes it.
 
-        L_con = 1/2 [ CE(S, I) + CE(S^T, I) ],   S_ij = s * <z_img_i, z_text_j>
-
-    i.e. -1/(2N) sum_i [ log softmax_j S_ij |_{j=i} + log softmax_j S_ji |_{j=i} ].
+        symmetric:      L_con = 1/2 [ CE(S, I) + CE(S^T, I) ],   S_ij = s * <z_img_i, z_text_j>
+        image_to_text:  L_con = CE(S, I) = -1/N sum_i log softmax_j S_ij |_{j=i}
 
     Args:
         image_features, text_features: ``[N, D]`` L2-normalised (features are gathered
             across ranks first when distributed).
         logit_scale: the scale ``s`` itself (already exponentiated and clamped).
+        directions: ``symmetric`` or ``image_to_text`` (``method.contrastive_directions``).
     """
+    if directions not in ("symmetric", "image_to_text"):
+        raise ValueError(f"method.contrastive_directions={directions!r}; expected 'symmetric' or 'image_to_text'")
     image_features, text_features = gather_features(image_features, text_features)
     logits = logit_scale * image_features @ text_features.t()  # [N, N]
     target = torch.arange(logits.shape[0], device=logits.device)
+    if directions == "image_to_text":
+        return F.cross_entropy(logits, target)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
@@ -123,27 +128,46 @@ def label_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(both_empty, torch.ones_like(sim), sim)
 
 
+def label_aware_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLAIR's soft targets, row-normalised in both directions.
+
+    ``labels [N]`` (one sampled category per pair, as FLAIR forms its positives: same
+    category = positive) or ``[N, C]`` multi-hot (pairs that share any category). With
+    ``P_ij = 1[i = j or y_i ~ y_j]``:
+
+        T_i2t = P / rowsum(P),   T_t2i = P^T / rowsum(P^T)
+
+    Both have rows summing to 1, also when "shares a category" is not transitive
+    (multi-hot), where ``T_i2t^T`` would not.
+    """
+    y = _labels_as_matrix(labels)
+    positive = (y @ y.t()) > 0
+    positive |= torch.eye(len(y), dtype=torch.bool, device=y.device)
+    p = positive.float()
+    return p / p.sum(dim=1, keepdim=True), p.t() / p.t().sum(dim=1, keepdim=True)
+
+
 def label_aware_contrastive_loss(
     image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor | float
 ) -> torch.Tensor:
     """FLAIR's label-aware InfoNCE: every pair that shares a category is a positive.
 
-        P_ij = 1[i = j or y_i and y_j share a category],  T = P / rowsum(P)
-        L = 1/2 [ CE_soft(S, T) + CE_soft(S^T, T^T) ],  CE_soft(S, T) = -1/N sum_ij T_ij log softmax_j S_ij
+        L = 1/2 [ CE_soft(S, T_i2t) + CE_soft(S^T, T_t2i) ],  CE_soft(S, T) = -1/N sum_ij T_ij log softmax_j S_ij
+
+    with the targets of :func:`label_aware_targets`.
 
     Args:
-        labels: ``[N]`` class ids or ``[N, C]`` multi-hot (gathered with the features).
+        labels: ``[N]`` class ids (one sampled category per pair) or ``[N, C]`` multi-hot
+            (gathered with the features).
     """
     image_features, text_features = gather_features(image_features, text_features)
-    y = _labels_as_matrix(gather_no_grad(labels.to(image_features.device)))
-    if y.shape[0] != image_features.shape[0]:
-        raise ValueError(f"labels: {y.shape[0]} rows for {image_features.shape[0]} image-text pairs")
-    positive = (y @ y.t()) > 0
-    positive |= torch.eye(len(y), dtype=torch.bool, device=y.device)
-    target = positive.float() / positive.sum(dim=1, keepdim=True)
+    labels = gather_no_grad(labels.to(image_features.device))
+    if labels.shape[0] != image_features.shape[0]:
+        raise ValueError(f"labels: {labels.shape[0]} rows for {image_features.shape[0]} image-text pairs")
+    target_i, target_t = label_aware_targets(labels)
     logits = logit_scale * image_features @ text_features.t()
-    loss_i = -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-    loss_t = -(target.t() * F.log_softmax(logits.t(), dim=1)).sum(dim=1).mean()
+    loss_i = -(target_i * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    loss_t = -(target_t * F.log_softmax(logits.t(), dim=1)).sum(dim=1).mean()
     return 0.5 * (loss_i + loss_t)
 
 
@@ -239,8 +263,9 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int 
 
         L_cap = -1/|M| sum_{(n,t) in M} log p(w_nt | context),  M = {targets != ignore_index}
 
-    Masked mode: targets are the original ids of the masked tokens. Autoregressive mode:
-    ``logits[:, :-1]`` against ``ids[:, 1:]`` with padding set to ``ignore_index``.
+    Masked mode: targets are every (non-padding) token of the original text, t = 1..T as
+    eq. 6 sums (``caption_targets: all``), or only the masked ones (``masked``).
+    Autoregressive mode (CoCa): the logits at ``t`` against ``ids[t + 1]``, padding ignored.
 
     Args:
         logits: ``[N, T, V]``; targets: ``[N, T]``.

@@ -233,7 +233,8 @@ def run_dir_for(cfg: Config) -> Path:
 
 
 def open_training_data(cfg: Config, is_main: bool = True, wait: Callable[[], None] = lambda: None):
-    """The training split of ``cfg.data.dataset``, its text taken from ``cfg.data.text_field``.
+    """The training split of ``cfg.data.dataset``, each image paired with the text of
+    ``cfg.data.text_source`` (:class:`fundus_lab.data.text_source.PairedText`).
 
     A synthetic dataset (``synth-*``) with no ``data.root`` lives under ``data.synth_root``;
     the benchmark is (re)written there first unless it already holds exactly the
@@ -257,18 +258,14 @@ def open_training_data(cfg: Config, is_main: bool = True, wait: Callable[[], Non
         name, root=root, split="train", image_size=cfg.model.img_size,
         augment=cfg.data.augment, skip_bad=cfg.data.skip_bad_images,
     )
-    field = cfg.data.text_field
-    if field != "text":  # e.g. FLAIR trains on the knowledge-base definitions, not the reports
-        lacking = [r.path for r in ds.records if not isinstance(r.meta.get(field), str)]
-        if lacking:
-            columns = sorted(ds.records[0].meta) if ds.records else []
-            raise ConfigError(
-                f"data.text_field = {field!r}: {len(lacking)} record(s) of {name} have no such text "
-                f"(e.g. {lacking[0]}); text fields there: text, {', '.join(columns)}"
-            )
-        for r in ds.records:
-            r.text = r.meta[field]
-    return ds
+    if cfg.method.contrastive_weight <= 0 and cfg.method.caption_weight <= 0 and cfg.method.labels_from == "ground_truth":
+        return ds  # image-only (MAE): no text is read
+    from fundus_lab.data.text_source import PairedText
+
+    try:
+        return PairedText(ds, cfg.data.text_source, cfg.data.text_per_image, cfg.method.labels_from)
+    except ValueError as err:
+        raise ConfigError(f"data.dataset {name!r}: {err}") from None
 
 
 def tokenizer_texts(dataset) -> list[str]:
@@ -451,6 +448,9 @@ def train_step(accelerator, model, optimizer, scheduler, batches: Iterator[dict]
     learning rate this step used. The benchmark (benchmarks/train_throughput.py) times it.
     """
     logs = []
+    progress = getattr(accelerator.unwrap_model(model), "set_progress", None)
+    if progress is not None:  # two-stage methods (EVA-CLIP) pick their stage from the step
+        progress(step - 1, train.steps)
     for micro in range(train.grad_accum_steps):
         batch = next(batches)
         # gradients are all-reduced once per step, on its last micro-batch

@@ -485,7 +485,7 @@ def plot_reconstruction(images: Any, results: Mapping[float, Mapping[str, Any]],
 
     Args:
         images: ``[N, 3, H, W]`` in [0, 1].
-        results: mask ratio -> ``model.reconstruct(images, ratio)``, i.e. a dict with
+        results: mask ratio -> ``model.reconstruct(images, ratio, texts=...)``, i.e. a dict with
             ``pred_images`` ``[N, 3, H, W]`` and ``mask`` ``[N, L]`` (0 keep, 1 remove).
         patch_size: the ViT patch size.
     """
@@ -948,7 +948,9 @@ def dataset_embeddings(model, ds, max_items: int = 300, batch_size: int = 32) ->
     records = ds.records[:n]
     image_emb, text_emb = [], []
     texts = [r.text for r in records]
-    use_text = all(isinstance(t, str) and t for t in texts) and callable(getattr(model, "encode_text", None)) and bool(getattr(model, "use_contrastive", True))
+    from fundus_lab.eval.zero_shot import has_text_encoder
+
+    use_text = all(isinstance(t, str) and t for t in texts) and has_text_encoder(model)
     was_training = model.training
     model.eval()
     try:

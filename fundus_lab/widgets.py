@@ -192,7 +192,7 @@ def score(model, image: Any, prompts: str | Mapping[str, Sequence[str]]) -> Prom
 
     from fundus_lab.eval.zero_shot import class_embeddings, has_text_encoder, logit_scale
 
-    if not has_text_encoder(model) or getattr(model, "use_contrastive", True) is False:
+    if not has_text_encoder(model):
         raise ValueError(f"{type(model).__name__} ({_method_name(model)}) has no text embedding to compare prompts with; pick a contrastive checkpoint")
     parsed = parse_prompts(prompts) if isinstance(prompts, str) else {k: list(v) for k, v in prompts.items()}
     classes, plists = list(parsed), list(parsed.values())

@@ -90,9 +90,10 @@ class PlantedModel(nn.Module):
 
 
 class ImageOnlyModel(PlantedModel):
-    """Like an MAE: image features, no text encoder."""
+    """Like an MAE: image features, no text encoder (declared, as FundusVLM does)."""
 
     text_encoder = None
+    capabilities = frozenset()
 
     def __init__(self, image_map):
         super().__init__(image_map, {})

@@ -76,7 +76,7 @@ def test_open_clip_export_round_trip(model, tmp_path):
     loaded = load_external(tmp_path)
     oc = open_clip.create_model(f"local-dir:{tmp_path}").eval()  # open_clip's own loader reads the folder too
     for m in (loaded.model, oc):
-        m.visual.ln_post.eps = model.image_encoder.norm.eps
+        m.visual.ln_post.eps = model.image_encoder.trunk.norm.eps
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_image(x), model.encode_image(x), atol=1e-5, rtol=0)

@@ -75,7 +75,7 @@ def test_open_clip_features_equal_the_source(open_clip_file):
     src, folder = open_clip_file
     assert detect_kind(folder) == "open_clip"
     model = load_external(folder / "open_clip_model.safetensors")
-    assert model.image_size == 32 and {"zero_shot", "attention", "patches"} <= model.capabilities
+    assert model.image_size == 32 and {"text_embedding", "attention_maps", "patch_embedding"} <= model.capabilities
     from fundus_lab.widgets import model_image_size
 
     assert model_image_size(model) == 32

@@ -217,3 +217,18 @@ def test_gathered_losses_equal_single_process_loss_on_concatenated_batch(tmp_pat
 
     mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
+
+
+def test_flair_targets_rows_sum_to_one_in_both_directions_for_non_transitive_labels():
+    from fundus_lab.losses import label_aware_targets
+
+    # 0 shares with 1 (class a), 1 shares with 2 (class b), 0 and 2 share nothing: not transitive
+    y = torch.tensor([[1.0, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1]])
+    t_i2t, t_t2i = label_aware_targets(y)
+    assert torch.allclose(t_i2t.sum(1), torch.ones(4)) and torch.allclose(t_t2i.sum(1), torch.ones(4))
+    assert t_i2t[0, 2] == 0 and t_i2t[0, 1] > 0 and t_i2t[1, 2] > 0
+    # the old form (the transpose of the image-to-text targets) does not sum to 1 per row
+    assert not torch.allclose(t_i2t.t().sum(1), torch.ones(4))
+    # one sampled category per pair (FLAIR): same category = positive
+    t_i2t, t_t2i = label_aware_targets(torch.tensor([2, 0, 2, 1]))
+    assert torch.allclose(t_i2t[0], torch.tensor([0.5, 0, 0.5, 0])) and torch.allclose(t_t2i.sum(1), torch.ones(4))

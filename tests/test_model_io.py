@@ -56,14 +56,14 @@ def test_eva_teacher_is_a_frozen_clip_image_encoder(tmp_path, tokenizer):
     torch.manual_seed(0)
     clip = build_model(ModelConfig(**TINY), MethodConfig(**CLIP), tokenizer)
     clip.save_pretrained(tmp_path / "clip")
-    eva_cfg = MethodConfig(name="eva", image_gen_target="teacher", caption_weight=0.0, cross_attention=False,
-                           mask_ratio=0.5, teacher_checkpoint=str(tmp_path / "clip"))
+    eva_cfg = MethodConfig(name="eva", image_gen_target="teacher", mim_masking="block", caption_weight=0.0,
+                           cross_attention=False, mask_ratio=0.5, teacher_checkpoint=str(tmp_path / "clip"))
     eva = build_model(ModelConfig(**TINY), eva_cfg, tokenizer)
     want = clip.image_encoder.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in eva.teacher.state_dict().items())
     assert not any(p.requires_grad for p in eva.teacher.parameters())
     # the teacher's features are the regression target of the masked patches
-    assert eva.image_decoder.pred.out_features == 32
+    assert eva.image_decoder.out_features == 32
     eva.train()
     assert not eva.teacher.training  # no drop-path / dropout in the frozen teacher
     eva(dict(image=torch.rand(2, 3, 32, 32), text=TEXTS[:2]))["loss"].backward()

@@ -93,7 +93,7 @@ def test_cross_attention_maps_text_to_image(ours):
 
 def test_reconstruct_pastes_prediction_into_masked_patches(ours):
     images = torch.rand(2, 3, 32, 32)
-    rec = ours.reconstruct(images, mask_ratio=0.5)
+    rec = ours.reconstruct(images, mask_ratio=0.5, texts=TEXTS[:2])  # through CA_img, as trained
     assert rec["pred_images"].shape == images.shape and rec["mask"].shape == (2, 4)
     assert rec["pred_images"].min() >= 0 and rec["pred_images"].max() <= 1
     visible = rec["mask_image"] == 0
@@ -126,14 +126,15 @@ def test_masked_text_decoder_ignores_padding_keys():
     assert not torch.allclose(dec(x2, torch.ones_like(attn))[:, :2], dec(x, torch.ones_like(attn))[:, :2])
 
 
-def test_captioner_is_causal():
-    from fundus_lab.models.decoders import CaptionDecoder
+def test_coca_multimodal_decoder_is_causal_and_skips_padding():
+    from fundus_lab.models.coca import MultimodalDecoder
 
-    dec = CaptionDecoder(vocab_size=30, max_length=8, width=16, depth=2, num_heads=2, image_dim=12).eval()
-    ids = torch.randint(5, 30, (1, 6))
+    dec = MultimodalDecoder(width=16, depth=2, num_heads=2, image_dim=12, vocab_size=30).eval()
+    x = torch.randn(1, 6, 16)
+    attn = torch.ones(1, 6, dtype=torch.long)
     img = torch.randn(1, 5, 12)
-    ids2 = ids.clone()
-    ids2[0, 4:] = 7
+    x2 = x.clone()
+    x2[0, 4:] = torch.randn(2, 16)
     # positions before the change see the same logits
-    assert torch.allclose(dec(ids, img)[:, :4], dec(ids2, img)[:, :4], atol=1e-6)
-    assert not torch.allclose(dec(ids, img)[:, 4:], dec(ids2, img)[:, 4:])
+    assert torch.allclose(dec(x, attn, img)[:, :4], dec(x2, attn, img)[:, :4], atol=1e-6)
+    assert not torch.allclose(dec(x, attn, img)[:, 4:], dec(x2, attn, img)[:, 4:])

@@ -23,7 +23,7 @@ _LAZY = {
     "DataError": "fundus_lab.data.images",
     "ImageError": "fundus_lab.data.images",
 }
-_SUBMODULES = ("synth", "images", "manifest", "readers", "splits", "dataset", "config", "tokenizer")
+_SUBMODULES = ("synth", "images", "manifest", "readers", "splits", "dataset", "config", "tokenizer", "text_source")
 
 __all__ = list(_LAZY) + list(_SUBMODULES)
 

@@ -20,7 +20,8 @@ class DataConfig:
     image_size: int = 224
     num_workers: int = 0
     augment: bool = True
-    text_field: str = "text"
+    text_source: str = "definitions"
+    text_per_image: str = "all_labels"
     synth_root: str = "data/synth"
     synth_n: int = 2000
     synth_eval_n: int = 600

@@ -36,11 +36,15 @@ class ZeroShotUnavailable(ValueError):
 
 
 def has_text_encoder(model) -> bool:
-    """False for image-only models: no ``encode_text``, ``text_encoder = None`` (MAE), or no
-    image-text alignment learned (``use_contrastive`` False: text and image spaces unrelated)."""
-    if not callable(getattr(model, "encode_text", None)):
-        return False
-    return getattr(model, "text_encoder", True) is not None and bool(getattr(model, "use_contrastive", True))
+    """Whether the model embeds text in its image space (zero-shot, prompt heads).
+
+    A model that declares ``capabilities`` (every ``FundusVLM``) answers with
+    ``"text_embedding"``; an outside model (open_clip, Hugging Face CLIP) declares nothing
+    and counts as able when it has ``encode_text``."""
+    caps = getattr(model, "capabilities", None)
+    if caps is not None:
+        return "text_embedding" in caps
+    return callable(getattr(model, "encode_text", None))
 
 
 def logit_scale(model) -> float:

@@ -5,7 +5,9 @@
 """
 
 from fundus_lab.models.config import MethodConfig, ModelConfig
-from fundus_lab.models.image import VisionTransformer, patchify, random_masking, unpatchify
+from fundus_lab.models.image import (
+    VisionTransformer, block_mask, build_image_encoder, load_image_weights, patchify, random_masking, unpatchify,
+)
 from fundus_lab.models.model import CheckpointError, FundusVLM, build_model, load_model
 
 __all__ = [
@@ -14,6 +16,9 @@ __all__ = [
     "MethodConfig",
     "ModelConfig",
     "VisionTransformer",
+    "block_mask",
+    "build_image_encoder",
+    "load_image_weights",
     "build_model",
     "load_model",
     "patchify",

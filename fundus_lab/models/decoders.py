@@ -1,11 +1,11 @@
-"""Decoders: the light MAE image decoder (eq. 3) and the two text decoders (eq. 5).
+"""Decoders: the light MAE image decoder (eq. 3) and the masked-text decoder (eq. 5).
 
 - :class:`MAEDecoder` puts mask tokens back in patch order and predicts, per patch, its
-  pixels (MAE) or a teacher's feature (EVA-02).
+  pixels (MAE).
 - :class:`MaskedTextDecoder` predicts the original token at every position from the
-  (fused) text tokens; the loss reads the masked positions only.
-- :class:`CaptionDecoder` is CoCa's multimodal decoder: causal self-attention over the
-  report, cross-attention to image tokens, next-token logits.
+  (fused) text tokens; the loss reads all of them (eq. 6) or the masked ones.
+
+CoCa's multimodal decoder continues its causal text stack: ``fundus_lab.models.coca``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from timm.models.vision_transformer import Block
 
-from fundus_lab.models.fusion import CrossAttentionBlock
 from fundus_lab.models.image import init_linear_layernorm, sincos_pos_embed
 
 
@@ -72,39 +71,4 @@ class MaskedTextDecoder(nn.Module):
         x = tokens
         for blk in self.blocks:
             x = blk(x, attn_mask=keep)
-        return self.head(self.norm(x))
-
-
-class CaptionDecoder(nn.Module):
-    """Autoregressive captioner (CoCa's multimodal text decoder).
-
-    Reads the report's token ids (own embeddings, so no future token leaks in through the
-    bidirectional text encoder) and attends to image tokens at every layer.
-
-    Args:
-        vocab_size, max_length: tokenizer size and longest report.
-        width, depth, num_heads: decoder size; ``image_dim`` is the image token width.
-    """
-
-    def __init__(self, vocab_size: int, max_length: int, width: int, depth: int, num_heads: int, image_dim: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.token_embed = nn.Embedding(vocab_size, width)
-        self.pos_embed = nn.Parameter(torch.zeros(1, max_length, width))
-        self.self_blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth))
-        self.cross_blocks = nn.ModuleList(CrossAttentionBlock(width, image_dim, num_heads, mlp_ratio) for _ in range(depth))
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab_size)
-        self.apply(init_linear_layernorm)
-        nn.init.normal_(self.token_embed.weight, std=0.02)
-        nn.init.normal_(self.pos_embed, std=0.01)
-
-    def forward(self, input_ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        """input_ids ``[N, T]`` (teacher forcing), image tokens ``[N, 1 + L', W_img]`` -> ``[N, T, vocab]``."""
-        t = input_ids.shape[1]
-        if t > self.pos_embed.shape[1]:
-            raise ValueError(f"caption of {t} tokens is longer than model.text_max_length={self.pos_embed.shape[1]}")
-        x = self.token_embed(input_ids) + self.pos_embed[:, :t]
-        for self_blk, cross_blk in zip(self.self_blocks, self.cross_blocks):
-            x = self_blk(x, is_causal=True)
-            x = cross_blk(x, image_tokens)
         return self.head(self.norm(x))

@@ -3,11 +3,12 @@ interface fundus_lab's evaluation calls, so they join the same tables as our own
 
 The model interface (what ``fl.eval``, the viz functions and the widget call on a model):
 
-    model.capabilities -> frozenset of "encode_image", "encode_text", "zero_shot",
-                          "image_features", "fine_tune", "patches", "attention"
+    model.capabilities -> frozenset of names from fundus_lab.models.model.CAPABILITIES:
+                          "image_embedding", "text_embedding", "patch_embedding",
+                          "attention_maps", "image_features", "fine_tune"
     model.image_size   -> int, the side the model works at (inputs are resized to it)
     model.encode_image(images [N, 3, H, W] in [0, 1]) -> [N, D], L2-normalised
-    model.encode_text(list[str]) -> [N, D], L2-normalised            ("encode_text")
+    model.encode_text(list[str]) -> [N, D], L2-normalised            ("text_embedding")
     model.image_features(images, mask_ratio=0.0) -> {"cls": [N, W], "tokens": [N, L, W]}
         the pooled feature before any projection and the patch tokens (probes, fine-tune)
     model.logit_scale  -> the log of the learned inverse temperature (zero-shot scale)
@@ -15,8 +16,8 @@ The model interface (what ``fl.eval``, the viz functions and the widget call on 
     model.image_encoder -> a module with ``.blocks`` (layer-wise lr decay) and
                           ``num_features``; its parameters are what fine-tuning trains
     model.encode_patches(images) -> [N, L, D] L2-normalised patch tokens in the joint
-                          space (MaskCLIP's dense read-out)              ("patches")
-    model.attention_maps(images) -> list per block of [N, heads, 1 + L, 1 + L]  ("attention")
+                          space (MaskCLIP's dense read-out)              ("patch_embedding")
+    model.attention_maps(images) -> list per block of [N, heads, 1 + L, 1 + L]  ("attention_maps")
     model.eval() / model.train() / model.to(device) / model.parameters() / model.state_dict()
 
 Images arrive as plain [0, 1] pixels at any size; each wrapper applies its source's own
@@ -180,7 +181,7 @@ class ExternalModel(nn.Module):
 
     def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
         """Patch tokens through the image projection, L2-normalised (MaskCLIP)."""
-        if "patches" not in self.capabilities:
+        if "patch_embedding" not in self.capabilities:
             raise RuntimeError(f"{self.source}: patch read-out needs a ViT tower with per-token outputs")
         _, tokens = self._vision_tokens(self.preprocess(images))
         return F.normalize(self._project(tokens), dim=-1)
@@ -202,7 +203,7 @@ class HFCLIP(ExternalModel):
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = int(model.config.text_config.max_position_embeddings)
-        caps = {"encode_image", "encode_text", "zero_shot", "image_features", "fine_tune", "patches", "attention"}
+        caps = {"image_embedding", "text_embedding", "image_features", "fine_tune", "patch_embedding", "attention_maps"}
         self.capabilities = frozenset(caps)
 
     @property
@@ -316,12 +317,12 @@ class OpenCLIP(ExternalModel):
         self.tokenizer = tokenizer
         visual = model.visual
         is_vit = all(hasattr(visual, a) for a in ("_embeds", "_pool", "transformer"))
-        caps = {"encode_image", "encode_text", "zero_shot", "image_features"}
+        caps = {"image_embedding", "text_embedding", "image_features"}
         if is_vit:
-            caps |= {"fine_tune", "patches"}
+            caps |= {"fine_tune", "patch_embedding"}
             blocks = getattr(visual.transformer, "resblocks", None)
             if blocks is not None and all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks):
-                caps.add("attention")
+                caps.add("attention_maps")
         self.capabilities = frozenset(caps)
 
     @property
@@ -365,7 +366,7 @@ class OpenCLIP(ExternalModel):
     def attention_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Self-attention of every ViT block, ``[N, heads, 1 + L, 1 + L]``, from each block's
         own ``nn.MultiheadAttention`` (need_weights), then the block runs as usual."""
-        if "attention" not in self.capabilities:
+        if "attention_maps" not in self.capabilities:
             raise RuntimeError(f"{self.source}: attention maps need a ViT tower of nn.MultiheadAttention blocks")
         visual = self.model.visual
         x = visual._embeds(self.preprocess(images))

@@ -1,18 +1,25 @@
-"""FundusVLM: the one model behind every method (ours, its ablations and the baselines).
+"""FundusVLM: the one model behind every method (ours, its variants and the baselines).
 
     L_total = w_con * L_contrastive + w_img * L_img_gen + w_cap * L_caption      (eq. 8)
 
 A method (``MethodConfig``) switches terms on and off and picks their variants; modules a
-method does not use are not built. The steps of ``forward`` follow the paper:
+method does not use are not built. The terms are objective heads
+(``fundus_lab.models.objectives``: Contrastive, ImageGeneration / TeacherMIM,
+MaskedCaption / CoCaCaption), each declaring the encoder passes it reads; ``capabilities``
+says what the model can do. ``forward`` follows the paper (``docs/fidelity.md`` maps
+each step to its equation and declares every deviation):
 
-1. encode: ``E_img`` on the full and/or masked image, ``E_text`` on the full and/or
-   masked report (only the passes the method needs);
+1. encode (eq. 1): ``E_img`` / ``E_text`` on the unmasked image and text, one pass each,
+   for the contrastive term; ``E_img`` on the masked image (eq. 3) and ``E_text`` on the
+   masked text (eq. 5) for the decoders. Only the passes the method reads are run
+   (:meth:`FundusVLM.passes` says which);
 2. contrastive (eq. 2, or FLAIR / ViLReF variants) on projected, normalised CLS features;
-3. fuse (eq. 7): ``CA_img`` (image tokens query text tokens), ``CA_text`` (the reverse);
-4. image generation (eqs. 3-4): MAE decoder on the fused image tokens -> masked patches
-   (or a frozen teacher's features, EVA);
-5. captioning (eqs. 5-6): masked-token decoder on the fused text tokens, or a CoCa
-   captioner cross-attending to the image tokens.
+3. fuse (eq. 7): ``CA_img`` (masked image tokens query the text), ``CA_text`` (masked text
+   tokens query the image), each reading the other branch's contrastive-pass tokens;
+4. image generation (eqs. 3-4): MAE decoder on the fused image tokens -> masked patches;
+   or EVA stage 1: [MASK]-token encoder regressing a frozen teacher's patch features;
+5. captioning (eqs. 5-6): a decoder rebuilds the whole text from the fused masked-text
+   tokens, or CoCa's multimodal layers continue the causal text stack.
 
 ``forward`` returns pre-weighted terms: ``loss == sum of the *_loss entries``.
 """
@@ -22,6 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,24 +39,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from fundus_lab import losses as L
+from fundus_lab.models.coca import AttentionalPooler, CoCaTextEncoder, MultimodalDecoder
 from fundus_lab.models.config import MethodConfig, ModelConfig
-from fundus_lab.models.decoders import CaptionDecoder, MAEDecoder, MaskedTextDecoder
+from fundus_lab.models.decoders import MAEDecoder, MaskedTextDecoder
 from fundus_lab.models.fusion import CrossAttention
-from fundus_lab.models.image import VisionTransformer, patchify, unpatchify
+from fundus_lab.models.image import ImageTower, block_mask, build_image_encoder, load_image_weights, patchify, unpatchify
+from fundus_lab.models.objectives import objectives_for
 from fundus_lab.models.text import TextEncoder, config_from_dict, mask_tokens, small_bert_config
 from fundus_lab.checkpoint import CheckpointError, read_json_file  # noqa: F401  (CheckpointError re-exported by fundus_lab.models)
 
 FORMAT = "fundus_lab.FundusVLM"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TOKENIZER_DIR = "tokenizer"
 
+# what a model can do, for eval / viz / widgets (no attribute probing)
+CAPABILITIES = (
+    "image_embedding",       # encode_image in a joint image-text space (else: the ViT's CLS)
+    "text_embedding",        # encode_text: zero-shot and prompt heads
+    "patch_embedding",       # encode_patches: where a prompt matches
+    "reconstruction",        # reconstruct: pixels rebuilt from a masked image
+    "text_conditioned_reconstruction",  # reconstruct(texts=...): through CA_img (eq. 7)
+    "cross_attention_maps",  # cross_attention_maps: CA_text's text -> image attention
+    "captioning",            # a caption / text-rebuilding term
+    "attention_maps",        # attention_maps: the image tower's self-attention (ViTs)
+    "image_features",        # image_features: pooled feature and patch tokens (probes)
+    "fine_tune",             # image_encoder with .blocks: layer-wise lr decay fine-tuning
+)
 
-def build_vision_transformer(cfg: ModelConfig) -> VisionTransformer:
-    from fundus_lab.models.image import build_image_encoder  # any timm ViT or CNN (model.image_encoder)
 
-    return build_image_encoder(cfg)
+def build_vision_transformer(cfg: ModelConfig, mask_token: bool = False) -> ImageTower:
+    """The image tower ``model.image_encoder`` names (any timm ViT or CNN), without outside
+    weights: :func:`build_model` loads ``model.image_weights``; a restored checkpoint has its own."""
+    return build_image_encoder(cfg, mask_token=mask_token, load_weights=False)
 
 
 def validate_method(m: MethodConfig) -> None:
@@ -60,22 +84,43 @@ def validate_method(m: MethodConfig) -> None:
         raise ValueError(f"method {m.name!r}: every loss weight is 0, nothing would train")
     if not 0.0 <= m.mask_ratio < 1.0:
         raise ValueError(f"method.mask_ratio={m.mask_ratio}: expected 0 <= mask_ratio < 1")
+    if not 0.0 <= m.contrastive_mask_ratio < 1.0:
+        raise ValueError(f"method.contrastive_mask_ratio={m.contrastive_mask_ratio}: expected 0 <= ratio < 1")
     if not 0.0 < m.text_mask_ratio < 1.0 and m.caption_weight > 0 and m.caption_mode == "masked":
         raise ValueError(f"method.text_mask_ratio={m.text_mask_ratio}: expected 0 < ratio < 1 for masked captioning")
     if m.image_gen_weight > 0 and m.mask_ratio == 0:
         raise ValueError("method.mask_ratio=0 with image_gen_weight > 0: nothing would be masked to rebuild")
-    if m.contrastive_weight > 0 and m.contrastive_view == "masked" and m.mask_ratio == 0:
-        raise ValueError("method.contrastive_view='masked' needs method.mask_ratio > 0")
+    if m.contrastive_weight > 0 and m.contrastive_view == "masked" and m.contrastive_mask_ratio == 0:
+        raise ValueError("method.contrastive_view='masked' needs method.contrastive_mask_ratio > 0")
     if not 0.0 <= m.momentum < 1.0:
         raise ValueError(f"method.momentum={m.momentum}: expected 0 <= momentum < 1")
     if m.contrastive_loss == "vilref" and (m.queue_size < 0 or m.num_labels < 1):
         raise ValueError("method.contrastive_loss='vilref' needs method.queue_size >= 0 and method.num_labels >= 1")
     if m.init_temperature <= 0 or m.max_logit_scale <= 1:
         raise ValueError("method.init_temperature must be > 0 and method.max_logit_scale > 1")
+    if m.mim_masking == "block" and m.image_gen_target != "teacher":
+        raise ValueError("method.mim_masking='block' regresses teacher features (EVA); set method.image_gen_target='teacher'")
+    if m.image_gen_target == "teacher" and m.image_gen_weight > 0 and m.mim_masking != "block":
+        raise ValueError("method.image_gen_target='teacher' needs method.mim_masking='block' ([MASK] tokens, as EVA)")
+    if not 0.0 <= m.stage1_fraction < 1.0:
+        raise ValueError(f"method.stage1_fraction={m.stage1_fraction}: expected 0 <= fraction < 1")
+    if m.stage1_fraction > 0 and (m.image_gen_weight == 0 or m.contrastive_weight == 0 or m.caption_weight > 0):
+        raise ValueError("method.stage1_fraction > 0 (two stages) needs image_gen_weight > 0 (stage 1), "
+                         "contrastive_weight > 0 (stage 2) and caption_weight = 0")
+    if m.caption_weight > 0 and m.caption_mode == "autoregressive" and m.cross_attention:
+        raise ValueError("method.caption_mode='autoregressive' (CoCa) cross-attends inside its decoder; set method.cross_attention=false")
+    if m.caption_mode == "autoregressive" and m.caption_weight > 0 and m.coca_pool_queries < 1:
+        raise ValueError(f"method.coca_pool_queries={m.coca_pool_queries}: expected >= 1")
+
+
+def stage1_steps(fraction: float, total_steps: int) -> int:
+    """Steps of stage 1 in a two-stage run of ``total_steps`` (EVA-CLIP); stage 2 takes the
+    rest, so the images seen over both stages are exactly the run's budget."""
+    return int(round(fraction * total_steps))
 
 
 class FundusVLM(nn.Module):
-    """Two-branch vision-language model with contrastive, image-generation and caption heads.
+    """Two-branch vision-language model with contrastive, image-generation and caption terms.
 
     Build it with :func:`build_model` (which also loads pretrained text weights and a
     teacher) or :func:`load_model`; the constructor itself only builds modules.
@@ -105,25 +150,35 @@ class FundusVLM(nn.Module):
         self.use_image_gen = m.image_gen_weight > 0
         self.use_caption = m.caption_weight > 0
         self.masked_caption = self.use_caption and m.caption_mode == "masked"
-        self.ar_caption = self.use_caption and m.caption_mode == "autoregressive"
+        self.coca = self.use_caption and m.caption_mode == "autoregressive"
         self.has_text = self.use_contrastive or self.use_caption
         self.use_momentum = self.use_contrastive and m.contrastive_loss == "vilref"
+        self.teacher_target = self.use_image_gen and m.image_gen_target == "teacher"
+        self.stage = 1 if m.stage1_fraction > 0 else 0  # 0: one stage (every term every step)
+        self._truncation_warned = False
 
-        self.image_encoder = build_vision_transformer(model_cfg)
-        vw = model_cfg.vision_width
+        self.image_encoder = build_vision_transformer(model_cfg, mask_token=self.teacher_target)
+        vw = self.image_encoder.width
         self.tokenizer = tokenizer
         self.text_encoder = None
+        vocab = len(tokenizer) if tokenizer is not None else 0
         if self.has_text:
             if tokenizer is None:
                 raise ValueError(f"method {m.name!r} has a text branch: build_model needs a tokenizer")
-            if text_config is None:
-                text_config = small_bert_config(
-                    len(tokenizer), model_cfg.text_width, model_cfg.text_depth, model_cfg.text_heads,
-                    model_cfg.text_max_length, tokenizer.pad_token_id,
+            if self.coca:  # CoCa: one causal stack; these are its unimodal layers
+                self.text_encoder = CoCaTextEncoder(
+                    vocab, model_cfg.text_max_length, model_cfg.text_width, model_cfg.text_depth,
+                    model_cfg.text_heads, model_cfg.mlp_ratio,
                 )
-            if len(tokenizer) > text_config.vocab_size:
-                raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the text encoder only {text_config.vocab_size}")
-            self.text_encoder = TextEncoder(text_config)
+            else:
+                if text_config is None:
+                    text_config = small_bert_config(
+                        vocab, model_cfg.text_width, model_cfg.text_depth, model_cfg.text_heads,
+                        model_cfg.text_max_length, tokenizer.pad_token_id,
+                    )
+                if vocab > text_config.vocab_size:
+                    raise ValueError(f"tokenizer has {vocab} tokens but the text encoder only {text_config.vocab_size}")
+                self.text_encoder = TextEncoder(text_config)
         tw = self.text_encoder.width if self.text_encoder is not None else None
 
         # contrastive heads (eq. 2)
@@ -138,39 +193,38 @@ class FundusVLM(nn.Module):
         use_fusion = m.cross_attention and self.has_text
         self.fusion_image = (
             CrossAttention(vw, tw, model_cfg.fusion_depth, model_cfg.fusion_heads, model_cfg.mlp_ratio)
-            if use_fusion and self.use_image_gen else None
+            if use_fusion and self.use_image_gen and not self.teacher_target else None
         )
         self.fusion_text = (
             CrossAttention(tw, vw, model_cfg.fusion_depth, model_cfg.fusion_heads, model_cfg.mlp_ratio)
             if use_fusion and self.masked_caption else None
         )
 
-        # image generation (eqs. 3-4) or teacher-feature regression (EVA)
+        # image generation (eqs. 3-4) or teacher-feature regression (EVA stage 1)
         self.teacher = None
         self.teacher_config = None
         if self.use_image_gen:
-            if m.image_gen_target == "teacher":
+            if self.teacher_target:
                 self.teacher_config = teacher_config or model_cfg
                 if (self.teacher_config.img_size, self.teacher_config.patch_size) != (model_cfg.img_size, model_cfg.patch_size):
                     raise ValueError("method.teacher_checkpoint: the teacher must use the same img_size and patch_size")
                 self.teacher = build_vision_transformer(self.teacher_config)
                 self.teacher.requires_grad_(False)
-                out_dim = self.teacher_config.vision_width
+                # EVA: the encoder's own output tokens, through a linear head, regress the teacher
+                self.image_decoder = nn.Linear(vw, self.teacher.width)
             else:
-                out_dim = model_cfg.patch_size**2 * 3
-            self.image_decoder = MAEDecoder(
-                self.image_encoder.num_patches, vw, model_cfg.decoder_width, model_cfg.decoder_depth,
-                model_cfg.decoder_heads, out_dim, model_cfg.mlp_ratio,
-            )
+                self.image_decoder = MAEDecoder(
+                    self.image_encoder.num_patches, vw, model_cfg.decoder_width, model_cfg.decoder_depth,
+                    model_cfg.decoder_heads, self.image_encoder.patch_size**2 * 3, model_cfg.mlp_ratio,
+                )
 
         # captioning (eqs. 5-6)
-        vocab = len(tokenizer) if tokenizer is not None else 0
         if self.masked_caption:
             self.text_decoder = MaskedTextDecoder(tw, model_cfg.text_decoder_depth, model_cfg.text_heads, vocab, model_cfg.mlp_ratio)
-        elif self.ar_caption:
-            self.text_decoder = CaptionDecoder(
-                vocab, model_cfg.text_max_length, tw, model_cfg.caption_depth, model_cfg.text_heads, vw, model_cfg.mlp_ratio
-            )
+        elif self.coca:
+            self.text_decoder = MultimodalDecoder(tw, model_cfg.caption_depth, model_cfg.text_heads, vw, vocab, model_cfg.mlp_ratio)
+            self.contrastive_pooler = AttentionalPooler(vw, vw, 1, model_cfg.vision_heads)
+            self.caption_pooler = AttentionalPooler(vw, vw, m.coca_pool_queries, model_cfg.vision_heads)
 
         # ViLReF: momentum encoders and a memory queue
         if self.use_momentum:
@@ -185,10 +239,66 @@ class FundusVLM(nn.Module):
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
             self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
 
+        self.objectives = objectives_for(self)  # the terms of eq. 8 this method trains
+
+    # ------------------------------------------------------------------ what it can do
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """The subset of :data:`CAPABILITIES` this model supports (eval, viz and widgets read
+        this instead of probing attributes)."""
+        caps = {"image_embedding"} if self.use_contrastive else set()
+        if self.use_contrastive:
+            caps |= {"text_embedding", "patch_embedding"}
+        if self.use_image_gen and not self.teacher_target:
+            caps.add("reconstruction")
+        if self.fusion_image is not None:
+            caps.add("text_conditioned_reconstruction")
+        if self.fusion_text is not None:
+            caps.add("cross_attention_maps")
+        if self.use_caption:
+            caps.add("captioning")
+        caps.add("image_features")
+        if getattr(self.image_encoder, "supports_masking", False):  # a ViT: attention maps, per-block lr decay
+            caps |= {"attention_maps", "fine_tune"}
+        return frozenset(caps)
+
+    def passes(self) -> dict[str, Any]:
+        """The encoder passes one training step runs: the union of what the active
+        objective heads declare (``fundus_lab.models.objectives``), each run once.
+
+        Returns dict(image: list of (kind, ratio) with kind "full" | "masked" |
+        "mask_token", text: list of "full" | "masked"). The paper's ``ours`` runs one
+        unmasked and one masked pass of each encoder.
+        """
+        views: list[tuple[str, Any]] = []
+        for head in self.objectives:
+            if head.active(self):
+                views += [v for v in head.needs(self) if v not in views]
+        image = []
+        for _, r in (v for v in views if v[0] == "image"):
+            if r == "mask_token":
+                image.append(("mask_token", self.method_cfg.mask_ratio))
+            else:
+                image.append(("masked" if r > 0 else "full", r))
+        return {"image": image, "text": [t for k, t in views if k == "text"]}
+
+    def context_image_ratio(self) -> float:
+        """Mask ratio of the image view the contrastive term and ``CA_text`` read: 0 (the
+        unmasked image, eq. 1) or FLIP's ``contrastive_mask_ratio``."""
+        m = self.method_cfg
+        return m.contrastive_mask_ratio if (self.use_contrastive and m.contrastive_view == "masked") else 0.0
+
+    def context_text_view(self) -> str:
+        """The text view the contrastive term and ``CA_img`` read: the unmasked text (eq. 1),
+        or under FLIP the masked text that captioning makes anyway (one text pass)."""
+        m = self.method_cfg
+        flip = self.use_contrastive and m.contrastive_view == "masked" and self.masked_caption
+        return "masked" if flip else "full"
+
     # ------------------------------------------------------------------ helpers
     @property
     def device(self) -> torch.device:
-        return self.image_encoder.cls_token.device
+        return next(self.image_encoder.parameters()).device  # any tower (a CNN has no cls_token)
 
     def _scale(self) -> torch.Tensor:
         """exp(t) clamped to ``max_logit_scale`` (CLIP: 100)."""
@@ -199,19 +309,43 @@ class FundusVLM(nn.Module):
             raise RuntimeError(f"method {self.method_cfg.name!r} has no {what}: {why}")
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """list[str] -> input_ids, attention_mask ``[N, T]`` on the model's device."""
+        """list[str] -> input_ids, attention_mask ``[N, T]`` on the model's device.
+
+        Texts longer than ``model.text_max_length`` tokens are cut; the first time that
+        happens the model warns with the count (nothing is cut silently).
+        """
         self._require("text encoder", self.text_encoder is not None, "its contrastive and caption weights are 0")
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
             raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
         for i, t in enumerate(texts):
             if not isinstance(t, str):
-                raise ValueError(f"batch['text'][{i}] is {t!r}: method {self.method_cfg.name!r} needs a report for every image")
-        max_length = min(self.model_cfg.text_max_length, getattr(self.text_encoder.config, "max_position_embeddings", 10**9))
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+                raise ValueError(f"batch['text'][{i}] is {t!r}: method {self.method_cfg.name!r} needs a text for every image")
+        cfg_max = getattr(getattr(self.text_encoder, "config", None), "max_position_embeddings", 10**9)
+        max_length = min(self.model_cfg.text_max_length, cfg_max)
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                             return_tensors="pt", return_overflowing_tokens=False, return_length=False)
+        if not self._truncation_warned and enc["attention_mask"].shape[1] >= max_length:
+            lengths = [len(x) for x in self.tokenizer(list(texts), truncation=False)["input_ids"]]
+            cut = sum(n > max_length for n in lengths)
+            if cut:
+                self._truncation_warned = True
+                warnings.warn(
+                    f"method {self.method_cfg.name!r}: {cut} of {len(texts)} texts in this batch are longer than "
+                    f"model.text_max_length={max_length} tokens (longest {max(lengths)}) and were truncated; "
+                    "raise model.text_max_length to keep them whole (warned once)", stacklevel=2)
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     def _special_ids(self) -> list[int]:
         return [i for i in self.tokenizer.all_special_ids if i is not None]
+
+    def set_progress(self, step: int, total_steps: int) -> int:
+        """Tell a two-stage method (EVA-CLIP, ``stage1_fraction > 0``) where training is:
+        steps ``[0, round(fraction * total))`` are stage 1, the rest stage 2. Returns the
+        stage (0 for one-stage methods). Derived from the step, so resume is exact."""
+        f = self.method_cfg.stage1_fraction
+        if f > 0:
+            self.stage = 1 if step < stage1_steps(f, total_steps) else 2
+        return self.stage
 
     # ------------------------------------------------------------------ encoders (inference API)
     def image_features(self, images: torch.Tensor, mask_ratio: float = 0.0) -> dict:
@@ -220,10 +354,17 @@ class FundusVLM(nn.Module):
         out = self.image_encoder(images, mask_ratio)
         return {"cls": out["cls"], "tokens": out["tokens"][:, 1:], "mask": out["mask"], "ids_restore": out["ids_restore"]}
 
+    def image_embedding_input(self, enc: dict) -> torch.Tensor:
+        """The pooled image feature the contrastive projection reads: the CLS token, or
+        CoCa's one-query attentional pool over every token."""
+        if self.coca:
+            return self.contrastive_pooler(enc["tokens"])[:, 0]
+        return enc["cls"]
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """``[N, 3, H, W]`` in [0, 1] -> ``[N, D]`` L2-normalised (the ViT's CLS for ``mae``)."""
-        cls = self.image_encoder(images)["cls"]
-        z = self.image_proj(cls) if self.use_contrastive else cls
+        enc = self.image_encoder(images)
+        z = self.image_proj(self.image_embedding_input(enc)) if self.use_contrastive else enc["cls"]
         return F.normalize(z, dim=-1)
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
@@ -248,31 +389,37 @@ class FundusVLM(nn.Module):
         return [a.float() for a in self.image_encoder.attention_maps(images)]
 
     @torch.no_grad()
-    def cross_attention_maps(self, images: torch.Tensor, texts: Sequence[str]) -> dict:
-        """Text token -> image token attention of ``CA_text`` (eq. 7) on unmasked inputs.
+    def cross_attention_maps(self, images: torch.Tensor, texts: Sequence[str], mask_text: bool = False) -> dict:
+        """Text token -> image token attention of ``CA_text`` (eq. 7) on the inputs it is
+        trained on: text tokens query the image view ``CA_text`` reads in training (the
+        unmasked image for ``ours``, the contrastive masked view for ``ours-flip``). In
+        training most text tokens (``1 - text_mask_ratio``) are unmasked, so the unmasked
+        text is in-distribution; ``mask_text=True`` masks it as one training step would.
 
-        Returns dict(maps: list per layer of ``[N, heads, T, 1 + L]`` (column 0 is the image
+        Returns dict(maps: list per layer of ``[N, heads, T, 1 + L']`` (column 0 is the image
         CLS token), tokens: list of token strings per text, attention_mask ``[N, T]``).
         """
-        self._require("text->image cross-attention", self.fusion_text is not None,
+        self._require("text->image cross-attention", "cross_attention_maps" in self.capabilities,
                       "method.cross_attention is false or masked captioning is off")
         ids, attn = self.tokenize(texts)
-        img = self.image_encoder(images)["tokens"]
+        if mask_text:
+            ids, _ = mask_tokens(ids, attn, self.method_cfg.text_mask_ratio, self.tokenizer.mask_token_id, self._special_ids())
+        img = self.image_encoder(images, self.context_image_ratio())["tokens"]
         txt = self.text_encoder(ids, attn)["tokens"]
         _, maps = self.fusion_text(txt, img, return_attention=True)
         maps = [a.float() for a in maps]
         tokens = [self.tokenizer.convert_ids_to_tokens(row[mask.bool()].tolist()) for row, mask in zip(ids.cpu(), attn.cpu())]
         return {"maps": maps, "tokens": tokens, "attention_mask": attn}
 
-    # ------------------------------------------------------------------ forward steps
-    def forward_contrastive(self, image_cls, text_cls, labels) -> torch.Tensor:
-        """Eq. 2 (or the FLAIR / ViLReF variant) on projected, normalised CLS features."""
+    # ------------------------------------------------------------------ loss terms
+    def forward_contrastive(self, image_feature, text_cls, labels) -> torch.Tensor:
+        """Eq. 2 (or the FLAIR / ViLReF variant) on projected, normalised pooled features."""
         m = self.method_cfg
-        z_img = F.normalize(self.image_proj(image_cls), dim=-1)
+        z_img = F.normalize(self.image_proj(image_feature), dim=-1)
         z_txt = F.normalize(self.text_proj(text_cls), dim=-1)
         scale = self._scale()
         if m.contrastive_loss == "infonce":
-            return L.contrastive_loss(z_img, z_txt, scale)
+            return L.contrastive_loss(z_img, z_txt, scale, directions=m.contrastive_directions)
         try:
             labels = None if labels is None else torch.as_tensor(labels).to(self.device)
         except (TypeError, ValueError, RuntimeError):
@@ -286,92 +433,65 @@ class FundusVLM(nn.Module):
             z_img, z_txt, labels, scale, self.image_queue[:k].clone(), self.text_queue[:k].clone(), self.label_queue[:k].clone()
         )
 
-    def forward_image_gen(self, images, tokens, mask, ids_restore) -> torch.Tensor:
-        """Eqs. 3-4: decode (fused) visible tokens, score the masked patches."""
-        pred = self.image_decoder(tokens, ids_restore)  # [N, L, out]
-        if self.teacher is not None:
-            with torch.no_grad():
-                self.teacher.eval()
-                target = self.teacher(images)["tokens"][:, 1:]
-            return L.feature_regression_loss(pred, target, mask, self.method_cfg.teacher_loss)
-        target = patchify(self.image_encoder.normalize(images), self.model_cfg.patch_size)
-        return L.masked_image_loss(pred, target, mask, self.method_cfg.norm_pix_loss)
-
     def forward(self, batch: dict) -> dict:
-        """One training step's losses.
+        """One training step's losses: run the passes the active heads declare, then each head.
 
         Args:
             batch: ``fl.data.collate`` output: "image" ``[N, 3, H, W]`` in [0, 1], "text"
                 list[str] (methods with a text branch), "label" (FLAIR / ViLReF).
         Returns:
-            dict with "loss" (eq. 8) = the sum of the pre-weighted ``*_loss`` terms, and
-            "logit_scale" (detached) where there is a contrastive term.
+            dict with "loss" (eq. 8) = the sum of the pre-weighted ``*_loss`` terms,
+            "logit_scale" (detached) where there is a contrastive term, and "stage" for
+            two-stage methods.
         """
         if "image" not in batch:
             raise KeyError("batch has no 'image'")
         m = self.method_cfg
-        images = batch["image"].to(self.device)
-        labels = batch.get("label")  # read only by the label-aware losses
-        terms: dict[str, torch.Tensor] = {}
+        enc = self.encode_views(batch)
+        terms = {head.key: head(self, enc, batch) for head in self.objectives if head.active(self)}
         logs: dict[str, Any] = {}
-
-        # 1. encoders: only the passes this method reads
-        masked_view = self.use_contrastive and m.contrastive_view == "masked"
-        img_masked = self.image_encoder(images, m.mask_ratio) if (self.use_image_gen or masked_view) else None
-        reads_image_tokens = self.ar_caption or self.fusion_text is not None
-        need_full_img = (self.use_contrastive and not masked_view) or (reads_image_tokens and img_masked is None)
-        img_full = self.image_encoder(images) if need_full_img else None
-
-        txt_full = txt_masked = text_targets = ids = attn = None
-        if self.has_text:
-            if "text" not in batch or batch["text"] is None:
-                raise KeyError(f"method {m.name!r} needs batch['text'] (the reports)")
-            ids, attn = self.tokenize(batch["text"])
-            if self.masked_caption:
-                masked_ids, text_targets = mask_tokens(ids, attn, m.text_mask_ratio, self.tokenizer.mask_token_id, self._special_ids())
-                txt_masked = self.text_encoder(masked_ids, attn)
-            if (self.use_contrastive and not (masked_view and txt_masked is not None)) or (
-                txt_masked is None and self.fusion_image is not None
-            ):
-                txt_full = self.text_encoder(ids, attn)
-
-        # 2. contrastive (eq. 2)
-        if self.use_contrastive:
-            img_c = img_masked if masked_view else img_full
-            txt_c = txt_masked if (masked_view and txt_masked is not None) else txt_full
-            terms["contrastive_loss"] = self.forward_contrastive(img_c["cls"], txt_c["cls"], labels)
+        if "contrastive_loss" in terms:
             logs["logit_scale"] = self._scale().detach()
-
-        # 3. fusion (eq. 7): both directions read the encoders' (un-updated) tokens
-        img_for_text = img_masked if img_masked is not None else img_full
-        txt_for_img = txt_masked if txt_masked is not None else txt_full
-        img_tokens = img_masked["tokens"] if img_masked is not None else None
-        if self.fusion_image is not None:
-            img_tokens = self.fusion_image(img_tokens, txt_for_img["tokens"], ~attn.bool())
-        txt_tokens = txt_masked["tokens"] if txt_masked is not None else None
-        if self.fusion_text is not None:
-            txt_tokens = self.fusion_text(txt_tokens, img_for_text["tokens"])
-
-        # 4. image generation (eqs. 3-4)
-        if self.use_image_gen:
-            terms["image_gen_loss"] = self.forward_image_gen(images, img_tokens, img_masked["mask"], img_masked["ids_restore"])
-
-        # 5. captioning (eqs. 5-6)
-        if self.masked_caption:
-            logits = self.text_decoder(txt_tokens, attn)
-            terms["caption_loss"] = L.caption_loss(logits, text_targets)
-        elif self.ar_caption:
-            # un-fused image tokens: fused ones would have read the whole report (a leak)
-            logits = self.text_decoder(ids[:, :-1], img_for_text["tokens"])
-            targets = ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
-            terms["caption_loss"] = L.caption_loss(logits, targets)
-
+        if self.stage:
+            logs["stage"] = self.stage
         total, weighted = L.total_loss(
             terms, {"contrastive_loss": m.contrastive_weight, "image_gen_loss": m.image_gen_weight, "caption_loss": m.caption_weight}
         )
-        if self.use_momentum and self.training:
-            self._enqueue(images, ids, attn, labels)
+        if self.use_momentum and self.training and "contrastive_loss" in terms:
+            self._enqueue(enc["images"], enc["input_ids"], enc["attention_mask"], batch.get("label"))
         return {"loss": total, **weighted, **logs}
+
+    def encode_views(self, batch: dict) -> dict:
+        """Eqs. 1, 3, 5: each planned pass once. Returns ``{("image", ratio | "mask_token"):
+        encoder output, ("text", "full" | "masked"): encoder output}`` plus images,
+        input_ids, attention_mask and text_targets (the caption targets)."""
+        m = self.method_cfg
+        images = batch["image"].to(self.device)
+        enc: dict[Any, Any] = {"images": images}
+        plan = self.passes()
+        for kind, ratio in plan["image"]:
+            if kind == "mask_token":
+                mask = block_mask(images.shape[0], self.image_encoder.grid_size, ratio).to(images.device)
+                out = self.image_encoder.forward_features(images, mask=mask)
+                enc[("image", "mask_token")] = {**out, "mask": mask.to(out["tokens"].dtype)}
+            else:
+                enc[("image", ratio)] = self.image_encoder(images, ratio)
+        if plan["text"]:
+            if "text" not in batch or batch["text"] is None:
+                raise KeyError(f"method {m.name!r} needs batch['text'] (one text per image)")
+            ids, attn = self.tokenize(batch["text"])
+            targets = None
+            if self.coca:  # teacher forcing: the stack reads ids[:-1] and predicts ids[1:]
+                ids, attn, targets = ids[:, :-1], attn[:, :-1], ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
+            if "masked" in plan["text"]:
+                masked_ids, masked_targets = mask_tokens(ids, attn, m.text_mask_ratio, self.tokenizer.mask_token_id, self._special_ids())
+                # eq. 6 sums over all T tokens; "masked" scores only the masked ones (MLM)
+                targets = masked_targets if m.caption_targets == "masked" else ids.masked_fill(attn == 0, -100)
+                enc[("text", "masked")] = self.text_encoder(masked_ids, attn)
+            if "full" in plan["text"]:
+                enc[("text", "full")] = self.text_encoder(ids, attn)
+            enc.update(input_ids=ids, attention_mask=attn, text_targets=targets)
+        return enc
 
     # ------------------------------------------------------------------ momentum encoders (ViLReF)
     @torch.no_grad()
@@ -382,7 +502,7 @@ class FundusVLM(nn.Module):
             return
         zi = F.normalize(self.momentum_image_proj(self.momentum_image_encoder(images)["cls"]), dim=-1)
         zt = F.normalize(self.momentum_text_proj(self.momentum_text_encoder(ids, attn)["cls"]), dim=-1)
-        y = L._labels_as_matrix(labels, self.method_cfg.num_labels)
+        y = L._labels_as_matrix(torch.as_tensor(labels).to(self.device), self.method_cfg.num_labels)
         zi, zt, y = L.gather_no_grad(zi), L.gather_no_grad(zt), L.gather_no_grad(y)
         n = zi.shape[0]
         idx = (int(self.queue_ptr) + torch.arange(n, device=zi.device)) % k
@@ -419,22 +539,33 @@ class FundusVLM(nn.Module):
 
     # ------------------------------------------------------------------ visualisation
     @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor, mask_ratio: float | None = None) -> dict:
-        """Rebuild masked patches for display (MAE figure).
+    def reconstruct(self, images: torch.Tensor, mask_ratio: float | None = None, texts: Sequence[str] | None = None) -> dict:
+        """Rebuild masked patches for display (MAE figure), along the trained path.
+
+        Where the method has ``CA_img`` (eq. 7) the masked image tokens query the texts'
+        tokens first, as in training, so ``texts`` (one per image) are required then.
 
         Returns dict(pred_images ``[N, 3, H, W]`` in [0, 1] (the prediction everywhere),
         pasted ``[N, 3, H, W]`` (visible patches from the input, masked ones predicted),
         masked_images (input with masked patches zeroed), mask ``[N, L]``, mask_image
         ``[N, 1, H, W]`` (1 = masked)). With ``norm_pix_loss`` the per-patch normalised
         prediction is mapped back with each patch's true mean and variance, for display only.
-        The text branch does not take part (no report is given).
         """
-        self._require("pixel decoder", self.use_image_gen and self.teacher is None,
+        self._require("pixel decoder", "reconstruction" in self.capabilities,
                       "it does not rebuild pixels (image_gen_weight is 0 or the target is teacher features)")
         ratio = self.method_cfg.mask_ratio if mask_ratio is None else mask_ratio
         enc = self.image_encoder(images, ratio)
-        pred = self.image_decoder(enc["tokens"], enc["ids_restore"])
-        p = self.model_cfg.patch_size
+        tokens = enc["tokens"]
+        if self.fusion_image is not None:
+            if texts is None:
+                raise ValueError(f"method {self.method_cfg.name!r} rebuilds images through CA_img (eq. 7): "
+                                 "reconstruct(images, texts=[...]) needs one text per image")
+            if len(texts) != images.shape[0]:
+                raise ValueError(f"reconstruct: {len(texts)} texts for {images.shape[0]} images")
+            ids, attn = self.tokenize(list(texts))
+            tokens = self.fusion_image(tokens, self.text_encoder(ids, attn)["tokens"], ~attn.bool())
+        pred = self.image_decoder(tokens, enc["ids_restore"])
+        p = self.image_encoder.patch_size
         target = patchify(self.image_encoder.normalize(images), p)
         if self.method_cfg.norm_pix_loss:
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
@@ -471,7 +602,7 @@ class FundusVLM(nn.Module):
             "format_version": FORMAT_VERSION,
             "model": model_dict,
             "method": to_dict(self.method_cfg),
-            "text_config": self.text_encoder.config.to_dict() if self.text_encoder is not None else None,
+            "text_config": self.text_encoder.config.to_dict() if isinstance(self.text_encoder, TextEncoder) else None,
             "teacher_model": to_dict(self.teacher_config) if self.teacher_config is not None else None,
         }
         (out / CONFIG_NAME).write_text(json.dumps(payload, indent=2, default=str))
@@ -546,6 +677,9 @@ def build_model(model_cfg: ModelConfig, method_cfg: MethodConfig, tokenizer=None
     if has_text and tokenizer is None:
         tokenizer = _resolve_tokenizer(model_cfg)
     text_encoder = text_config = None
+    if has_text and model_cfg.text_pretrained and method_cfg.caption_mode == "autoregressive" and method_cfg.caption_weight > 0:
+        raise ValueError(f"model.text_pretrained={model_cfg.text_pretrained!r}: CoCa's causal text stack "
+                         "(method.caption_mode='autoregressive') is built from scratch; unset model.text_pretrained")
     if has_text and model_cfg.text_pretrained:
         text_encoder = TextEncoder.from_pretrained(model_cfg.text_pretrained)
         text_config = text_encoder.config
@@ -558,6 +692,8 @@ def build_model(model_cfg: ModelConfig, method_cfg: MethodConfig, tokenizer=None
         tdata = _read_checkpoint_config(tpath)
         teacher_cfg = from_dict(ModelConfig, tdata["model"], str(tpath / CONFIG_NAME))
     model = FundusVLM(model_cfg, method_cfg, tokenizer if has_text else None, text_config, teacher_cfg)
+    if model_cfg.image_weights:  # timm / RETFound weights for the image tower
+        load_image_weights(model.image_encoder, model_cfg.image_weights)
     if text_encoder is not None:
         model.text_encoder.load_state_dict(text_encoder.state_dict(), strict=True)
     if uses_teacher and method_cfg.teacher_checkpoint:
