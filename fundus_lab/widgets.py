@@ -114,13 +114,15 @@ def load_image_bytes(data: bytes, name: str = "upload", max_side: int = MAX_SIDE
         if img.format == "JPEG" and max(w, h) > max_side:
             img.draft(img.mode, (max_side, max_side))  # DCT scaling: never decodes the full size
         img.load()
-        factor = max(img.size) // max_side
-        if factor >= 2:
-            img = img.reduce(factor)
         img = ImageOps.exif_transpose(img)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ImageInputError(f"{name}: the image could not be decoded ({err})") from None
-    return Image.fromarray(_rgb8_from_pil(img))
+    factor = max(img.size) // max_side
+    if factor >= 2 and img.mode in ("L", "RGB", "RGBA", "LA", "I", "F"):
+        img = img.reduce(factor)  # before the conversion: it works on the smaller image
+        factor = 1
+    rgb = Image.fromarray(_rgb8_from_pil(img))
+    return rgb.reduce(factor) if factor >= 2 else rgb
 
 
 def model_image_size(model) -> int:
