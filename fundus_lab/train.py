@@ -416,6 +416,11 @@ def check_resumable(saved_config: Path, cfg: Config, allow_changes: Sequence[str
     unknown = [k for k in allow_changes if k not in RESUME_OVERRIDABLE]
     if unknown:
         raise ConfigError(f"allow_changes: {unknown} cannot be changed on resume; only {list(RESUME_OVERRIDABLE)}")
+    if not saved_config.is_file():
+        raise ConfigError(
+            f"{saved_config.parent} holds checkpoints but no {saved_config.name}, so nothing shows they belong to "
+            "this config; pass resume=False (--no-resume) to start over or set another train.output_dir"
+        )
     try:
         saved = yaml.safe_load(saved_config.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
@@ -651,7 +656,7 @@ def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = Tru
 
     # where to start
     last = ckpt.last_checkpoint(run_dir) if resume else None
-    if last is not None and (run_dir / "config.yaml").is_file():
+    if last is not None:
         check_resumable(run_dir / "config.yaml", cfg, allow_changes)
     if is_main:
         if last is None and run_dir.is_dir():

@@ -114,7 +114,7 @@ def load_image_bytes(data: bytes, name: str = "upload", max_side: int = MAX_SIDE
         if img.format == "JPEG" and max(w, h) > max_side:
             img.draft(img.mode, (max_side, max_side))  # DCT scaling: never decodes the full size
         img.load()
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ImageInputError(f"{name}: the image could not be decoded ({err})") from None
     factor = max(img.size) // max_side

@@ -147,6 +147,15 @@ def test_resume_with_a_different_budget_is_refused_listing_every_key(doubles, tm
         T.pretrain(method)
 
 
+def test_checkpoints_without_the_run_config_are_not_resumed(doubles, tmp_path):
+    cfg = make_cfg(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        T.pretrain(cfg, callbacks=[stop_at(3)])
+    (tmp_path / "run" / "config.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"holds checkpoints but no config.yaml"):
+        T.pretrain(cfg)
+
+
 def test_resume_override_allows_only_the_safe_keys(doubles, tmp_path):
     cfg = make_cfg(tmp_path / "run", steps=4)
     with pytest.raises(KeyboardInterrupt):
