@@ -229,3 +229,14 @@ def test_optimizer_shape_mismatch_is_found_at_load(broken_run):
     save_file(tensors, str(f))
     with pytest.raises(ckpt.CheckpointError, match=r"optimizer state 'exp_avg' of group \d parameter \d+ has shape"):
         resume()
+
+
+def test_cli_reports_a_locked_run_folder_and_exits_2(tmp_path, capsys):
+    run = tmp_path / "run"
+    handle = T.lock_run_dir(run)  # a second open file description conflicts even in one process
+    try:
+        code = T.main(["--preset", "smoke", "--method", "clip", f"train.output_dir={run}"])
+    finally:
+        T.unlock_run_dir(handle)
+    assert code == 2
+    assert f"run folder {run} is in use by another job (pid {os.getpid()}" in capsys.readouterr().err
