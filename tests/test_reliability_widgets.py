@@ -46,12 +46,15 @@ def test_prompts_with_mathtext_are_plain_text_and_never_raise():
 
 def test_a_huge_sparse_upload_is_decoded_at_reduced_size_and_memory(tmp_path):
     """A 6300 x 6300 PNG of ~0.15 MB: the decoded image is reduced to about MAX_SIDE, and
-    the memory to load and prepare it stays far below the 3.2 GB it took before."""
+    the memory to load and prepare it stays far below the 3.2 GB it took before (measured
+    here: ~0 MB above the baseline after the fix, ~2 GB before)."""
     script = textwrap.dedent("""
         import io, resource, sys
         import numpy as np
         from PIL import Image
-        from fundus_lab import widgets
+        import torch.nn.functional
+        import fundus_lab.data.images
+        from fundus_lab import widgets  # imports first: the baseline is the process ready to decode
         arr = np.zeros((6300, 6300, 3), np.uint8)
         arr[2000:4000, 2000:4000] = (180, 60, 20)
         buf = io.BytesIO()
@@ -69,7 +72,7 @@ def test_a_huge_sparse_upload_is_decoded_at_reduced_size_and_memory(tmp_path):
     size_bytes, w, h, extra_mb = map(int, out.stdout.split())
     assert size_bytes < 400_000
     assert max(w, h) <= 2 * widgets.MAX_SIDE and min(w, h) >= widgets.MAX_SIDE // 2
-    assert extra_mb < 600, f"{extra_mb} MB above the baseline to load a {size_bytes}-byte upload"
+    assert extra_mb < 200, f"{extra_mb} MB above the baseline to load a {size_bytes}-byte upload"
 
 
 def test_a_large_jpeg_uses_draft_decoding():
