@@ -132,3 +132,27 @@ def test_unknown_text_model_type_is_a_checkpoint_error(saved_model, tmp_path):
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"config.json: text_config.model_type 'no-such-transformer' is not a transformers model type"):
         load_model(ckpt)
+
+
+
+def test_outside_clip_folder_with_auto_map_is_refused(tmp_path):
+    """fl.load_model of a Hugging Face CLIP folder (models/external.py) checks the same way."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from fundus_lab.models.external import load_external
+
+    tok = train_tokenizer(TEXTS, vocab_size=100, model_max_length=16)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        projection_dim=8,
+    )
+    folder = tmp_path / "clip"
+    CLIPModel(cfg).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    cfg_path = tamper(folder, tmp_path / "ran.txt")
+    with pytest.raises(CheckpointError, match=rf"{cfg_path}: has an 'auto_map'"):
+        load_external(folder)
+    assert not (tmp_path / "ran.txt").exists()
