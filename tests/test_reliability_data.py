@@ -135,7 +135,8 @@ def test_error_about_a_huge_value_is_short_and_fast():
         parse_manifest({"name": "n", "task": huge, "classes": [{"name": "a", "key": "normal"}],
                         "sources": [{"annotations": "x.csv", "label": {"column": "l"}}]}, "m.yaml")
     message = str(err.value)
-    assert time.perf_counter() - start < 2 and len(message) < 400 and "m.yaml: task" in message
+    # measured: ~1 ms lazily, 1.6 s when the repr was built eagerly
+    assert time.perf_counter() - start < 0.2 and len(message) < 400 and "m.yaml: task" in message
 
 
 def test_duplicate_key_in_a_manifest_is_an_error(tmp_path):
