@@ -19,6 +19,11 @@ RNG state and the data position (epoch and batch within it). Data order is a fun
 (seed, epoch) alone and each sample's augmentation a function of (seed, epoch, index), so
 a run killed at any step and resumed from its last checkpoint ends with the same weights
 as one that never stopped.
+
+Nothing lost: one job at a time holds a run folder (an OS lock that dies with the process;
+a second job is refused, naming the holder's pid); resuming with a config that differs
+from the run's is refused, listing every difference; a NaN/Inf gradient stops the step
+before ``optimizer.step()``, and non-finite weights are never saved.
 """
 
 from __future__ import annotations
@@ -110,7 +115,7 @@ def check_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, st
     give such a gradient (0 * inf in backward); ``optimizer.step()`` would spread it into
     every weight, so this runs before it."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads or bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum())):
+    if not grads or bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all()):
         return
     names = {id(p): n for n, p in model.named_parameters()}
     for gi, group in enumerate(optimizer.param_groups):
@@ -582,7 +587,8 @@ def train_step(accelerator, model, optimizer, scheduler, batches: Iterator[dict]
             logs.append(scalar_logs(out))
             check_finite(step, logs[-1])  # before backward: broken gradients never reach the weights
             accelerator.backward(out["loss"] / train.grad_accum_steps)
-    check_gradients(accelerator.unwrap_model(model), optimizer, step)
+    if getattr(accelerator, "scaler", None) is None:  # fp16's GradScaler skips overflow steps itself
+        check_gradients(accelerator.unwrap_model(model), optimizer, step)
     grad_norm = None
     if train.clip_grad_norm is not None:
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), train.clip_grad_norm))
