@@ -117,13 +117,27 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` captured."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+def set_rng_state(state: dict, where: str = "trainer_state.json") -> None:
+    """Restore what :func:`rng_state` captured; a malformed state is a :class:`CheckpointError`
+    naming ``where`` (nothing is restored from a state that does not parse in full)."""
+    try:
+        version, internal, gauss = state["python"]
+        py = (version, tuple(internal), gauss)
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        nps = (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
+        th = torch.tensor(state["torch"], dtype=torch.uint8)
+        old = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            random.setstate(py)
+            np.random.set_state(nps)
+            torch.set_rng_state(th)
+        except BaseException:
+            random.setstate(old[0])
+            np.random.set_state(old[1])
+            torch.set_rng_state(old[2])
+            raise
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise CheckpointError(f"{where}: rng state is malformed ({type(err).__name__}: {err})") from None
     if state.get("cuda") and torch.cuda.is_available():
         cuda = [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]]
         if len(cuda) != torch.cuda.device_count():
@@ -211,6 +225,51 @@ def _point_last(run_dir: Path, target: Path) -> None:
     _fsync_path(run_dir)
 
 
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with a :class:`CheckpointError` naming the file for a
+    truncated or corrupt file (a disk that filled up mid-save), instead of a raw SafetensorError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 -- SafetensorError, OSError, ValueError alike
+        raise CheckpointError(
+            f"{path}: cannot be read as safetensors ({type(err).__name__}: {err}); the file is truncated "
+            "or corrupt (was the disk full?); resume from an earlier checkpoint"
+        ) from None
+
+
+TMP_PATTERNS = (".tmp-checkpoint-*", ".trash-checkpoint-*", f".{LAST}.tmp-*")
+
+
+def clean_tmp(run_dir: str | Path) -> list[Path]:
+    """Remove what a job killed mid-save leaves behind (``.tmp-checkpoint-*`` folders, swapped-out
+    ``.trash-*`` folders, half-made ``checkpoint-last`` links). Call with the run folder locked."""
+    run_dir = Path(run_dir)
+    removed = []
+    if not run_dir.is_dir():
+        return removed
+    for pattern in TMP_PATTERNS:
+        for path in sorted(run_dir.glob(pattern)):
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def check_finite_weights(module: torch.nn.Module, where: str = "") -> None:
+    """Raise ``FloatingPointError`` naming the parameters that hold NaN/Inf: such weights are
+    never written as a checkpoint (``checkpoint-last`` must stay a state worth resuming)."""
+    bad = [name for name, p in module.named_parameters() if not torch.isfinite(p.detach()).all()]
+    if bad:
+        raise FloatingPointError(
+            f"{where}: refusing to save non-finite weights in {len(bad)} parameter(s) ({', '.join(bad[:5])})"
+        )
+
+
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1, allow_nan=True))
 
@@ -290,10 +349,53 @@ def load_checkpoint(path: str | Path, optimizer: Optional[torch.optim.Optimizer]
         raise CheckpointError(
             f"{state_path}: format_version {state.get('format_version')!r}, expected {FORMAT_VERSION}"
         )
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{state_path}: field 'step' is {step!r}; expected an integer >= 0")
     tensor_path = path / OPTIMIZER_FILE
-    tensors = load_file(str(tensor_path)) if tensor_path.is_file() else {}
+    tensors = read_safetensors(tensor_path) if tensor_path.is_file() else {}
+    try:
+        opt_state = unflatten_state(state["optimizer"], tensors) if "optimizer" in state else None
+        trainer = unflatten_state(state.get("trainer", {}), tensors)
+    except KeyError as err:
+        raise CheckpointError(f"{state_path}: names tensor {err} which {tensor_path} does not hold (a mixed-up "
+                              "or partly copied checkpoint)") from None
+    if not isinstance(trainer, dict):
+        raise CheckpointError(f"{state_path}: field 'trainer' is {type(trainer).__name__}; expected a mapping")
     if optimizer is not None:
-        if "optimizer" not in state:
+        if opt_state is None:
             raise CheckpointError(f"{state_path}: holds no optimizer state to resume from")
-        optimizer.load_state_dict(unflatten_state(state["optimizer"], tensors))
-    return {"step": int(state["step"]), "trainer": unflatten_state(state.get("trainer", {}), tensors)}
+        check_optimizer_state(opt_state, optimizer, state_path)
+        try:
+            optimizer.load_state_dict(opt_state)
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"{state_path}: optimizer state does not fit this optimizer ({err})") from None
+    return {"step": step, "trainer": trainer}
+
+
+def check_optimizer_state(opt_state: Any, optimizer: torch.optim.Optimizer, where: Path) -> None:
+    """Compare every saved per-parameter tensor (Adam moments) with its parameter's shape now,
+    so a mismatch is found at load, naming the parameter, not at the first step."""
+    if not isinstance(opt_state, dict) or not isinstance(opt_state.get("state"), dict) or not isinstance(opt_state.get("param_groups"), list):
+        raise CheckpointError(f"{where}: optimizer state is malformed (expected 'state' and 'param_groups')")
+    saved_groups = opt_state["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise CheckpointError(
+            f"{where}: optimizer has {len(saved_groups)} parameter group(s) saved, {len(optimizer.param_groups)} now "
+            "(a different model or method)"
+        )
+    index = 0
+    for gi, (saved, now) in enumerate(zip(saved_groups, optimizer.param_groups)):
+        ids = saved.get("params", []) if isinstance(saved, dict) else []
+        if len(ids) != len(now["params"]):
+            raise CheckpointError(
+                f"{where}: optimizer group {gi} has {len(ids)} parameters saved, {len(now['params'])} now"
+            )
+        for pid, param in zip(ids, now["params"]):
+            for key, value in (opt_state["state"].get(pid) or {}).items():
+                if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != param.shape:
+                    raise CheckpointError(
+                        f"{where}: optimizer state {key!r} of group {gi} parameter {index} has shape "
+                        f"{list(value.shape)}, the parameter is {list(param.shape)}"
+                    )
+            index += 1

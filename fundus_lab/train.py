@@ -19,6 +19,11 @@ RNG state and the data position (epoch and batch within it). Data order is a fun
 (seed, epoch) alone and each sample's augmentation a function of (seed, epoch, index), so
 a run killed at any step and resumed from its last checkpoint ends with the same weights
 as one that never stopped.
+
+Nothing lost: one job at a time holds a run folder (an OS lock that dies with the process;
+a second job is refused, naming the holder's pid); resuming with a config that differs
+from the run's is refused, listing every difference; a NaN/Inf gradient stops the step
+before ``optimizer.step()``, and non-finite weights are never saved.
 """
 
 from __future__ import annotations
@@ -50,6 +55,78 @@ NO_DECAY_NAMES = ("pos_embed", "position_embedding", "positional_embedding", "lo
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or Inf; training stopped before the broken step was applied."""
+
+
+class NonFiniteGradientError(NonFiniteLossError):
+    """A finite loss gave a NaN/Inf gradient; stopped before ``optimizer.step()`` wrote it into the weights."""
+
+
+class RunFolderLockedError(RuntimeError):
+    """Another live job is writing this run folder (its pid is in the message)."""
+
+
+# ---------------------------------------------------------------------------------------
+# the run folder: one writer at a time, leftovers of a killed save removed
+
+LOCK_FILE = ".lock"
+
+
+def lock_run_dir(run_dir: Path):
+    """Take an exclusive OS lock on ``run_dir/.lock`` (dies with the process: no stale locks).
+
+    Two jobs writing one folder would interleave ``metrics.csv`` and overwrite each other's
+    checkpoints; the second gets :class:`RunFolderLockedError` naming the folder and the
+    holder's pid. Returns the open lock file; :func:`unlock_run_dir` releases it.
+    """
+    import fcntl
+    import os
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunFolderLockedError(
+            f"run folder {run_dir} is in use by another job (pid {holder}, lock {path}); wait for it to finish, "
+            "or set another train.output_dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def unlock_run_dir(handle) -> None:
+    if handle is not None:
+        import fcntl
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        handle.close()
+
+
+def check_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Raise :class:`NonFiniteGradientError` if any gradient is NaN/Inf, naming the step, the
+    optimizer's parameter group and the first parameters affected. A finite loss can still
+    give such a gradient (0 * inf in backward); ``optimizer.step()`` would spread it into
+    every weight, so this runs before it."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads or bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all()):
+        return
+    names = {id(p): n for n, p in model.named_parameters()}
+    for gi, group in enumerate(optimizer.param_groups):
+        bad = [names.get(id(p), "?") for p in group["params"] if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if bad:
+            decay = group.get("weight_decay")
+            raise NonFiniteGradientError(
+                f"step {step}: non-finite gradient in parameter group {gi} (weight_decay={decay}): "
+                f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; the loss was finite, the weights were not updated"
+            )
+    raise NonFiniteGradientError(f"step {step}: non-finite gradient norm; the weights were not updated")
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,27 +399,77 @@ def save_split(dataset, path: Path) -> None:
             writer.writerow([i, r.path, r.patient_id, r.eye, r.split])
 
 
-_RESUME_SECTIONS = ("method", "model", "data")
-_RESUME_FREE = {"data.num_workers", "data.skip_bad_images"}  # change nothing that is learnt
+_RESUME_SECTIONS = ("preset", "method", "model", "data", "train")
+# change nothing that is learnt: always free on resume
+_RESUME_FREE = {"data.num_workers", "data.skip_bad_images", "train.log_every", "train.save_every",
+                "train.keep_checkpoints", "train.tensorboard", "train.progress", "train.output_dir"}
+# free only when named in allow_changes (--allow-change): the run stays sound, but is no
+# longer the run the config describes (more steps change the cosine schedule's end)
+RESUME_OVERRIDABLE = ("train.steps", "train.mixed_precision", "data.synth_root", "data.root")
 
 
-def check_resumable(saved_config: Path, cfg: Config) -> None:
-    """Refuse to resume a run folder that was trained with a different method/model/data."""
+def check_resumable(saved_config: Path, cfg: Config, allow_changes: Sequence[str] = ()) -> None:
+    """Refuse to resume a run folder trained with a different method, model, data or budget
+    (lr, seed, batch size, schedule...): the restored optimizer and scheduler would silently
+    keep the old values while ``config.yaml`` claimed the new ones. Every difference is listed.
+    ``allow_changes`` lets the keys of :data:`RESUME_OVERRIDABLE` differ."""
     import yaml
 
-    saved = yaml.safe_load(saved_config.read_text()) or {}
+    unknown = [k for k in allow_changes if k not in RESUME_OVERRIDABLE]
+    if unknown:
+        raise ConfigError(f"allow_changes: {unknown} cannot be changed on resume; only {list(RESUME_OVERRIDABLE)}")
+    if not saved_config.is_file():
+        raise ConfigError(
+            f"{saved_config.parent} holds checkpoints but no {saved_config.name}, so nothing shows they belong to "
+            "this config; pass resume=False (--no-resume) to start over or set another train.output_dir"
+        )
+    try:
+        saved = yaml.safe_load(saved_config.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{saved_config}: cannot be read to check the resumed run ({err})") from None
     now = to_dict(cfg)
     diffs = []
     for section in _RESUME_SECTIONS:
         old, new = saved.get(section, {}), now.get(section, {})
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            if old != new:
+                diffs.append(f"{section}: run has {old!r}, config asks {new!r}")
+            continue
         for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key) and f"{section}.{key}" not in _RESUME_FREE:
-                diffs.append(f"{section}.{key}: run has {old.get(key)!r}, config asks {new.get(key)!r}")
+            name = f"{section}.{key}"
+            if old.get(key) != new.get(key) and name not in _RESUME_FREE and name not in allow_changes:
+                diffs.append(f"{name}: run has {old.get(key)!r}, config asks {new.get(key)!r}")
     if diffs:
         raise ConfigError(
-            f"{saved_config}: cannot resume this run with a different config ("
-            + "; ".join(diffs[:5]) + "); pass resume=False (--no-resume) or set another train.output_dir"
+            f"{saved_config}: cannot resume this run with a different config ({len(diffs)} difference(s): "
+            + "; ".join(diffs) + "); pass resume=False (--no-resume) to start over, set another train.output_dir"
+            + f", or allow one of {list(RESUME_OVERRIDABLE)} with --allow-change"
         )
+
+
+def restore_trainer_state(last: Path, optimizer, scheduler, accelerator) -> tuple[int, int, int]:
+    """Load ``last`` into the optimizer, scheduler, scaler and RNGs; -> (step, epoch, batch).
+    Missing or malformed fields are a :class:`~fundus_lab.checkpoint.CheckpointError` naming the file."""
+    state = ckpt.load_checkpoint(last, optimizer.optimizer)
+    where = last / ckpt.STATE_FILE
+    trainer = state["trainer"]
+    missing = [k for k in ("epoch", "batch_in_epoch", "rng", "scheduler") if k not in trainer]
+    if missing:
+        raise ckpt.CheckpointError(f"{where}: trainer state lacks {missing}")
+    try:
+        scheduler.load_state_dict(trainer["scheduler"])
+        if accelerator.scaler is not None and trainer.get("scaler"):
+            accelerator.scaler.load_state_dict(trainer["scaler"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ckpt.CheckpointError(f"{where}: scheduler/scaler state is malformed ({err})") from None
+    rng = trainer["rng"]
+    if not isinstance(rng, list) or len(rng) != accelerator.num_processes:
+        raise ckpt.CheckpointError(
+            f"{last}: saved by {len(rng) if isinstance(rng, list) else '?'} processes, resumed with "
+            f"{accelerator.num_processes}; exact resume needs the same number"
+        )
+    ckpt.set_rng_state(rng[accelerator.process_index], str(where))
+    return state["step"], int(trainer["epoch"]), int(trainer["batch_in_epoch"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -460,6 +587,8 @@ def train_step(accelerator, model, optimizer, scheduler, batches: Iterator[dict]
             logs.append(scalar_logs(out))
             check_finite(step, logs[-1])  # before backward: broken gradients never reach the weights
             accelerator.backward(out["loss"] / train.grad_accum_steps)
+    if getattr(accelerator, "scaler", None) is None:  # fp16's GradScaler skips overflow steps itself
+        check_gradients(accelerator.unwrap_model(model), optimizer, step)
     grad_norm = None
     if train.clip_grad_norm is not None:
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), train.clip_grad_norm))
@@ -473,7 +602,29 @@ def train_step(accelerator, model, optimizer, scheduler, batches: Iterator[dict]
     return logs, grad_norm, lr
 
 
-def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = True) -> Path:
+def holding_run_lock(fn):
+    """Run ``fn(cfg, ...)`` holding the lock of its run folder (main process only: RANK 0),
+    after removing what a killed save left there; the lock is released however ``fn`` ends."""
+    import os
+
+    @functools.wraps(fn)
+    def wrapper(cfg: Config, *args, **kwargs):
+        if int(os.environ.get("RANK", "0")) != 0:
+            return fn(cfg, *args, **kwargs)
+        run_dir = run_dir_for(cfg)
+        handle = lock_run_dir(run_dir)
+        try:
+            ckpt.clean_tmp(run_dir)
+            return fn(cfg, *args, **kwargs)
+        finally:
+            unlock_run_dir(handle)
+
+    return wrapper
+
+
+@holding_run_lock
+def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = True,
+             allow_changes: Sequence[str] = ()) -> Path:
     """Pretrain ``cfg.method`` and return the run folder.
 
     The folder (``train.output_dir``, with ``{method}``/``{preset}``/``{seed}`` filled in)
@@ -487,10 +638,14 @@ def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = Tru
             (``loss``, each ``*_loss`` term, ``lr``, ``grad_norm``, ``images_per_s`` ...).
         resume: continue from ``checkpoint-last`` if the folder has one (exactly: same
             weights as an uninterrupted run); False starts over and removes old checkpoints.
+            Resuming with a config that differs from the run's is refused (:func:`check_resumable`).
+        allow_changes: keys of :data:`RESUME_OVERRIDABLE` allowed to differ on resume.
 
     Raises:
-        NonFiniteLossError: a loss term became NaN/Inf ("step 17: image_gen_loss is nan");
-            the last checkpoint written before it is kept.
+        NonFiniteLossError: a loss term became NaN/Inf ("step 17: image_gen_loss is nan"),
+            or a gradient did (:class:`NonFiniteGradientError`); the last checkpoint written
+            before it is kept.
+        RunFolderLockedError: another job is writing the same run folder.
     """
     import shutil
 
@@ -507,8 +662,8 @@ def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = Tru
 
     # where to start
     last = ckpt.last_checkpoint(run_dir) if resume else None
-    if last is not None and (run_dir / "config.yaml").is_file():
-        check_resumable(run_dir / "config.yaml", cfg)
+    if last is not None:
+        check_resumable(run_dir / "config.yaml", cfg, allow_changes)
     if is_main:
         if last is None and run_dir.is_dir():
             stale = ckpt.list_checkpoints(run_dir) + [run_dir / ckpt.LAST, run_dir / "tensorboard", run_dir / "tokenizer"]
@@ -553,20 +708,7 @@ def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = Tru
 
     step, epoch, position = 0, 0, 0
     if last is not None:
-        state = ckpt.load_checkpoint(last, optimizer.optimizer)
-        trainer = state["trainer"]
-        step = state["step"]
-        epoch, position = trainer["epoch"], trainer["batch_in_epoch"]
-        scheduler.load_state_dict(trainer["scheduler"])
-        if accelerator.scaler is not None and trainer.get("scaler"):
-            accelerator.scaler.load_state_dict(trainer["scaler"])
-        rng = trainer["rng"]
-        if len(rng) != accelerator.num_processes:
-            raise ckpt.CheckpointError(
-                f"{last}: saved by {len(rng)} processes, resumed with {accelerator.num_processes}; "
-                "exact resume needs the same number"
-            )
-        ckpt.set_rng_state(rng[accelerator.process_index])
+        step, epoch, position = restore_trainer_state(last, optimizer, scheduler, accelerator)
         if is_main:
             print(f"fundus_lab: resuming {run_dir} from step {step} (epoch {epoch}, batch {position})")
 
@@ -582,6 +724,7 @@ def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = Tru
     def save() -> None:
         rng = accelerate_gather(accelerator, ckpt.rng_state())
         if is_main:
+            ckpt.check_finite_weights(accelerator.unwrap_model(model), f"step {step}")
             ckpt.save_checkpoint(
                 run_dir, step, save_model=accelerator.unwrap_model(model).save_pretrained,
                 optimizer=optimizer.optimizer, keep=train.keep_checkpoints,
@@ -653,6 +796,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--preset", help="smoke | default | paper")
     parser.add_argument("--method", help="a method from configs/methods/")
     parser.add_argument("--no-resume", action="store_true", help="start over even if the run folder has checkpoints")
+    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                        help=f"on resume, let KEY differ from the run's config (one of {', '.join(RESUME_OVERRIDABLE)})")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=100 model.img_size=128")
     args = parser.parse_args(argv)
     try:
@@ -660,7 +805,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as err:
         print(f"fundus-lab pretrain: {err}", file=sys.stderr)
         return 2
-    run_dir = pretrain(cfg, resume=not args.no_resume)
+    try:
+        run_dir = pretrain(cfg, resume=not args.no_resume, allow_changes=args.allow_change)
+    except (ConfigError, RunFolderLockedError, ckpt.CheckpointError) as err:
+        print(f"fundus-lab pretrain: {err}", file=sys.stderr)
+        return 2
     print(run_dir)
     return 0
 

@@ -32,6 +32,9 @@ from fundus_lab import viz
 
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # a fundus photograph is a few MB; more is a mistake
 MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; larger files are refused before decoding
+# uploads are decoded at about this side at most (JPEG draft / integer reduce): the model
+# sees 224-448 pixels, and a 6300 x 6300 PNG of 0.15 MB once took 3.2 GB to score
+MAX_SIDE = 1024
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 
 
@@ -78,13 +81,19 @@ def format_prompts(class_prompts: Mapping[str, Sequence[str]] | Sequence[Sequenc
     return "\n".join(" | ".join(list(p)[:max_per_class]) for p in lists)
 
 
-def load_image_bytes(data: bytes, name: str = "upload") -> "Image.Image":
-    """Decode an uploaded PNG/JPEG to RGB, refusing anything else with a readable message.
+def load_image_bytes(data: bytes, name: str = "upload", max_side: int = MAX_SIDE) -> "Image.Image":
+    """Decode an uploaded PNG/JPEG to 8-bit RGB, refusing anything else with a readable message.
 
     Checks, in order: size on disk, that it is an image at all, its format, and its pixel
-    count (read from the header, before the pixels are decoded).
+    count (read from the header, before the pixels are decoded). Large images are decoded at
+    reduced size (JPEG: ``draft``, at most ``max_side`` or a little more; others: an integer
+    ``reduce`` right after decoding), so memory stays near the decoded 8/16-bit image. Modes
+    are converted as the dataset path does (``images._rgb8_from_pil``): a 16-bit PNG is
+    rescaled by its range, not clipped to white.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from fundus_lab.data.images import _rgb8_from_pil
 
     if len(data) == 0:
         raise ImageInputError(f"{name}: the file is empty")
@@ -102,10 +111,18 @@ def load_image_bytes(data: bytes, name: str = "upload") -> "Image.Image":
     if w * h > MAX_PIXELS:
         raise ImageInputError(f"{name}: {w}x{h} pixels is too large; the limit is {MAX_PIXELS / 1e6:.0f} megapixels")
     try:
+        if img.format == "JPEG" and max(w, h) > max_side:
+            img.draft(img.mode, (max_side, max_side))  # DCT scaling: never decodes the full size
         img.load()
-    except (OSError, Image.DecompressionBombError) as err:
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ImageInputError(f"{name}: the image could not be decoded ({err})") from None
-    return img.convert("RGB")
+    factor = max(img.size) // max_side
+    if factor >= 2 and img.mode in ("L", "RGB", "RGBA", "LA", "I", "F"):
+        img = img.reduce(factor)  # before the conversion: it works on the smaller image
+        factor = 1
+    rgb = Image.fromarray(_rgb8_from_pil(img))
+    return rgb.reduce(factor) if factor >= 2 else rgb
 
 
 def model_image_size(model) -> int:
@@ -238,7 +255,8 @@ def playground_figure(result: PromptScores, max_maps: int = 8):
     axes = fig.subplots(1, ncols, squeeze=False, width_ratios=[1.4] + [1] * len(flat))[0]
     y = np.arange(len(result.classes))
     axes[0].barh(y, result.probs, color="tab:blue")
-    axes[0].set_yticks(y, [c if len(c) <= 24 else c[:23] + "…" for c in result.classes], fontsize=8)
+    # parse_math=False: prompts are plain text ("$\\alpha$" is shown, not typeset or raised on)
+    axes[0].set_yticks(y, [c if len(c) <= 24 else c[:23] + "…" for c in result.classes], fontsize=8, parse_math=False)
     axes[0].invert_yaxis()
     axes[0].set_xlim(0, 1)
     axes[0].set_xlabel("probability")
@@ -247,7 +265,7 @@ def playground_figure(result: PromptScores, max_maps: int = 8):
     for ax, (c, prompt, _), heat in zip(axes[1:], flat, up):
         ax.imshow(result.image)
         mappable = ax.imshow(heat, cmap="jet", alpha=0.5, vmin=lo, vmax=hi)
-        ax.set_title(prompt if len(prompt) <= 26 else prompt[:25] + "…", fontsize=8)
+        ax.set_title(prompt if len(prompt) <= 26 else prompt[:25] + "…", fontsize=8, parse_math=False)
         ax.set_axis_off()
     if flat:
         fig.colorbar(mappable, ax=axes[-1], shrink=0.7, label="cosine similarity")
@@ -432,9 +450,13 @@ class PromptPlayground:
         self.result = result
         self.message.value = ""
         self.probabilities.value = probability_html(result)
-        fig = playground_figure(result)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90)
+        try:
+            fig = playground_figure(result)
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=90)
+        except Exception as err:  # noqa: BLE001 - drawing must not raise into the notebook either
+            self._error(f"figure: {type(err).__name__}: {err}".strip())
+            return result
         self.figure.value = buf.getvalue()
         return result
 

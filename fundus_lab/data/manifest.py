@@ -48,6 +48,49 @@ class ManifestError(ValueError):
     """A manifest that does not fit the schema; the message names the file and the field."""
 
 
+class StrictLoader(yaml.SafeLoader):
+    """YAML for manifests: no anchors/aliases and no duplicate keys.
+
+    Aliases let an 840-byte file expand to gigabytes ("billion laughs"), and a manifest
+    never needs them; a key given twice would silently keep the last value.
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, f"alias *{event.anchor} is not allowed in a manifest (write the value out)", event.start_mark
+            )
+        node = super().compose_node(parent, index)
+        if getattr(node, "anchor", None):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"anchor &{node.anchor} is not allowed in a manifest (write the value out)", node.start_mark
+            )
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # SafeLoader reports unhashable keys itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"key {key!r} is given twice (first on line {seen[key].line + 1}); the last would silently win",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """Parse manifest YAML with :class:`StrictLoader`."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 -- StrictLoader is a SafeLoader
+
+
 # ---------------------------------------------------------------------------------------
 # schema
 
@@ -141,6 +184,7 @@ class JoinSpec:
     sheet: Optional[Union[str, int]] = None
     wide_eyes: dict[str, dict[str, str]] = field(default_factory=dict)
     key: Literal["stem", "name"] = "stem"
+    encoding: str = "auto"
 
 
 @dataclass
@@ -158,7 +202,9 @@ class SourceSpec:
     header: Union[bool, Literal["auto"]] = True
     names: list[str] = field(default_factory=list)
     sheet: Optional[Union[str, int]] = None
-    encoding: str = "utf-8-sig"
+    # "auto": UTF-8 (BOM or not) or UTF-16/32 with a BOM, anything else is an error asking
+    # for an explicit codec name (cp1253, latin-1, ...): a wrong guess garbles text silently
+    encoding: str = "auto"
     # filename-pattern / folder: regex over the path relative to the root, named groups
     pattern: Optional[str] = None
     # npz: array names, "{split}" replaced by each of npz_splits
@@ -175,6 +221,9 @@ class SourceSpec:
     eye: Optional[FieldSpec] = None
     text: Optional[FieldSpec] = None
     meta: dict[str, StrOrList] = field(default_factory=dict)
+    # patient ids are stripped; "insensitive" also treats ids differing only in case as one
+    # patient (p3 / P3), so the eyes of one person cannot be split apart; "sensitive" keeps them apart
+    patient_case: Literal["insensitive", "sensitive"] = "insensitive"
 
 
 @dataclass
@@ -188,7 +237,7 @@ class SplitSpec:
 
 
 # fields a manifest may set once at the top level as defaults for every source
-SOURCE_DEFAULTS = ("format", "label", "image", "patient", "eye", "text", "meta")
+SOURCE_DEFAULTS = ("format", "label", "image", "patient", "eye", "text", "meta", "encoding", "patient_case")
 
 
 @dataclass
@@ -205,6 +254,9 @@ class Manifest:
     citation: Optional[str] = None
     split: SplitSpec = field(default_factory=SplitSpec)
     synthetic: bool = False
+    # annotation and image paths must resolve (symlinks followed) inside the dataset root;
+    # true allows a dataset whose files are symlinked from elsewhere
+    allow_outside_root: bool = False
     path: Optional[Path] = None
 
     @property
@@ -251,9 +303,36 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """repr of ``value`` cut at ``limit`` characters without building the whole repr of a
+    huge nested value (a hostile manifest must not make an error message cost seconds)."""
+    if isinstance(value, (dict, list)):
+        items = list(value.items())[:4] if isinstance(value, dict) else list(value)[:4]
+        inner = ", ".join(
+            (f"{_short_repr(k, 20)}: {_short_repr(v, 20)}" if isinstance(value, dict) else _short_repr(k, 20))
+            for k, v in (items if isinstance(value, dict) else [(x, None) for x in items])
+        )
+        more = ", ..." if len(value) > 4 else ""
+        text = ("{" + inner + more + "}") if isinstance(value, dict) else ("[" + inner + more + "]")
+    else:
+        text = repr(value) if not isinstance(value, str) else repr(value[: limit + 2])
+    return text[:limit]
+
+
+class _LazyBad(ManifestError):
+    """The "expected X, got Y" error, its message built only when it is shown."""
+
+    def __init__(self, where: str, tp: Any, value: Any):
+        super().__init__(where)
+        self.where, self.tp, self.value = where, tp, value
+
+    def __str__(self) -> str:
+        return f"{self.where}: expected {_type_name(self.tp)}, got {_short_repr(self.value)}"
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    bad = ManifestError(f"{where}: expected {_type_name(tp)}, got {value!r:.80}")
+    bad = _LazyBad(where, tp, value)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -392,7 +471,7 @@ def parse_manifest(data: Any, path: Union[str, Path] = "<manifest>") -> Manifest
     merged = []
     for i, src in enumerate(sources):
         if not isinstance(src, dict):
-            raise ManifestError(f"{where}: sources[{i}]: expected a mapping, got {src!r:.80}")
+            raise ManifestError(f"{where}: sources[{i}]: expected a mapping, got {_short_repr(src)}")
         merged.append(_merge(defaults, src))
     data["sources"] = merged
     manifest = build(Manifest, data, where, top=True)
@@ -456,6 +535,13 @@ def _check_semantics(m: Manifest, where: str) -> None:
             raise ManifestError(f"{at}.pattern: required for format filename-pattern (a regex with named groups)")
         if s.pattern:
             _check_regex(s.pattern, f"{at}.pattern")
+        if s.encoding != "auto":
+            import codecs
+
+            try:
+                codecs.lookup(s.encoding)
+            except LookupError:
+                raise ManifestError(f"{at}.encoding: unknown codec {s.encoding!r}; expected auto or a codec name such as utf-8, cp1253, latin-1") from None
         for fname in ("patient", "eye", "text"):
             spec = getattr(s, fname)
             if spec is not None and spec.pattern:
@@ -480,7 +566,9 @@ def load_manifest(name_or_path: Union[str, Path]) -> Manifest:
     """Load and validate a manifest by name (``data_manifests/<name>.yaml``) or path."""
     path = resolve_manifest_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path}: not UTF-8 text ({err}); save the manifest as UTF-8") from None
     except yaml.YAMLError as err:
         raise ManifestError(f"{path}: not valid YAML: {err}") from None
     return parse_manifest(data, path)

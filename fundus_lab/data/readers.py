@@ -38,6 +38,8 @@ class Record:
     text: Optional[str] = None
     split: Optional[str] = None
     meta: dict = field(default_factory=dict)
+    # where the record came from ("labels.csv row 7 (image 'a.png')"), for errors naming rows
+    origin: Optional[str] = field(default=None, repr=False, compare=False)
 
     def key(self, root: Union[str, Path, None] = None) -> str:
         """A stable identifier: the path relative to ``root`` (+ ``#array[index]``)."""
@@ -59,6 +61,9 @@ class LoadReport:
     skipped: list[str] = field(default_factory=list)  # bad rows skipped under skip_bad
     excluded: list[str] = field(default_factory=list)  # rows the manifest excludes (ungradable)
     fallbacks: Counter = field(default_factory=Counter)  # keyword -> count, mapped by keyword.unknown
+    duplicates: list[str] = field(default_factory=list)  # the same image listed again with the same label
+    merged_patients: dict[str, str] = field(default_factory=dict)  # raw id -> the id it was merged into
+    no_patient: list[str] = field(default_factory=list)  # records of a source with patient ids that lack one
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,15 +186,34 @@ class DirIndex:
 # tables
 
 
-def find_files(spec: Union[str, list[str], None], root: Path) -> list[Path]:
-    """Candidates in order; the first that matches anything wins (a glob may match many)."""
+def check_inside(path: Path, root: Path, where: str, allow: bool = False) -> Path:
+    """``path`` if it resolves (``..`` and symlinks followed) inside ``root``; else a DataError
+    naming ``where`` and the path, before anything is read from it. ``allow`` is the
+    manifest's ``allow_outside_root``."""
+    if allow:
+        return path
+    resolved = Path(os.path.realpath(path))
+    root_resolved = Path(os.path.realpath(root))
+    if resolved != root_resolved and root_resolved not in resolved.parents:
+        raise DataError(
+            f"{where}: {path} resolves to {resolved}, outside the dataset root {root_resolved}; paths may not leave "
+            "the root (set allow_outside_root: true in the manifest if the files are meant to live elsewhere)"
+        )
+    return path
+
+
+def find_files(spec: Union[str, list[str], None], root: Path, where: str = "annotations", allow_outside: bool = False) -> list[Path]:
+    """Candidates in order; the first that matches anything wins (a glob may match many).
+    Every file found must lie inside ``root`` (:func:`check_inside`)."""
     for cand in _candidates(spec):
+        if os.path.isabs(cand) and not allow_outside:
+            raise DataError(f"{where}: {cand!r} is an absolute path; expected a path relative to the dataset root {root}")
         if any(ch in cand for ch in "*?"):
             hits = sorted(p for p in root.glob(cand) if p.is_file())
             if hits:
-                return hits
+                return [check_inside(p, root, where, allow_outside) for p in hits]
         elif (root / cand).is_file():
-            return [root / cand]
+            return [check_inside(root / cand, root, where, allow_outside)]
     return []
 
 
@@ -212,6 +236,41 @@ def _clean_columns(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=drop)
 
 
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+         (b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def text_encoding(path: Path, declared: str) -> str:
+    """The codec to read ``path`` with. A declared codec is used as is; ``auto`` accepts
+    UTF-8 (with or without BOM) and UTF-16/32 with a BOM, and refuses anything else with
+    an error naming the file: guessing latin-1 turned a Greek (cp1253) file into garbage."""
+    if declared != "auto":
+        return declared
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+    except OSError as err:
+        raise DataError(f"annotation file {path} cannot be read ({err})") from None
+    for bom, codec in _BOMS:
+        if head.startswith(bom):
+            return codec
+    if head[:200].count(b"\x00") > len(head[:200]) // 4:
+        raise DataError(
+            f"annotation file {path}: looks like UTF-16/32 without a byte-order mark; set encoding: utf-16-le "
+            "(or utf-16-be) on the source in the manifest"
+        )
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 4:  # not just a character cut by the 1 MB window
+            raise DataError(
+                f"annotation file {path}: not UTF-8 (byte 0x{head[err.start]:02x} at offset {err.start}); set "
+                "encoding: on the source in the manifest to the file's codec (e.g. cp1253 for Greek, cp1252 or "
+                "latin-1 for Western European)"
+            ) from None
+    return "utf-8-sig"
+
+
 def read_table(path: Path, fmt: str, spec: Union[SourceSpec, JoinSpec]) -> pd.DataFrame:
     """One annotation file -> DataFrame of strings, plus ``_row`` (spreadsheet row number)
     and ``_file``. Empty files and files without data rows are errors."""
@@ -224,10 +283,14 @@ def read_table(path: Path, fmt: str, spec: Union[SourceSpec, JoinSpec]) -> pd.Da
                 kwargs.update(header=None, names=names)
             elif names:
                 kwargs.update(header=0, names=names)
+            encoding = text_encoding(path, getattr(spec, "encoding", "auto"))
             try:
-                df = pd.read_csv(path, encoding=getattr(spec, "encoding", "utf-8-sig"), **kwargs)
-            except UnicodeDecodeError:
-                df = pd.read_csv(path, encoding="latin-1", **kwargs)
+                df = pd.read_csv(path, encoding=encoding, **kwargs)
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"annotation file {path}: not valid {encoding} text ({err.reason} at byte {err.start}); "
+                    "set the source's encoding: in the manifest to the file's codec (e.g. cp1253, latin-1)"
+                ) from None
         elif fmt == "excel":
             sheet = 0 if spec.sheet is None else spec.sheet
             header = None if (header_auto or spec.header is False) else 0
@@ -331,7 +394,7 @@ class SourceReader:
     # -- tables ---------------------------------------------------------------------------
     def tables(self) -> list[pd.DataFrame]:
         s = self.s
-        files = find_files(s.annotations, self.root)
+        files = find_files(s.annotations, self.root, f"{self.at}.annotations", self.m.allow_outside_root)
         if not files:
             if s.optional:
                 return []
@@ -366,7 +429,7 @@ class SourceReader:
 
     def _join(self, df: pd.DataFrame, f: Path) -> pd.DataFrame:
         j = self.s.join
-        files = find_files(j.annotations, self.root)
+        files = find_files(j.annotations, self.root, f"{self.at}.join.annotations", self.m.allow_outside_root)
         if not files:
             raise DataError(
                 f"{self.at}.join.annotations: no file found under {self.root} matching "
@@ -481,6 +544,10 @@ class SourceReader:
             path = base / _render(template, row, extra, f"{self.at}.image.template")
             hit = self.dirs.resolve(path, spec.extensions)
             if hit is not None:
+                try:
+                    check_inside(hit, self.root, f"{loc}: image", self.m.allow_outside_root)
+                except DataError as err:
+                    raise _RowError(str(err)) from None
                 return hit.resolve() if not hit.is_absolute() else hit
             tried.append(str(path))
         raise _RowError(f"{loc}: image file not found for {cols['image']!r} = {value!r}; tried {', '.join(tried)}")
@@ -590,6 +657,10 @@ class SourceReader:
         path = self._image_path(row, cols, loc)
         s = self.s
         patient = _field_value(s.patient, cols, row, loc, "patient")
+        if patient is not None:
+            patient = patient.strip() or None
+        if patient is None and s.patient is not None:
+            self.report.no_patient.append(loc)
         eye = _field_value(s.eye or FieldSpec(), cols, row, loc, "eye")
         if eye is not None:
             eye = {"l": "left", "r": "right", "os": "left", "od": "right"}.get(eye.lower(), eye.lower())
@@ -613,11 +684,12 @@ class SourceReader:
                 meta[name] = _typed(row.get(cols["meta:" + name]))
         if notes:
             meta["notes"] = notes
-        return Record(path=str(path), label=label, raw_label=raw, patient_id=patient, eye=eye, text=text, split=split, meta=meta)
+        return Record(path=str(path), label=label, raw_label=raw, patient_id=patient, eye=eye, text=text, split=split,
+                      meta=meta, origin=loc)
 
     def _npz_records(self) -> list:
         s, m = self.s, self.m
-        files = find_files(s.annotations, self.root)
+        files = find_files(s.annotations, self.root, f"{self.at}.annotations", m.allow_outside_root)
         if not files:
             if s.optional:
                 return []
@@ -634,13 +706,28 @@ class SourceReader:
                 for k in (ik, lk):
                     if k not in data.files:
                         raise DataError(f"{path}: missing array {k!r}; the file has {sorted(data.files)}")
-                n_img = data[ik].shape[0]
-                labels = np.asarray(data[lk]).reshape(n_img, -1)
+                images, labels = (_npz_array(data, k, path) for k in (ik, lk))
+                if images.ndim not in (3, 4) or images.dtype.kind not in "uif":
+                    raise DataError(
+                        f"{path}: array {ik!r} has shape {list(images.shape)} and dtype {images.dtype}; expected "
+                        "numeric images [N, H, W] or [N, H, W, C]"
+                    )
+                n_img = images.shape[0]
+                if labels.ndim == 0 or labels.shape[0] != n_img:
+                    raise DataError(
+                        f"{path}: array {lk!r} has {labels.shape[0] if labels.ndim else 0} label(s) but {ik!r} has "
+                        f"{n_img} image(s); expected one label per image"
+                    )
+                if labels.dtype.kind not in "uifb":
+                    raise DataError(f"{path}: array {lk!r} has dtype {labels.dtype}; expected integer label codes")
+                labels = labels.reshape(n_img, -1)
                 for i in range(n_img):
                     loc = f"{path} {lk}[{i}]"
                     raw = labels[i].tolist()
                     raw = raw[0] if len(raw) == 1 else raw
                     try:
+                        if not s.label.codes and not (isinstance(raw, (int, float)) and float(raw).is_integer()):
+                            raise ValueError  # 1.7 is not class 1
                         target = s.label.codes.get(_norm_code(raw), raw) if s.label.codes else int(raw)
                         if s.label.codes and _norm_code(raw) not in s.label.codes:
                             raise ValueError
@@ -653,8 +740,67 @@ class SourceReader:
                         continue
                     rec_split = split if split in ("train", "val", "test") else s.split
                     out.append(Record(path=str(path.resolve()), label=label, raw_label=raw, split=rec_split,
-                                      meta={"npz_images": ik, "npz_index": i}))
+                                      meta={"npz_images": ik, "npz_index": i}, origin=loc))
         return out
+
+
+def _npz_array(data, key: str, path: Path) -> np.ndarray:
+    """One array of an npz file; object arrays (which need pickle) are refused by name."""
+    try:
+        return np.asarray(data[key])
+    except ValueError as err:
+        if "allow_pickle" in str(err) or "Object arrays" in str(err):
+            raise DataError(
+                f"{path}: array {key!r} is an object array (stored with pickle, which is never loaded); expected "
+                "numeric arrays"
+            ) from None
+        raise DataError(f"{path}: array {key!r} cannot be read ({err})") from None
+    except Exception as err:  # noqa: BLE001 -- zipfile/zlib errors of a corrupt member
+        raise DataError(f"{path}: array {key!r} cannot be read ({type(err).__name__}: {err})") from None
+
+
+def normalise_patients(records: list[Record], manifest: Manifest, report: LoadReport) -> None:
+    """Patient ids that differ only in case (``p3``, ``P3``) become one patient, spelt as first
+    seen, under ``patient_case: insensitive`` (the default); ids were already stripped. Each
+    merge is recorded in ``report.merged_patients`` and warned about, so it is never silent."""
+    if not any(s.patient_case == "insensitive" for s in manifest.sources):
+        return
+    canonical: dict[str, str] = {}
+    for r in records:
+        if r.patient_id is None:
+            continue
+        folded = r.patient_id.casefold()
+        first = canonical.setdefault(folded, r.patient_id)
+        if first != r.patient_id:
+            report.merged_patients[r.patient_id] = first
+            r.patient_id = first
+
+
+def check_duplicate_images(records: list[Record], root: Path, report: LoadReport, skip_bad: bool) -> list[Record]:
+    """The same image twice: with the same label and split the repeat is dropped and reported;
+    with a different label (or split) it is an error naming both rows (under ``skip_bad``
+    both are skipped and reported): keeping both would train on a contradiction."""
+    first: dict[str, Record] = {}
+    bad: set[str] = set()
+    out = []
+    for r in records:
+        key = r.key(root)
+        prev = first.get(key)
+        if prev is None:
+            first[key] = r
+            out.append(r)
+            continue
+        if prev.label == r.label and prev.split == r.split and prev.patient_id == r.patient_id:
+            report.duplicates.append(f"{r.origin or key}: repeats {prev.origin or key} (same label); kept once")
+            continue
+        what = "label" if prev.label != r.label else ("split" if prev.split != r.split else "patient id")
+        msg = (f"image {key} is listed twice with a different {what}: {prev.origin or '?'} has "
+               f"{getattr(prev, what.replace(' ', '_'))!r}, {r.origin or '?'} has {getattr(r, what.replace(' ', '_'))!r}")
+        if not skip_bad:
+            raise DataError(msg)
+        report.skipped.append(msg)
+        bad.add(key)
+    return [r for r in out if r.key(root) not in bad]
 
 
 def read_records(manifest: Manifest, root: Union[str, Path], skip_bad: bool = False) -> tuple[list[Record], LoadReport]:
@@ -667,6 +813,27 @@ def read_records(manifest: Manifest, root: Union[str, Path], skip_bad: bool = Fa
         records.extend(SourceReader(manifest, i, root, report, skip_bad, dirs).records())
     if not records:
         raise DataError(f"dataset {manifest.name!r} under {root}: no records found (manifest {manifest.path})")
+    normalise_patients(records, manifest, report)
+    records = check_duplicate_images(records, root, report, skip_bad)
+    if report.merged_patients:
+        pairs = ", ".join(f"{k!r} -> {v!r}" for k, v in list(report.merged_patients.items())[:5])
+        warnings.warn(
+            f"{manifest.name}: {len(report.merged_patients)} patient id spelling(s) differ only in case and were "
+            f"merged ({pairs}); set patient_case: sensitive in the manifest if they are different people",
+            stacklevel=3,
+        )
+    if report.no_patient:
+        warnings.warn(
+            f"{manifest.name}: {len(report.no_patient)} record(s) have no patient id, so each is split as its own "
+            f"patient (e.g. {report.no_patient[0]})",
+            stacklevel=3,
+        )
+    if report.duplicates:
+        warnings.warn(
+            f"{manifest.name}: {len(report.duplicates)} image(s) listed more than once with the same label were "
+            f"kept once (e.g. {report.duplicates[0]})",
+            stacklevel=3,
+        )
     if report.fallbacks:
         top = ", ".join(f"{k} x{v}" for k, v in report.fallbacks.most_common(8))
         warnings.warn(

@@ -280,6 +280,9 @@ def load_hf_clip(path: str | Path) -> HFCLIP:
     weights = _hf_weights(path)
     if weights is None:
         raise ExternalModelError(f"{path}: no model.safetensors or pytorch_model.bin beside config.json")
+    from fundus_lab.data.tokenizer import check_no_remote_code
+
+    check_no_remote_code(path)  # an auto_map asks to run the folder's Python: a CheckpointError naming the file
     config = CLIPConfig.from_pretrained(str(path))
     model = CLIPModel(config)
     state = read_state_dict(weights)
@@ -562,6 +565,9 @@ class CLIPTextEncoder(nn.Module):
         model_type = _read_json(config_path).get("model_type")
         if model_type not in ("clip", "clip_text_model"):
             raise ExternalModelError(f"{config_path}: model_type {model_type!r}; expected 'clip' or 'clip_text_model'")
+        from fundus_lab.data.tokenizer import check_no_remote_code
+
+        check_no_remote_code(path)
         config = CLIPTextConfig.from_pretrained(str(path))  # reads text_config of a CLIPConfig
         weights = _hf_weights(path)
         if weights is None:

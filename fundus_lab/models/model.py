@@ -46,7 +46,7 @@ from fundus_lab.models.fusion import CrossAttention
 from fundus_lab.models.image import ImageTower, block_mask, build_image_encoder, load_image_weights, patchify, unpatchify
 from fundus_lab.models.objectives import objectives_for
 from fundus_lab.models.text import TextEncoder, config_from_dict, mask_tokens, small_bert_config
-from fundus_lab.checkpoint import CheckpointError, read_json_file  # noqa: F401  (CheckpointError re-exported by fundus_lab.models)
+from fundus_lab.checkpoint import CheckpointError, read_json_file, read_safetensors  # noqa: F401  (CheckpointError re-exported by fundus_lab.models)
 
 FORMAT = "fundus_lab.FundusVLM"
 FORMAT_VERSION = 2
@@ -636,11 +636,10 @@ def _read_checkpoint_config(path: Path) -> dict:
 
 def _load_weights(module: nn.Module, weights: Path, prefix: str = "") -> None:
     """Copy safetensors weights into ``module``; any missing, extra or mis-shaped key is an error."""
-    from safetensors.torch import load_file
 
     if not weights.is_file():
         raise CheckpointError(f"{weights} does not exist")
-    state = load_file(str(weights))
+    state = read_safetensors(weights)
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     expected = module.state_dict()
@@ -723,7 +722,10 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Fu
     if (path / TOKENIZER_DIR).is_dir():
         tokenizer = load_tokenizer(path / TOKENIZER_DIR)
         model_cfg = replace(model_cfg, tokenizer=str(path / TOKENIZER_DIR))
-    text_config = config_from_dict(data["text_config"]) if data.get("text_config") else None
+    try:
+        text_config = config_from_dict(data["text_config"]) if data.get("text_config") else None
+    except ValueError as err:
+        raise CheckpointError(f"{src}: {err}") from None
     model = FundusVLM(model_cfg, method_cfg, tokenizer, text_config, teacher_cfg)
     _load_weights(model, path / WEIGHTS_NAME)
     return model.to(map_location).eval()

@@ -33,7 +33,12 @@ def config_from_dict(data: dict) -> PretrainedConfig:
     """Rebuild a saved HF config (``config.to_dict()``) without touching the original path."""
     data = dict(data)
     model_type = data.pop("model_type", "bert")
-    return AutoConfig.for_model(model_type, **data)
+    if "auto_map" in data:  # a saved config that asks transformers to import checkpoint code
+        raise ValueError(f"text_config has an 'auto_map' ({data['auto_map']!r:.80}); checkpoint code is never run")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"text_config.model_type {model_type!r} is not a transformers model type ({err})") from None
 
 
 def mask_tokens(
@@ -71,7 +76,7 @@ class TextEncoder(nn.Module):
         if isinstance(config, BertConfig):
             self.transformer = BertModel(config, add_pooling_layer=False)
         else:
-            self.transformer = AutoModel.from_config(config)
+            self.transformer = AutoModel.from_config(config, trust_remote_code=False)
         self._drop_pooler()
         self.width = config.hidden_size
 
@@ -91,11 +96,14 @@ class TextEncoder(nn.Module):
             raise FileNotFoundError(
                 f"model.text_pretrained={str(path)!r}: no *.safetensors weights (pickled checkpoints are not loaded)"
             )
-        config = AutoConfig.from_pretrained(str(path))
+        from fundus_lab.data.tokenizer import check_no_remote_code
+
+        check_no_remote_code(path)
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
         enc = cls.__new__(cls)
         nn.Module.__init__(enc)
         enc.config = config
-        enc.transformer = AutoModel.from_pretrained(str(path), use_safetensors=True)
+        enc.transformer = AutoModel.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False)
         enc._drop_pooler()
         enc.width = config.hidden_size
         return enc

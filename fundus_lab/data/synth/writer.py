@@ -17,6 +17,7 @@ both eyes recompute identically.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import multiprocessing as mp
@@ -152,6 +153,54 @@ def _up_to_date(out: Path, task, n, seed, cams, image_size) -> bool:
     return all(info.get(k) == v for k, v in want.items()) and (out / "labels.csv").exists()
 
 
+def _write_if_changed(path: Path, data: bytes) -> bool:
+    """Write ``data`` to ``path`` atomically (temp file + rename) unless it already holds it:
+    a reader never sees a half-written file, and an up-to-date folder is not touched."""
+    try:
+        if path.read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return True
+
+
+@contextlib.contextmanager
+def _generation_lock(out: Path):
+    """An OS lock beside ``out`` (``.<name>.lock``): concurrent generators of one folder take
+    turns, and the second then finds the folder up to date. Dies with the process."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` folder to ``out``; an old ``out`` is moved aside, then deleted."""
+    if out.exists():
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temp and swapped-out folders of generators that were killed (we hold the lock)."""
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+        for path in out.parent.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def generate(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
              cameras: Optional[Sequence[str]] = None, image_size: int = 224,
              workers: Optional[int] = None, overwrite: bool = False, progress: bool = False) -> Path:
@@ -173,10 +222,19 @@ def generate(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
         raise FileNotFoundError(f"synth.generate: manifest template {template} is missing "
                                 f"(expected data_manifests/{DATASET_NAMES[task]}.yaml in the repository)")
     out = Path(out_dir)
-    if overwrite or not _up_to_date(out, task, n, seed, cams, image_size):
-        write_dataset(out, task, n, seed, cams, image_size, workers, progress)
-    manifest = out / "manifest.yaml"
-    shutil.copyfile(template, manifest)
+    full = Path(os.path.abspath(out))  # "." or "data/" still name a folder with a parent
+    with _generation_lock(full):
+        _remove_leftovers(full)
+        if overwrite or not _up_to_date(out, task, n, seed, cams, image_size):
+            # render into a temp folder beside out_dir and rename it into place: a killed run
+            # leaves out_dir as it was (complete, matching its synth.json) or absent, never mixed
+            tmp = full.with_name(f".{full.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_dataset(tmp, task, n, seed, cams, image_size, workers, progress)
+            shutil.copyfile(template, tmp / "manifest.yaml")
+            _swap_in(tmp, full)
+        manifest = out / "manifest.yaml"
+        _write_if_changed(manifest, template.read_bytes())
     return manifest
 
 

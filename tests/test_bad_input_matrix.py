@@ -1,0 +1,271 @@
+"""The bad-input matrix (issue 10): every kind of bad data input tried, and what must happen.
+
+Each row of ``MATRIX`` is one kind: how to break a small good dataset, and the expected
+outcome, one of
+
+    error   the named exception, its message matching a pattern that names the file (or
+            manifest) and the field or row, raised when the dataset is opened (or, for
+            image contents, when the item is read)
+    warn    accepted, with a warning saying what was done (nothing silent)
+    read    read correctly (an input that used to be misread)
+
+A kind counts as handled when its row passes; ``test_matrix_counts`` states the totals.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from fundus_lab.data import open_dataset
+from fundus_lab.data.images import DataError, ImageError
+from fundus_lab.data.manifest import ManifestError
+
+BASE = {
+    "name": "tiny",
+    "task": "multiclass",
+    "metric": "accuracy",
+    "classes": [{"name": "normal", "key": "normal"}, {"name": "glaucoma", "key": "glaucoma"}],
+    "sources": [{
+        "annotations": "labels.csv",
+        "image": {"column": "image", "template": "img/{value}"},
+        "label": {"column": "label", "codes": {"0": "normal", "1": "glaucoma"}},
+        "patient": {"column": "patient"},
+        "eye": {"column": "eye"},
+    }],
+    "split": {"fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "seed": 1},
+}
+HEADER = "image,label,patient,eye"
+ROWS = [f"a{i}.png,{i % 2},p{i // 2},{'left' if i % 2 else 'right'}" for i in range(8)]
+
+
+class Case:
+    """A dataset folder being broken: ``root``, the manifest dict ``m``, the CSV rows."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.m = yaml.safe_load(yaml.safe_dump(BASE))
+        self.header, self.rows = HEADER, list(ROWS)
+        self.csv_bytes: Optional[bytes] = None
+        self.manifest_text: Optional[str] = None
+        (root / "img").mkdir(parents=True)
+        for i in range(10):
+            arr = np.zeros((12, 12, 3), np.uint8)
+            arr[2:10, 2:10] = (150, 70, 30)
+            Image.fromarray(arr).save(root / "img" / f"a{i}.png")
+
+    @property
+    def src(self) -> dict:
+        return self.m["sources"][0]
+
+    def write(self) -> Path:
+        data = self.csv_bytes if self.csv_bytes is not None else ("\n".join([self.header, *self.rows]) + "\n").encode()
+        (self.root / "labels.csv").write_bytes(data)
+        path = self.root / "tiny.yaml"
+        path.write_text(self.manifest_text if self.manifest_text is not None else yaml.safe_dump(self.m, sort_keys=False))
+        return path
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _npz(c: Case, **arrays) -> None:
+    base = {"train_images": np.zeros((4, 8, 8, 3), np.uint8), "train_labels": np.array([0, 1, 0, 1])}
+    base.update(arrays)
+    np.savez(c.root / "data.npz", **{k: v for k, v in base.items() if v is not None})
+    c.m["sources"] = [{"annotations": "data.npz", "format": "npz", "npz_splits": ["train"]}]
+
+
+def _set_rows(rows):
+    def f(c: Case):
+        c.rows = rows
+
+    return f
+
+
+@dataclass
+class Kind:
+    name: str
+    breaks: Callable[[Case], Optional[Path]]  # returns the manifest path if it wrote the files itself
+    outcome: str  # error | warn | read
+    match: str
+    exc: type = DataError
+    when: str = "open"  # open | item
+
+
+def _outside(c: Case):
+    (c.root.parent / "outside.png").write_bytes((c.root / "img" / "a0.png").read_bytes())
+    c.rows[3] = "../../outside.png,1,p1,left"
+
+
+def _symlink(c: Case):
+    (c.root.parent / "elsewhere.png").write_bytes((c.root / "img" / "a0.png").read_bytes())
+    (c.root / "img" / "a3.png").unlink()
+    (c.root / "img" / "a3.png").symlink_to(c.root.parent / "elsewhere.png")
+
+
+def _ann_outside(c: Case):
+    (c.root.parent / "other.csv").write_text("image,label,patient,eye\nSECRET,0,p,left\n")
+    c.src["annotations"] = "../other.csv"
+
+
+def _ann_absolute(c: Case):
+    (c.root.parent / "other.csv").write_text("image,label,patient,eye\nSECRET,0,p,left\n")
+    c.src["annotations"] = str(c.root.parent / "other.csv")
+
+
+def _manifest_text(text: str):
+    def f(c: Case):
+        c.manifest_text = text
+
+    return f
+
+
+def _bomb_image(c: Case):
+    ihdr = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0))
+    (c.root / "img" / "a1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + ihdr + _png_chunk(b"IDAT", zlib.compress(b"\0")) + _png_chunk(b"IEND", b""))
+
+
+def _truncated_image(c: Case):
+    data = (c.root / "img" / "a1.png").read_bytes()
+    (c.root / "img" / "a1.png").write_bytes(data[: len(data) // 2])
+
+
+def _official_split_leak(c: Case):
+    c.src["split_column"] = "split"
+    c.header += ",split"
+    c.rows = [r + (",test" if i == 1 else ",train") for i, r in enumerate(c.rows)]
+
+
+def _bad_split_value(c: Case):
+    c.src["split_column"] = "split"
+    c.header += ",split"
+    c.rows = [r + (",holdout" if i == 2 else ",train") for i, r in enumerate(c.rows)]
+
+
+def _keyword_no_rule(c: Case):
+    c.src["label"] = {"column": "label", "keyword": {"rules": [{"match": "normal", "label": "normal"}]}}
+    c.rows = [f"a{i}.png,{'normal' if i != 4 else 'mystery'},p{i // 2},left" for i in range(8)]
+
+
+def _yaml(key, value):
+    def f(c: Case):
+        c.m[key] = value
+
+    return f
+
+
+def _src(key, value):
+    def f(c: Case):
+        c.src[key] = value
+
+    return f
+
+
+def _not_utf8(c: Case) -> Path:
+    path = c.write()  # written here, then a latin-1 byte put into the manifest
+    path.write_bytes(path.read_bytes().replace(b"name: tiny", "name: tinyé".encode("latin-1")))
+    return path
+
+
+ALIAS_BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+    f"{k}: &{k} [{', '.join(['*' + p] * 9)}]" for p, k in zip("abcdefg", "bcdefgh")
+]) + "\nname: tiny\n"
+
+MATRIX = [
+    # annotation files
+    Kind("missing annotation file", _src("annotations", "nope.csv"), "error", r"sources\[0\].annotations: no file found .*'nope.csv'"),
+    Kind("empty annotation file", lambda c: setattr(c, "csv_bytes", b""), "error", r"labels.csv is empty"),
+    Kind("header-only annotation file", _set_rows([]), "error", r"labels.csv has a header but no data rows"),
+    Kind("missing label column", lambda c: setattr(c, "header", "image,grade,patient,eye"), "error", r"labels.csv: missing column for label.column: expected 'label'"),
+    Kind("unknown label code", _set_rows(ROWS[:4] + ["a8.png,7,p9,left"]), "error", r"labels.csv row 6 .*unknown label code '7'"),
+    Kind("empty label cell", _set_rows(ROWS[:4] + ["a8.png,,p9,left"]), "error", r"labels.csv row 6 .*'label' \(label\) is empty"),
+    Kind("non-integer label without codes", lambda c: (c.src["label"].pop("codes"), _set_rows(ROWS[:4] + ["a8.png,1.7,p9,left"])(c)), "error", r"labels.csv row 6 .*'1.7', which is not a class"),
+    Kind("eye value not left/right", _set_rows(ROWS[:4] + ["a8.png,0,p9,both"]), "error", r"labels.csv row 6 .*eye 'both' is not left or right"),
+    Kind("bad official split value", _bad_split_value, "error", r"labels.csv row 4 .*'split' \(split\) has 'holdout'"),
+    Kind("patient in two official splits", _official_split_leak, "error", r"tiny.yaml\).*1 patient\(s\) appear in more than one split"),
+    Kind("keyword that matches no rule", _keyword_no_rule, "error", r"labels.csv row 6 .*keyword 'mystery' matches no rule"),
+    # encodings
+    Kind("cp1253 CSV without encoding", lambda c: setattr(c, "csv_bytes", ("\n".join([HEADER, *ROWS]) + "\nα.png,0,Ωp,left\n").encode("cp1253")), "error", r"labels.csv: not UTF-8 .*encoding"),
+    Kind("UTF-16 CSV with BOM", lambda c: setattr(c, "csv_bytes", ("\n".join([HEADER, *ROWS]) + "\n").encode("utf-16")), "read", ""),
+    Kind("UTF-16 CSV without BOM", lambda c: setattr(c, "csv_bytes", ("\n".join([HEADER, *ROWS]) + "\n").encode("utf-16-le")), "error", r"labels.csv: looks like UTF-16/32 without a byte-order mark"),
+    Kind("unknown encoding name", _src("encoding", "klingon-8"), "error", r"tiny.yaml: sources\[0\].encoding: unknown codec", ManifestError),
+    # images
+    Kind("missing image file", lambda c: (c.root / "img" / "a5.png").unlink(), "error", r"labels.csv row 7 .*image file not found .*a5.png"),
+    Kind("corrupt image", lambda c: (c.root / "img" / "a1.png").write_bytes(b"\x89PNG broken"), "error", r"a1.png cannot be read", ImageError, "item"),
+    Kind("truncated image", _truncated_image, "error", r"a1.png (is corrupt or truncated|cannot be read)", ImageError, "item"),
+    Kind("empty image file", lambda c: (c.root / "img" / "a1.png").write_bytes(b""), "error", r"a1.png cannot be read", ImageError, "item"),
+    Kind("decompression-bomb image header", _bomb_image, "error", r"a1.png", ImageError, "item"),
+    # paths
+    Kind("image path with ../", _outside, "error", r"labels.csv row 5 .*outside the dataset root"),
+    Kind("absolute image path", lambda c: c.src["image"].update(template=str(c.root.parent / "outside.png")) or _outside(c), "error", r"outside the dataset root"),
+    Kind("image symlink out of the root", _symlink, "error", r"a3.png.*outside the dataset root"),
+    Kind("annotations path with ../", _ann_outside, "error", r"sources\[0\].annotations: .*outside the dataset root"),
+    Kind("absolute annotations path", _ann_absolute, "error", r"sources\[0\].annotations: .* is an absolute path"),
+    # manifests
+    Kind("manifest alias bomb", _manifest_text(ALIAS_BOMB), "error", r"(?s)tiny.yaml: not valid YAML.*not allowed in a manifest", ManifestError),
+    Kind("duplicate key in manifest", lambda c: setattr(c, "manifest_text", yaml.safe_dump(c.m, sort_keys=False) + "task: binary\n"), "error", r"(?s)tiny.yaml: not valid YAML.*key 'task' is given twice", ManifestError),
+    Kind("invalid YAML syntax", _manifest_text("name: [unclosed\n"), "error", r"tiny.yaml: not valid YAML", ManifestError),
+    Kind("manifest not a mapping", _manifest_text("- just\n- a list\n"), "error", r"tiny.yaml: expected a mapping at the top level, got list", ManifestError),
+    Kind("manifest not UTF-8", _not_utf8, "error", r"tiny.yaml: not UTF-8 text", ManifestError),
+    Kind("unknown manifest field (typo)", _yaml("metrik", "accuracy"), "error", r"tiny.yaml: metrik: unknown field; did you mean 'metric'", ManifestError),
+    Kind("wrong type in a manifest field", _yaml("classes", "normal, glaucoma"), "error", r"tiny.yaml: classes: expected a list", ManifestError),
+    Kind("unknown metric", _yaml("metric", "acuracy"), "error", r"tiny.yaml: metric: unknown metric 'acuracy'; did you mean accuracy", ManifestError),
+    Kind("binary task with three classes", lambda c: (c.m.update(task="binary"), c.m["classes"].append({"name": "amd", "key": "amd"})), "error", r"tiny.yaml: task: binary needs exactly 2 classes", ManifestError),
+    Kind("duplicate class names", lambda c: c.m["classes"].append({"name": "normal", "key": "normal"}), "error", r"tiny.yaml: classes: duplicate class names", ManifestError),
+    Kind("bad regular expression", lambda c: c.src.update(patient={"column": "patient", "pattern": "p(\\d+"}), "error", r"tiny.yaml: sources\[0\].patient.pattern: bad regular expression", ManifestError),
+    Kind("class without prompts or key", lambda c: c.m["classes"].append({"name": "odd"}), "error", r"tiny.yaml: classes\[2\] \('odd'\): needs a knowledge 'key' or inline 'prompts'", ManifestError),
+    # records
+    Kind("same image with conflicting labels", _set_rows(ROWS + ["a2.png,1,p1,right"]), "error", r"img/a2.png is listed twice with a different label: .*row 4 .*row 10"),
+    Kind("same image twice, same label", _set_rows(ROWS + ["a2.png,0,p1,right"]), "warn", r"1 image\(s\) listed more than once with the same label were kept once"),
+    Kind("patient ids differing in case/space", _set_rows(ROWS + ["a8.png,0,P0 ,right"]), "warn", r"differ only in case and were merged \('P0' -> 'p0'\)"),
+    Kind("record without a patient id", _set_rows(ROWS + ["a8.png,0,,right"]), "warn", r"1 record\(s\) have no patient id.*a8.png"),
+    # npz
+    Kind("npz missing array", lambda c: _npz(c, train_labels=None), "error", r"data.npz: missing array 'train_labels'"),
+    Kind("npz object array", lambda c: _npz(c, train_labels=np.array([0, 1, "x", None], dtype=object)), "error", r"data.npz: array 'train_labels' is an object array"),
+    Kind("npz label/image count mismatch", lambda c: _npz(c, train_labels=np.arange(6) % 2), "error", r"data.npz: array 'train_labels' has 6 label\(s\) but 'train_images' has 4"),
+    Kind("npz non-integer labels", lambda c: _npz(c, train_labels=np.array([0.0, 1.7, 1.0, 0.0])), "error", r"data.npz train_labels\[1\]: unknown label code 1.7"),
+    Kind("npz not an npz file", lambda c: (_npz(c), (c.root / "data.npz").write_bytes(b"not a zip")), "error", r"data.npz: cannot be read as npz"),
+    Kind("npz labels out of range", lambda c: _npz(c, train_labels=np.array([0, 1, 5, 0])), "error", r"data.npz train_labels\[2\]: unknown label code 5"),
+]
+
+
+
+@pytest.mark.parametrize("kind", MATRIX, ids=[k.name for k in MATRIX])
+def test_bad_input(kind: Kind, tmp_path):
+    c = Case(tmp_path / "ds")
+    written = kind.breaks(c)
+    path = written if isinstance(written, Path) else c.write()
+    if kind.outcome == "error" and kind.when == "open":
+        with pytest.raises(kind.exc, match=kind.match):
+            open_dataset(path, split=None, image_size=8)
+    elif kind.outcome == "error":
+        ds = open_dataset(path, split=None, image_size=8)
+        with pytest.raises(kind.exc, match=kind.match):
+            for i in range(len(ds)):
+                ds[i]
+    elif kind.outcome == "warn":
+        with pytest.warns(UserWarning, match=kind.match):
+            ds = open_dataset(path, split=None, image_size=8)
+        assert len(ds) >= 8
+    else:
+        ds = open_dataset(path, split=None, image_size=8)
+        assert len(ds) == 8 and {r.patient_id for r in ds.records} == {"p0", "p1", "p2", "p3"}
+
+
+def test_matrix_counts():
+    """Kinds tried and their outcomes; every kind is handled (an error naming the file and
+    field, a warning, or a correct read) when the parametrised test above passes."""
+    names = [k.name for k in MATRIX]
+    assert len(names) == len(set(names))
+    outcomes = {o: sum(k.outcome == o for k in MATRIX) for o in ("error", "warn", "read")}
+    assert len(MATRIX) == 47 and outcomes == {"error": 43, "warn": 3, "read": 1}
