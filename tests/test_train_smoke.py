@@ -101,8 +101,10 @@ def test_loss_goes_down_on_a_repeated_batch(synth_root, tmp_path, monkeypatch):
         return ds.subset(range(8))  # one batch of 8, seen at every step
 
     monkeypatch.setattr(T, "open_training_data", eight_images)
+    # reports: one distinct text per image (several of the 8 share a label set, so their
+    # definition texts coincide and could not be told apart by the contrastive term)
     cfg = smoke_cfg(synth_root, tmp_path / "run", **{"train.steps": 20, "train.lr": 3e-3, "train.warmup_steps": 2,
-                                                       "train.save_every": 0})
+                                                       "train.save_every": 0, "data.text_source": "report"})
     rows = read_csv(T.pretrain(cfg) / "metrics.csv")
     loss = [float(r["loss"]) for r in rows]
     assert sum(loss[-3:]) / 3 < 0.9 * sum(loss[:3]) / 3, loss
