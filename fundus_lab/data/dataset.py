@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from fundus_lab.data import images as img
 from fundus_lab.data.images import DataError, ImageError
-from fundus_lab.data.manifest import MANIFEST_DIR, REPO_ROOT, Manifest, load_manifest
+from fundus_lab.data.manifest import MANIFEST_DIR, REPO_ROOT, SPLIT_VALUES, Manifest, load_manifest
 from fundus_lab.data.readers import LoadReport, Record, read_records
 from fundus_lab.data.splits import check_patient_disjoint, make_splits, split_counts
 
@@ -260,7 +260,8 @@ def open_dataset(
             manifest YAML (or to a folder holding ``manifest.yaml``), or a parsed Manifest.
         root: the dataset folder; defaults to ``data/synth/<name>`` for synthetic datasets
             and to the manifest's folder for a manifest inside a dataset folder.
-        split: ``train`` | ``val`` | ``test``, or ``None``/``"all"`` for every record.
+        split: ``train`` | ``val`` | ``test`` (| ``test_camera``, the synthetic benchmark's
+            held-out camera), or ``None``/``"all"`` for every record.
         image_size: side S of the square images returned.
         augment: random fundus-preserving augmentation (training).
         skip_bad: skip (count, report, warn) rows and images that cannot be read, instead
@@ -271,8 +272,8 @@ def open_dataset(
             such as ``"short_text"`` (``DataConfig.text_field``).
     """
     manifest = name_or_path if isinstance(name_or_path, Manifest) else load_manifest(name_or_path)
-    if split not in (None, "all", "train", "val", "test"):
-        raise ValueError(f"split={split!r}; expected train, val, test, all or None")
+    if split not in (None, "all", *SPLIT_VALUES):
+        raise ValueError(f"split={split!r}; expected train, val or test (or test_camera), all or None")
     if subset not in (None, "single_label"):
         raise ValueError(f"subset={subset!r}; expected None or 'single_label'")
     if text_field != "text":
