@@ -65,6 +65,15 @@ class FundusDataset(Dataset):
         self.task = task or manifest.task
         self.text_field = text_field
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
+        self.image_cache = None  # fundus_lab.data.cache.ImageCache once enable_cache() ran
+
+    def enable_cache(self, cache_dir: Union[str, Path, None] = None, progress: bool = False) -> "FundusDataset":
+        """Serve images from a pre-decoded, pre-resized uint8 memory map (``data.cache``),
+        written on first use; augmentation still runs on every item. Returns self."""
+        from fundus_lab.data.cache import ImageCache
+
+        self.image_cache = ImageCache.build(self, cache_dir, progress=progress)
+        return self
 
     # -- description ------------------------------------------------------------------------
     @property
@@ -158,8 +167,12 @@ class FundusDataset(Dataset):
     def load_image(self, i: int, augment: Optional[bool] = None) -> torch.Tensor:
         """Image of record ``i`` as float [3, S, S] in [0, 1]."""
         rec = self.records[i]
-        fov = next((s.image.fov_crop for s in self.manifest.sources), True)
         aug = self.augment if augment is None else augment
+        row = self.image_cache.row(rec) if self.image_cache is not None else None
+        if row is not None:
+            x = img.to_tensor(self.image_cache.image(row))
+            return img.augment(x) if aug else x
+        fov = next((s.image.fov_crop for s in self.manifest.sources), True)
         return img.load_tensor(self._source(rec), self.image_size, fov_crop=fov, train_augment=aug)
 
     def text_of(self, rec: Record) -> Optional[str]:
@@ -252,6 +265,8 @@ def open_dataset(
     split_file: Union[str, Path, None] = None,
     subset: Optional[str] = None,
     text_field: str = "text",
+    image_cache: bool = False,
+    image_cache_dir: Union[str, Path, None] = None,
 ) -> FundusDataset:
     """Open one split of a dataset described by a manifest.
 
@@ -270,6 +285,10 @@ def open_dataset(
         subset: ``"single_label"`` keeps multi-label records with exactly one class.
         text_field: what ``ds[i]["text"]`` holds: ``"text"`` (the report) or a meta column
             such as ``"short_text"`` (``DataConfig.text_field``).
+        image_cache: serve pre-decoded, pre-resized images from a memory-mapped cache
+            (``data.cache``; written on first use, keyed by manifest, split, size, crop and
+            files) instead of decoding each file every epoch (``DataConfig.image_cache``).
+        image_cache_dir: where the cache lives (default ``<root>/.cache/images``).
     """
     manifest = name_or_path if isinstance(name_or_path, Manifest) else load_manifest(name_or_path)
     if split not in (None, "all", *SPLIT_VALUES):
@@ -307,6 +326,8 @@ def open_dataset(
         )
     ds = FundusDataset(manifest, root, chosen, split=split, image_size=image_size, augment=augment,
                        skip_bad=skip_bad, report=report, text_field=text_field)
+    if image_cache:
+        ds.enable_cache(image_cache_dir)
     return ds.single_label() if subset == "single_label" else ds
 
 

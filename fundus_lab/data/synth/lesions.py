@@ -303,3 +303,45 @@ def media_opacity(rng, canvas: Canvas, strength: float, fov: np.ndarray) -> None
     canvas.image = ((1 - h) * (mean + (img - mean) * (1 - 0.35 * strength)) + h * veil).astype(np.float32)
     canvas.add_mask("media_opacity", (slice(None), slice(None)), fov > 0.5)
 
+
+
+def lesion_sizes(dataset_dir, working_size: int, limit: int | None = None) -> dict[str, np.ndarray]:
+    """Equivalent diameters (px at ``working_size``) of every connected lesion region in a
+    written synthetic dataset, by lesion key: what a model at that resolution gets to see.
+
+    Reads ``masks/*.npz`` (as the writer stores them, at the generation size) of the first
+    ``limit`` images; a region's diameter is ``2 sqrt(area / pi)`` times
+    ``working_size / generation size``. Image-wide findings (haze, tessellation) are left out.
+    """
+    import csv
+    from pathlib import Path
+
+    root = Path(dataset_dir)
+    labels = root / "labels.csv"
+    if not labels.is_file():
+        raise FileNotFoundError(f"lesion_sizes: {labels} is missing (expected a dataset written by synth.generate)")
+    with open(labels, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[:limit]
+    out: dict[str, list] = {}
+    for row in rows:
+        with np.load(root / row["mask"]) as z:
+            for key in z.files:
+                if key in ("media_opacity", "tessellation"):
+                    continue
+                m = z[key]
+                lab, n = ndi.label(m)
+                if n == 0:
+                    continue
+                areas = np.bincount(lab.ravel())[1:]
+                out.setdefault(key, []).extend(2 * np.sqrt(areas / np.pi) * working_size / m.shape[0])
+    return {k: np.asarray(v, np.float32) for k, v in sorted(out.items())}
+
+
+def lesion_size_table(sizes: dict[str, np.ndarray], title: str = "") -> str:
+    """Markdown table of ``lesion_sizes``: regions and diameter percentiles in pixels."""
+    lines = [f"lesion sizes{(' - ' + title) if title else ''} (equivalent diameter, px)",
+             "| lesion | regions | p10 | median | p90 | < 2 px |", "|---|---:|---:|---:|---:|---:|"]
+    for k, d in sizes.items():
+        p10, p50, p90 = np.percentile(d, [10, 50, 90])
+        lines.append(f"| {k} | {len(d)} | {p10:.1f} | {p50:.1f} | {p90:.1f} | {100 * np.mean(d < 2):.0f} % |")
+    return "\n".join(lines)
