@@ -77,3 +77,13 @@ def test_cache_pickles_without_its_array_and_reports_unreadable_images(manifest,
     assert cached.image_cache.row(cached.records[0]) is None
     with pytest.raises(ImageError, match=os.path.basename(bad.records[0].path)):
         cached[0]
+
+
+def test_dataloader_batches_run_per_image_work_on_one_thread(manifest, tmp_path):
+    from torch.utils.data import DataLoader
+    from fundus_lab.data import collate
+    ds = open_dataset(manifest, split="train", image_size=32, image_cache=True, image_cache_dir=tmp_path)
+    before = torch.get_num_threads()
+    batch = next(iter(DataLoader(ds, batch_size=4, shuffle=False, collate_fn=collate)))
+    assert torch.get_num_threads() == before
+    assert torch.equal(batch["image"], torch.stack([ds[i]["image"] for i in range(4)]))
