@@ -18,6 +18,19 @@ resolution per task (``synth.lesions.lesion_sizes``). Parameters are chosen on `
 ``--eval-split test`` is for reporting the final setting once. The generator settings
 come from the preset's data section unless given on the command line, and datasets are
 written (or reused when up to date) under ``--root``.
+
+Measured 2026-11-30 on the shared 2-core CPU (load 5-7), n=2000 per task rendered at 128 px,
+pixels = 16x16x3 logistic regression, supervised = ``--arch cnn --steps 300 --lr 2e-3``
+(the default ViT ran at ~10 s per 32-image step there, too slow to train to a budget):
+
+    setting                      split        pixels odir/fives/aptos   CNN odir/fives/aptos
+    realistic (1.0, 1.0, 1.0)    val          .624 / .681 / .357        .594 / .830* / .910*
+                                 test_camera  .235 / .470 / .056        .099 / .673* / .663*
+    calibrated (2.5, 1.5, 0.5)   val          .667 / .731 / .692        .745 / .967* / .957*
+                                 test_camera  .310 / .668 / .000        .610 / .904* / .895*
+    calibrated, reported once    test         .593 / .751 / .673        .769 / .956  / .955
+                                 test_camera  .310 / .668 / .000        .610 / .788  / .917
+    (* class-balanced loss; odir/fives accuracy, aptos quadratic kappa)
 """
 
 from __future__ import annotations
