@@ -326,14 +326,12 @@ def open_training_data(cfg: Config, is_main: bool = True, wait: Callable[[], Non
         if is_main:
             from fundus_lab.data import synth
 
-            synth.generate_benchmark(
-                cfg.data.synth_root, n_pretrain=cfg.data.synth_n, n_eval=cfg.data.synth_eval_n,
-                seed=cfg.data.synth_seed, image_size=cfg.data.synth_image_size, workers=None,
-            )
+            synth.generate_benchmark(cfg.data.synth_root, workers=None, **synth.benchmark_options(cfg.data))
         wait()
     ds = fl_data.open_dataset(
         name, root=root, split="train", image_size=cfg.model.img_size,
         augment=cfg.data.augment, skip_bad=cfg.data.skip_bad_images,
+        image_cache=cfg.data.image_cache, image_cache_dir=cfg.data.image_cache_dir,
     )
     if cfg.method.contrastive_weight <= 0 and cfg.method.caption_weight <= 0 and cfg.method.labels_from == "ground_truth":
         return ds  # image-only (MAE): no text is read

@@ -46,7 +46,7 @@ def test_header_and_files_follow_the_contract(odir):
             if row.N == 1:
                 assert z.files == []                     # a normal eye has no lesion
     assert set(df.eye) == {"left", "right"}
-    assert set(df.split) <= {"train", "val", "test"}
+    assert set(df.split) == {"train", "val", "test", "test_camera"}    # every split at n=40
 
 
 def test_odir_labels_are_consistent(odir):
@@ -63,19 +63,45 @@ def test_odir_labels_are_consistent(odir):
         assert row.fives_class == (letters[0] if one and letters[0] in "ADGN" else "")
 
 
-def test_patients_never_cross_splits_and_test_is_the_held_out_camera(odir):
+def test_patients_never_cross_splits_and_test_camera_is_the_held_out_camera(odir):
     _, df = odir
     per_patient = df.groupby("patient_id").agg(splits=("split", "nunique"), cams=("camera", "nunique"),
                                                eyes=("eye", "nunique"), ages=("age", "nunique"))
     assert (per_patient.splits == 1).all() and (per_patient.cams == 1).all()
     assert (per_patient.eyes == 2).all() and (per_patient.ages == 1).all()
-    assert ((df.split == "test") == (df.camera == synth.HELD_OUT)).all()
-    assert (df.split == "test").any() and (df.split == "train").any()
+    assert ((df.split == "test_camera") == (df.camera == synth.HELD_OUT)).all()
+    # the in-domain test split: training cameras, patients seen nowhere else
+    assert (df.split == "test").any() and set(df.camera[df.split == "test"]) <= set(synth.TRAIN_CAMERAS)
+
+
+def test_split_fractions_and_classes_reach_every_split():
+    """Slots are a fixed function of the patient index: 6/11 train, 1/11 val, 2/11 test,
+    2/11 test_camera; the class schedules (index % 4, % 5) reach every split."""
+    from collections import Counter
+    from fundus_lab.data.synth.labels import patient_split
+    counts = Counter(patient_split(i, True) for i in range(1100))
+    assert counts == {"train": 600, "val": 100, "test": 200, "test_camera": 200}
+    assert {patient_split(i, True) for i in range(9)} == {"train", "val", "test", "test_camera"}
+    assert {patient_split(i, False) for i in range(1100)} == {"train", "val", "test"}
+    for k in (4, 5):
+        for split in ("train", "val", "test", "test_camera"):
+            assert {i % k for i in range(1100) if patient_split(i, True) == split} == set(range(k))
+
+
+def test_open_dataset_reads_every_split(tmp_path):
+    from fundus_lab.data import open_dataset
+    manifest = synth.generate(tmp_path / "synth-aptos", "aptos", n=30, seed=0, image_size=SIZE, workers=1)
+    seen = {}
+    for split in ("train", "val", "test", "test_camera"):
+        ds = open_dataset(manifest, split=split, image_size=32)
+        seen[split] = {r.patient_id for r in ds.records}
+        assert len(ds) > 0 and ds[0]["image"].shape == (3, 32, 32)
+    assert all(not (seen[a] & seen[b]) for a in seen for b in seen if a < b)
 
 
 def test_pretrain_uses_training_cameras_only(tmp_path_factory):
     df = _write(tmp_path_factory, "pretrain", 24)
-    assert set(df.camera) <= set(synth.TRAIN_CAMERAS) and "test" not in set(df.split)
+    assert set(df.camera) <= set(synth.TRAIN_CAMERAS) and set(df.split) == {"train", "val"}
 
 
 def test_fives_is_balanced_single_label(tmp_path_factory):

@@ -183,3 +183,63 @@ def test_bad_labels_and_arguments_raise_clearly():
         render_fundus(rng(0), EyeLabels(), "nikon", SIZE)
     with pytest.raises(ValueError, match="eye must be"):
         render_fundus(rng(0), EyeLabels(), "topcon", SIZE, eye="both")
+
+
+# -- calibration to a working resolution ---------------------------------------------------
+def test_lesion_scale_enlarges_small_lesions_only_and_keeps_the_lesion_set():
+    lab = EyeLabels(dr_grade=2, dme=1, age=60, diabetic=True)
+    base = render_eye(rng(5), lab, "topcon", 128, "right")
+    same = render_eye(rng(5), lab, "topcon", 128, "right", lesion_scale=1.0, lesion_contrast=1.0, camera_shift=1.0)
+    assert np.array_equal(base.image, same.image)                     # 1.0 is the realistic default
+    big = render_eye(rng(5), lab, "topcon", 128, "right", lesion_scale=2.5)
+    assert set(big.masks) == set(base.masks) and big.findings == base.findings   # same lesions, same places
+    # area ~ scale^2 for isolated dots; clustered exudates merge, so less
+    for key, factor in (("microaneurysm", 3.0), ("hard_exudate", 1.5)):
+        assert big.masks[key].sum() > factor * base.masks[key].sum(), key
+    assert np.array_equal(big.disc_mask, base.disc_mask)              # anatomy untouched
+
+
+def test_lesion_contrast_deepens_colour_but_not_the_mask():
+    lab = EyeLabels(dr_grade=3, age=60, diabetic=True)
+    base = render_eye(rng(2), lab, "topcon", 96, "left")
+    deep = render_eye(rng(2), lab, "topcon", 96, "left", lesion_contrast=2.0)
+    m = base.masks["dot_blot_haemorrhage"]
+    assert np.array_equal(deep.masks["dot_blot_haemorrhage"], m)
+    g0, g1 = base.image[..., 1][m].astype(float).mean(), deep.image[..., 1][m].astype(float).mean()
+    assert g1 < g0 - 3                                                 # darker red lesions
+
+
+def test_camera_shift_zero_makes_every_camera_the_reference():
+    from fundus_lab.data.synth.cameras import CAMERAS, shift_camera
+    ref = CAMERAS["topcon"]
+    held = shift_camera(CAMERAS["handheld"], 0.0)
+    assert (held.gains, held.gamma, held.blur, held.noise, held.fov, held.jpeg_quality) == \
+           (ref.gains, ref.gamma, ref.blur, ref.noise, ref.fov, ref.jpeg_quality)
+    half = shift_camera(CAMERAS["handheld"], 0.5)
+    assert half.blur == pytest.approx((ref.blur + CAMERAS["handheld"].blur) / 2)
+    assert shift_camera(CAMERAS["handheld"], 1.0) == CAMERAS["handheld"]
+    a = render_eye(rng(1), None, "handheld", 64, "right", camera_shift=0.0).image
+    b = render_eye(rng(1), None, "topcon", 64, "right").image
+    assert np.array_equal(a, b)
+
+
+def test_bad_calibration_is_named():
+    from fundus_lab.data.synth import calibration
+    with pytest.raises(ValueError, match="lesion_scale"):
+        render_eye(rng(0), None, "topcon", 64, "right", lesion_scale=0.0)
+    with pytest.raises(ValueError, match="camera_shift"):
+        calibration(camera_shift=-1)
+    with pytest.raises(ValueError, match="unknown generator parameter"):
+        calibration(lesion_size=2)
+
+
+def test_lesion_sizes_reports_pixels_at_the_working_resolution(tmp_path):
+    from fundus_lab.data import synth
+    from fundus_lab.data.synth.lesions import lesion_size_table, lesion_sizes
+    synth.write_dataset(tmp_path, "aptos", n=10, seed=0, image_size=64, workers=1)
+    at64, at128 = lesion_sizes(tmp_path, 64), lesion_sizes(tmp_path, 128)
+    assert "microaneurysm" in at64 and set(at64) == set(at128)
+    assert np.allclose(at128["microaneurysm"], 2 * at64["microaneurysm"])
+    assert "| microaneurysm |" in lesion_size_table(at64)
+    with pytest.raises(FileNotFoundError, match="labels.csv"):
+        lesion_sizes(tmp_path / "nothing", 64)

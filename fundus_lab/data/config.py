@@ -27,4 +27,13 @@ class DataConfig:
     synth_eval_n: int = 600
     synth_seed: int = 0
     synth_image_size: int = 224
+    # generator calibration (1.0 = realistic; see fundus_lab.data.synth.render.calibration):
+    # a low working resolution enlarges and deepens small lesions and softens the camera shift
+    synth_lesion_scale: float = 1.0
+    synth_lesion_contrast: float = 1.0
+    synth_camera_shift: float = 1.0
     skip_bad_images: bool = False
+    # pre-decoded, pre-resized uint8 images in a memory-mapped file per dataset/split/size
+    # (fundus_lab.data.cache), written on first use under image_cache_dir
+    image_cache: bool = True
+    image_cache_dir: Optional[str] = None   # None: <dataset folder>/.cache

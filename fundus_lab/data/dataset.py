@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from fundus_lab.data import images as img
 from fundus_lab.data.images import DataError, ImageError
-from fundus_lab.data.manifest import MANIFEST_DIR, REPO_ROOT, Manifest, load_manifest
+from fundus_lab.data.manifest import MANIFEST_DIR, REPO_ROOT, SPLIT_VALUES, Manifest, load_manifest
 from fundus_lab.data.readers import LoadReport, Record, read_records
 from fundus_lab.data.splits import check_patient_disjoint, make_splits, split_counts
 
@@ -65,6 +65,15 @@ class FundusDataset(Dataset):
         self.task = task or manifest.task
         self.text_field = text_field
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
+        self.image_cache = None  # fundus_lab.data.cache.ImageCache once enable_cache() ran
+
+    def enable_cache(self, cache_dir: Union[str, Path, None] = None, progress: bool = False) -> "FundusDataset":
+        """Serve images from a pre-decoded, pre-resized uint8 memory map (``data.cache``),
+        written on first use; augmentation still runs on every item. Returns self."""
+        from fundus_lab.data.cache import ImageCache
+
+        self.image_cache = ImageCache.build(self, cache_dir, progress=progress)
+        return self
 
     # -- description ------------------------------------------------------------------------
     @property
@@ -158,8 +167,12 @@ class FundusDataset(Dataset):
     def load_image(self, i: int, augment: Optional[bool] = None) -> torch.Tensor:
         """Image of record ``i`` as float [3, S, S] in [0, 1]."""
         rec = self.records[i]
-        fov = next((s.image.fov_crop for s in self.manifest.sources), True)
         aug = self.augment if augment is None else augment
+        row = self.image_cache.row(rec) if self.image_cache is not None else None
+        if row is not None:
+            x = img.to_tensor(self.image_cache.image(row))
+            return img.augment(x) if aug else x
+        fov = next((s.image.fov_crop for s in self.manifest.sources), True)
         return img.load_tensor(self._source(rec), self.image_size, fov_crop=fov, train_augment=aug)
 
     def text_of(self, rec: Record) -> Optional[str]:
@@ -201,6 +214,21 @@ class FundusDataset(Dataset):
                 "index": j,
             }
         raise DataError(f"{self.name}: every image of the {self.split!r} split is unreadable ({len(self.skipped)} skipped)")
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A DataLoader batch (torch calls this instead of one ``__getitem__`` per index).
+
+        Per-image work runs on one intra-op thread, restored afterwards: a 128 px image's
+        augmentation gains nothing from more, and on a busy CPU the hand-off between
+        threads cost ~100 ms per item instead of ~1.5 ms (benchmarks/data_loading.py)."""
+        n = torch.get_num_threads()
+        if n > 1:
+            torch.set_num_threads(1)
+        try:
+            return [self[i] for i in indices]
+        finally:
+            if n > 1:
+                torch.set_num_threads(n)
 
     def verify(self) -> list[str]:
         """Decode every image once; with ``skip_bad`` drop the unreadable ones (returned and
@@ -252,6 +280,8 @@ def open_dataset(
     split_file: Union[str, Path, None] = None,
     subset: Optional[str] = None,
     text_field: str = "text",
+    image_cache: bool = False,
+    image_cache_dir: Union[str, Path, None] = None,
 ) -> FundusDataset:
     """Open one split of a dataset described by a manifest.
 
@@ -260,7 +290,8 @@ def open_dataset(
             manifest YAML (or to a folder holding ``manifest.yaml``), or a parsed Manifest.
         root: the dataset folder; defaults to ``data/synth/<name>`` for synthetic datasets
             and to the manifest's folder for a manifest inside a dataset folder.
-        split: ``train`` | ``val`` | ``test``, or ``None``/``"all"`` for every record.
+        split: ``train`` | ``val`` | ``test`` (| ``test_camera``, the synthetic benchmark's
+            held-out camera), or ``None``/``"all"`` for every record.
         image_size: side S of the square images returned.
         augment: random fundus-preserving augmentation (training).
         skip_bad: skip (count, report, warn) rows and images that cannot be read, instead
@@ -269,10 +300,14 @@ def open_dataset(
         subset: ``"single_label"`` keeps multi-label records with exactly one class.
         text_field: what ``ds[i]["text"]`` holds: ``"text"`` (the report) or a meta column
             such as ``"short_text"`` (``DataConfig.text_field``).
+        image_cache: serve pre-decoded, pre-resized images from a memory-mapped cache
+            (``data.cache``; written on first use, keyed by manifest, split, size, crop and
+            files) instead of decoding each file every epoch (``DataConfig.image_cache``).
+        image_cache_dir: where the cache lives (default ``<root>/.cache/images``).
     """
     manifest = name_or_path if isinstance(name_or_path, Manifest) else load_manifest(name_or_path)
-    if split not in (None, "all", "train", "val", "test"):
-        raise ValueError(f"split={split!r}; expected train, val, test, all or None")
+    if split not in (None, "all", *SPLIT_VALUES):
+        raise ValueError(f"split={split!r}; expected train, val or test (or test_camera), all or None")
     if subset not in (None, "single_label"):
         raise ValueError(f"subset={subset!r}; expected None or 'single_label'")
     if text_field != "text":
@@ -306,6 +341,8 @@ def open_dataset(
         )
     ds = FundusDataset(manifest, root, chosen, split=split, image_size=image_size, augment=augment,
                        skip_bad=skip_bad, report=report, text_field=text_field)
+    if image_cache:
+        ds.enable_cache(image_cache_dir)
     return ds.single_label() if subset == "single_label" else ds
 
 

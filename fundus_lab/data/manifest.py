@@ -34,6 +34,9 @@ MANIFEST_DIR = Path(os.environ.get("FUNDUS_LAB_MANIFESTS", REPO_ROOT / "data_man
 
 TASKS = ("multiclass", "multilabel", "ordinal", "binary")
 SPLITS = ("train", "val", "test")
+# every value an official split may hold: SPLITS plus the held-out-camera test set of the
+# synthetic benchmark (in-domain "test" = training cameras, unseen patients)
+SPLIT_VALUES = (*SPLITS, "test_camera")
 FORMATS = ("csv", "excel", "npz", "filename-pattern", "folder")
 # metric names the evaluation understands (a typo in a manifest fails at load)
 METRICS = (

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from fundus_lab.data.images import IMAGE_EXTENSIONS, DataError
-from fundus_lab.data.manifest import FieldSpec, JoinSpec, Manifest, SourceSpec
+from fundus_lab.data.manifest import SPLIT_VALUES, FieldSpec, JoinSpec, Manifest, SourceSpec
 
 
 @dataclass
@@ -671,8 +671,8 @@ class SourceReader:
         if "split" in cols:
             value = _cell(row, cols["split"])
             value = s.split_values.get(value, value) if value is not None else None
-            if value not in ("train", "val", "test"):
-                raise _RowError(f"{loc}: column {cols['split']!r} (split) has {value!r}; expected train, val or test")
+            if value not in SPLIT_VALUES:
+                raise _RowError(f"{loc}: column {cols['split']!r} (split) has {value!r}; expected train, val or test (or test_camera)")
             split = value
         meta = {}
         for name, spec in s.meta.items():

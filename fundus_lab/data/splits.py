@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from fundus_lab.data.images import DataError
+from fundus_lab.data.manifest import SPLIT_VALUES
 from fundus_lab.data.readers import Record
 
 SPLIT_FILE_VERSION = 1
@@ -151,9 +152,9 @@ def load_split_file(path: Union[str, Path], records: Sequence[Record], root: Uni
             f"split file {path} does not match the dataset under {root}: {len(unknown)} record(s) not in the file "
             f"(e.g. {unknown[:3]}), {len(gone)} file entr(ies) without a record (e.g. {sorted(gone)[:3]})"
         )
-    bad = {k: v for k, v in splits.items() if v not in ("train", "val", "test")}
+    bad = {k: v for k, v in splits.items() if v not in SPLIT_VALUES}
     if bad:
-        raise DataError(f"split file {path}: field 'splits' has values {sorted(set(bad.values()))[:3]}; expected train, val or test")
+        raise DataError(f"split file {path}: field 'splits' has values {sorted(set(bad.values()))[:3]}; expected train, val or test (or test_camera)")
     for r, k in zip(records, keys):
         r.split = splits[k]
 

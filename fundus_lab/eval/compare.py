@@ -120,10 +120,7 @@ def ensure_synthetic(cfg: "C.Config", names: Sequence[str] = (), data_root: str 
         return root
     from fundus_lab.data import synth
 
-    synth.generate_benchmark(
-        str(root), n_pretrain=cfg.data.synth_n, n_eval=cfg.data.synth_eval_n, seed=cfg.data.synth_seed,
-        image_size=cfg.data.synth_image_size, workers=None,
-    )
+    synth.generate_benchmark(str(root), workers=None, **synth.benchmark_options(cfg.data))
     return root
 
 
@@ -135,7 +132,8 @@ def open_split(cfg: "C.Config", name: str, split: str, image_size: int, data_roo
 
     split_file = Path(split_dir) / f"{Path(name).stem}.json" if split_dir is not None else None
     return open_dataset(name, root=dataset_root(cfg, name, data_root), split=split, image_size=image_size,
-                        augment=augment, skip_bad=cfg.data.skip_bad_images, split_file=split_file)
+                        augment=augment, skip_bad=cfg.data.skip_bad_images, split_file=split_file,
+                        image_cache=cfg.data.image_cache, image_cache_dir=cfg.data.image_cache_dir)
 
 
 def manifest_hash(ds) -> str:

@@ -15,7 +15,7 @@ from .cameras import CAMERAS, HELD_OUT, TRAIN_CAMERAS, CameraProfile, get_camera
 from .writer import (DATASET_NAMES, LABEL_COLUMNS, generate, generate_benchmark, manifest_template,
                        sample_one, write_dataset)
 from .labels import ODIR_CODES, TASKS, EyeLabels, Patient, sample_patient
-from .render import RenderedEye, render_eye, render_fundus
+from .render import CALIBRATION, RenderedEye, calibration, render_eye, render_fundus
 from .reports import definition_text, short_text, write_report
 
 __all__ = [
@@ -23,4 +23,13 @@ __all__ = [
     "DATASET_NAMES", "LABEL_COLUMNS", "generate", "generate_benchmark", "manifest_template",
     "sample_one", "write_dataset", "ODIR_CODES", "TASKS", "EyeLabels", "Patient", "sample_patient",
     "RenderedEye", "render_eye", "render_fundus", "definition_text", "short_text", "write_report",
+    "CALIBRATION", "calibration", "benchmark_options",
 ]
+
+
+def benchmark_options(data) -> dict:
+    """``generate_benchmark`` keyword arguments from a run's data section (``DataConfig``):
+    sizes, seed, generation size and the calibration, so every caller writes the same set."""
+    return {"n_pretrain": data.synth_n, "n_eval": data.synth_eval_n, "seed": data.synth_seed,
+            "image_size": data.synth_image_size, "lesion_scale": data.synth_lesion_scale,
+            "lesion_contrast": data.synth_lesion_contrast, "camera_shift": data.synth_camera_shift}

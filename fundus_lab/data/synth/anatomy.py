@@ -106,12 +106,19 @@ class Canvas:
     Lesions paint through ``multiply`` (absorbing: blood, pigment) or ``blend`` (a
     colour: exudates, drusen) into a window of the image, and each call ORs
     ``alpha > mask_threshold`` into the mask of its lesion key.
+
+    ``lesion_scale`` and ``lesion_contrast`` (1.0: realistic) are read by the lesion
+    painters, so that a benchmark rendered at a low working resolution can keep its
+    small lesions visible: sizes are multiplied by the scale, and the contrast acts as
+    ``contrast`` layers of the same absorber (multiply) or paint (blend).
     """
 
-    def __init__(self, frame: Frame, image: np.ndarray):
+    def __init__(self, frame: Frame, image: np.ndarray, lesion_scale: float = 1.0, lesion_contrast: float = 1.0):
         self.frame = frame
         self.image = image
         self.masks: dict[str, np.ndarray] = {}
+        self.lesion_scale = float(lesion_scale)
+        self.lesion_contrast = float(lesion_contrast)
 
     def window(self, px: float, py: float, rad: float):
         """Slices and pixel offsets (dx [1, w], dy [h, 1]) of a square around (px, py)."""
@@ -129,16 +136,20 @@ class Canvas:
             self.masks[key] = np.zeros((self.frame.size,) * 2, bool)
         self.masks[key][sl] |= m
 
-    def multiply(self, key, sl, alpha, tint, mask_threshold=0.35) -> None:
-        """image *= 1 - alpha * (1 - tint): a filter of transmittance ``tint`` (RGB)."""
+    def multiply(self, key, sl, alpha, tint, mask_threshold=0.35, contrast: float = 1.0) -> None:
+        """image *= (1 - alpha * (1 - tint)) ** contrast: ``contrast`` stacked filters of
+        transmittance ``tint`` (RGB); the mask follows ``alpha``, whatever the contrast."""
         a = alpha[..., None]
-        self.image[sl] *= 1.0 - a * (1.0 - np.asarray(tint, np.float32))
+        f = 1.0 - a * (1.0 - np.asarray(tint, np.float32))
+        self.image[sl] *= f if contrast == 1.0 else f ** np.float32(contrast)
         if key:
             self.add_mask(key, sl, alpha > mask_threshold)
 
-    def blend(self, key, sl, alpha, colour, mask_threshold=0.35) -> None:
-        """image = (1 - alpha) * image + alpha * colour."""
-        a = alpha[..., None]
+    def blend(self, key, sl, alpha, colour, mask_threshold=0.35, contrast: float = 1.0) -> None:
+        """image = (1 - a) * image + a * colour with a = 1 - (1 - alpha) ** contrast
+        (``contrast`` coats of the paint); the mask follows ``alpha``."""
+        a = alpha if contrast == 1.0 else 1.0 - (1.0 - np.clip(alpha, 0, 1)) ** np.float32(contrast)
+        a = a[..., None]
         self.image[sl] = self.image[sl] * (1.0 - a) + a * np.asarray(colour, np.float32)
         if key:
             self.add_mask(key, sl, alpha > mask_threshold)

@@ -53,6 +53,34 @@ def get_camera(camera) -> CameraProfile:
     return CAMERAS[camera]
 
 
+REFERENCE = "topcon"
+
+
+def shift_camera(cam: CameraProfile, strength: float = 1.0, reference: str = REFERENCE) -> CameraProfile:
+    """``cam`` moved towards (strength < 1) or past (> 1) the reference profile.
+
+    Every optical parameter becomes ``ref + strength * (cam - ref)``: 1.0 is the profile
+    as defined, 0.0 makes every camera the reference one (no domain shift). A benchmark
+    that must be learnable on a small budget can soften the held-out camera's shift
+    without dropping it.
+    """
+    if strength < 0:
+        raise ValueError(f"camera_shift: expected a strength >= 0, got {strength}")
+    if strength == 1.0:
+        return cam
+    ref = get_camera(reference)
+
+    def mix(a, b):
+        return float(a + strength * (b - a))
+
+    return replace(
+        cam, gains=tuple(mix(a, b) for a, b in zip(ref.gains, cam.gains)), gamma=mix(ref.gamma, cam.gamma),
+        exposure=mix(ref.exposure, cam.exposure), vignetting=mix(ref.vignetting, cam.vignetting),
+        blur=max(mix(ref.blur, cam.blur), 0.0), noise=max(mix(ref.noise, cam.noise), 0.0),
+        jpeg_quality=int(round(min(max(mix(ref.jpeg_quality, cam.jpeg_quality), 1), 95))) if cam.jpeg_quality else 0,
+        fov=mix(ref.fov, cam.fov), offset=tuple(mix(a, b) for a, b in zip(ref.offset, cam.offset)))
+
+
 def jitter(rng: np.random.Generator, cam: CameraProfile) -> CameraProfile:
     """Per-photo variation within a camera: exposure, white balance, FOV placement."""
     g = np.asarray(cam.gains) * np.exp(rng.normal(0, 0.03, 3))

@@ -173,24 +173,46 @@ def _aptos_patient(rng, age, base_grade):
     return age, eyes
 
 
+# Patient slot -> split. Slot = (index * SLOT_STEP) % N_SLOTS; N_SLOTS is prime, so the
+# slot is independent of the class schedules (fives: index % 4, aptos: index % 5) and every
+# class reaches every split in proportion. 6/11 train, 1/11 val, 2/11 in-domain test (the
+# training cameras, unseen patients) and 2/11 held-out camera test.
+N_SLOTS = 11
+SLOT_STEP = 4
+SLOT_SPLITS = ("train",) * 6 + ("val", "test", "test", "test_camera", "test_camera")
+SPLIT_NAMES = ("train", "val", "test", "test_camera")
+
+
+def patient_split(index: int, held_out: bool) -> str:
+    """Split of patient ``index``: train | val | test | test_camera (see SLOT_SPLITS).
+
+    Without a held-out camera the ``test_camera`` slots join the in-domain ``test``."""
+    split = SLOT_SPLITS[(index * SLOT_STEP) % N_SLOTS]
+    return "test" if split == "test_camera" and not held_out else split
+
+
 def sample_patient(rng: np.random.Generator, task: str, index: int, cameras: list[str],
                    held_out: Optional[str]) -> Patient:
     """Patient ``index`` of ``task``: age, camera, split and both eyes' labels.
 
-    Split: the held-out camera's patients are the test split (2 in 7 patients), 1 in 7
-    is val, the rest train. The slot is the patient index modulo 7, not a random draw, so
-    every split has patients from the third patient on (a smoke-sized set included), and
-    a patient never crosses splits.
+    Split (``patient_split``): the held-out camera's patients are ``test_camera``; the
+    others are photographed by a training camera and split into train, val and an
+    in-domain ``test``. The slot is a fixed function of the patient index, not a random
+    draw, so every split has patients from the ninth patient on (a smoke-sized set
+    included), and a patient never crosses splits. The pretraining set has no test
+    splits: its test slots are training data.
     """
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; expected one of {list(TASKS)}")
     train_cams = [c for c in cameras if c != held_out]
-    slot = (index * 3) % 7  # patients 0, 1, 2 land in slots 0 (train), 3 (val), 6 (test)
-    if held_out in cameras and (not train_cams or slot >= 5):
+    has_held = held_out is not None and held_out in cameras
+    split = patient_split(index, has_held)
+    if has_held and (not train_cams or split == "test_camera"):
         camera = held_out
     else:
         camera = str(train_cams[int(rng.integers(len(train_cams)))])
-    split = "test" if camera == held_out else ("val" if slot == 3 else "train")
+    if task == "pretrain":
+        split = "val" if split == "val" else "train"
     age = float(rng.uniform(25, 85))
     if task in ("pretrain", "odir"):
         age, eyes = _odir_patient(rng, age)

@@ -5,6 +5,12 @@ report writer turns into counts and locations.
 Sizes are in units of the FOV radius R (a disc diameter is ~0.25 R); positions are
 canonical (u, v) coordinates, see ``anatomy``. Red lesions absorb (``Canvas.multiply``),
 pale and yellow ones replace the colour (``Canvas.blend``).
+
+``Canvas.lesion_scale`` multiplies the size of the small focal lesions (microaneurysms,
+dots and blots, exudates, drusen, cotton-wool spots, flame haemorrhages, laser spots and
+the calibre of new vessels), never their number, place or shape; the large ones
+(atrophy, CNV scar, pre-retinal blood) are visible at any resolution and keep their size.
+``Canvas.lesion_contrast`` deepens every lesion's colour the same way (see ``Canvas``).
 """
 
 from __future__ import annotations
@@ -48,11 +54,22 @@ def sample_points(rng: np.random.Generator, anat: Anatomy, n: int, *, around=Non
     return np.array(out[:n])
 
 
+def _multiply(canvas: Canvas, key, sl, alpha, tint, mask_threshold=0.35) -> None:
+    canvas.multiply(key, sl, alpha, tint, mask_threshold, contrast=canvas.lesion_contrast)
+
+
+def _blend(canvas: Canvas, key, sl, alpha, colour, mask_threshold=0.35) -> None:
+    canvas.blend(key, sl, alpha, colour, mask_threshold, contrast=canvas.lesion_contrast)
+
+
 def _spot(canvas: Canvas, u, v, r, edge_px=0.8, r_core=None):
-    """Window and anti-aliased disk alpha of radius r (canonical) at (u, v); with
-    ``r_core`` also the alpha of a concentric inner disk in the same window."""
+    """Window and anti-aliased disk alpha of radius r (canonical, times the canvas'
+    ``lesion_scale``) at (u, v); with ``r_core`` also the alpha of a concentric inner
+    disk in the same window."""
     f = canvas.frame
     px, py = f.to_px(u, v)
+    r = r * canvas.lesion_scale
+    r_core = None if r_core is None else r_core * canvas.lesion_scale
     rp = max(r * f.radius, 0.75)
     win = canvas.window(px, py, rp + 2 * edge_px + 1)
     if win is None:
@@ -70,7 +87,7 @@ def microaneurysms(rng, canvas: Canvas, pts) -> list[Point]:
     for u, v in pts:
         sl, a = _spot(canvas, u, v, rng.uniform(0.007, 0.011), edge_px=0.6)
         if sl is not None:
-            canvas.multiply("microaneurysm", sl, a * 0.9, DARK_BLOOD, mask_threshold=0.3)
+            _multiply(canvas, "microaneurysm", sl, a * 0.9, DARK_BLOOD, mask_threshold=0.3)
     return [tuple(p) for p in pts]
 
 
@@ -81,13 +98,13 @@ def dot_blot_haemorrhages(rng, canvas: Canvas, pts) -> list[Point]:
         if rng.random() < 0.6:
             sl, a = _spot(canvas, u, v, rng.uniform(0.009, 0.016), edge_px=1.0)
             if sl is not None:
-                canvas.multiply("dot_blot_haemorrhage", sl, a * 0.85, BLOOD)
+                _multiply(canvas, "dot_blot_haemorrhage", sl, a * 0.85, BLOOD)
             continue
         for _ in range(rng.integers(2, 5)):
-            du, dv = rng.normal(0, 0.012, 2)
+            du, dv = rng.normal(0, 0.012, 2) * canvas.lesion_scale   # the blot's lobes scale with it
             sl, a = _spot(canvas, u + du, v + dv, rng.uniform(0.01, 0.02), edge_px=1.5)
             if sl is not None:
-                canvas.multiply("dot_blot_haemorrhage", sl, a * 0.6, BLOOD)
+                _multiply(canvas, "dot_blot_haemorrhage", sl, a * 0.6, BLOOD)
     return [tuple(p) for p in pts]
 
 
@@ -100,8 +117,8 @@ def flame_haemorrhages(rng, canvas: Canvas, anat: Anatomy, pts) -> list[Point]:
         ex, ey = f.vec_px(np.cos(ang), np.sin(ang))
         n = np.hypot(ex, ey)
         ex, ey = ex / n, ey / n
-        length = rng.uniform(0.04, 0.075) * f.radius
-        width = max(rng.uniform(0.009, 0.015) * f.radius, 0.8)
+        length = rng.uniform(0.04, 0.075) * f.radius * canvas.lesion_scale
+        width = max(rng.uniform(0.009, 0.015) * f.radius * canvas.lesion_scale, 0.8)
         px, py = f.to_px(u, v)
         win = canvas.window(px, py, length * 1.6)
         if win is None:
@@ -113,7 +130,7 @@ def flame_haemorrhages(rng, canvas: Canvas, anat: Anatomy, pts) -> list[Point]:
         taper = 1.0 - np.clip(np.abs(along) / length, 0, 1) ** 2
         a = np.exp(-(across / (width * (0.4 + 0.6 * taper))) ** 2) * (taper > 0)
         a *= 0.8 + 0.2 * np.cos(across * 2.2 + along * 0.3)
-        canvas.multiply("flame_haemorrhage", sl, np.clip(a, 0, 1) * 0.7, BLOOD)
+        _multiply(canvas, "flame_haemorrhage", sl, np.clip(a, 0, 1) * 0.7, BLOOD)
     return [tuple(p) for p in pts]
 
 
@@ -134,7 +151,7 @@ def hard_exudates(rng, canvas: Canvas, centres, per_cluster=(4, 14), spread=0.03
                 continue
             sl, a = _spot(canvas, u, v, rng.uniform(0.006, 0.014), edge_px=0.7)
             if sl is not None:
-                canvas.blend("hard_exudate", sl, a * rng.uniform(0.75, 0.95), EXUDATE)
+                _blend(canvas, "hard_exudate", sl, a * rng.uniform(0.75, 0.95), EXUDATE)
         drawn.append((float(cu), float(cv)))
     return drawn
 
@@ -144,7 +161,7 @@ def cotton_wool_spots(rng, canvas: Canvas, pts) -> list[Point]:
     f = canvas.frame
     for u, v in pts:
         px, py = f.to_px(u, v)
-        rp = rng.uniform(0.025, 0.045) * f.radius
+        rp = rng.uniform(0.025, 0.045) * f.radius * canvas.lesion_scale
         win = canvas.window(px, py, rp * 1.8)
         if win is None:
             continue
@@ -155,7 +172,7 @@ def cotton_wool_spots(rng, canvas: Canvas, pts) -> list[Point]:
         d2 = (a_ / rp) ** 2 + (b_ / (rp * e)) ** 2
         wob = 1.0 + 0.25 * np.sin(3 * np.arctan2(b_, a_) + rng.uniform(0, 6.3))
         a = np.exp(-(d2 / wob) ** 1.5 * 1.2) * 0.8
-        canvas.blend("cotton_wool_spot", sl, a, CWS, mask_threshold=0.3)
+        _blend(canvas, "cotton_wool_spot", sl, a, CWS, mask_threshold=0.3)
     return [tuple(p) for p in pts]
 
 
@@ -171,10 +188,10 @@ def new_vessels(rng, canvas: Canvas, centre, extent, key: str, n_loops=(12, 24))
         p = start + np.cumsum(np.stack([np.cos(th), np.sin(th)], 1) * ds, 0)
         p = p[np.hypot(p[:, 0] - centre[0], p[:, 1] - centre[1]) < extent]
         pts.append(p)
-        rad.append(np.full(len(p), max(rng.uniform(0.0025, 0.004), 0.45 / f.radius)))
+        rad.append(np.full(len(p), max(rng.uniform(0.0025, 0.004) * canvas.lesion_scale, 0.45 / f.radius)))
     cov, _ = rasterize(f, np.concatenate(pts), np.concatenate(rad))
     full = (slice(None), slice(None))
-    canvas.multiply(key, full, cov * 0.9, np.array([0.62, 0.30, 0.36], np.float32), mask_threshold=0.25)
+    _multiply(canvas, key, full, cov * 0.9, np.array([0.62, 0.30, 0.36], np.float32), mask_threshold=0.25)
     return [tuple(map(float, centre))]
 
 
@@ -191,7 +208,7 @@ def preretinal_haemorrhage(rng, canvas: Canvas, centre) -> list[Point]:
     d = np.sqrt((dx / rx) ** 2 + (dy / ry) ** 2)
     flat = -ry * rng.uniform(0.1, 0.4)
     a = np.clip((1 - d) * ry / 1.5, 0, 1) * np.clip((dy - flat) / 1.0 + 0.5, 0, 1)
-    canvas.multiply("preretinal_haemorrhage", sl, a * 0.95, DARK_BLOOD)
+    _multiply(canvas, "preretinal_haemorrhage", sl, a * 0.95, DARK_BLOOD)
     return [tuple(map(float, centre))]
 
 
@@ -203,7 +220,7 @@ def drusen(rng, canvas: Canvas, anat: Anatomy, n: int, soft: bool) -> list[Point
     for u, v in pts:
         sl, a = _spot(canvas, u, v, rng.uniform(lo, hi), edge_px=2.0 if soft else 0.8)
         if sl is not None:
-            canvas.blend("drusen", sl, a * rng.uniform(0.5, 0.8), DRUSEN, mask_threshold=0.25)
+            _blend(canvas, "drusen", sl, a * rng.uniform(0.5, 0.8), DRUSEN, mask_threshold=0.25)
     return [tuple(p) for p in pts]
 
 
@@ -221,7 +238,7 @@ def geographic_atrophy(rng, canvas: Canvas, anat: Anatomy, pattern=None, centre=
     ang = np.arctan2(dy, dx)
     shape = 1.0 + 0.2 * np.sin(2 * ang + rng.uniform(0, 6.3)) + 0.12 * np.sin(3 * ang + rng.uniform(0, 6.3))
     a = np.clip((shape - d) * rr * f.radius / 1.2, 0, 1)
-    canvas.blend("geographic_atrophy", sl, a * 0.6, np.array([0.97, 0.70, 0.48], np.float32))
+    _blend(canvas, "geographic_atrophy", sl, a * 0.6, np.array([0.97, 0.70, 0.48], np.float32))
     # choroidal vessels inside: orange ridges on the pale floor
     if pattern is None:
         h, w = a.shape
@@ -229,8 +246,8 @@ def geographic_atrophy(rng, canvas: Canvas, anat: Anatomy, pattern=None, centre=
         pattern = np.exp(-(n / (n.std() + 1e-6) / 0.5) ** 2)
     else:
         pattern = pattern[sl]
-    canvas.multiply(None, sl, a * pattern * 0.35, np.array([0.95, 0.55, 0.5], np.float32))
-    canvas.multiply(None, sl, np.exp(-((d - shape) * 8) ** 2) * 0.35, np.array([0.5, 0.4, 0.35], np.float32))
+    _multiply(canvas, None, sl, a * pattern * 0.35, np.array([0.95, 0.55, 0.5], np.float32))
+    _multiply(canvas, None, sl, np.exp(-((d - shape) * 8) ** 2) * 0.35, np.array([0.5, 0.4, 0.35], np.float32))
     return [(float(cu), float(cv))]
 
 
@@ -246,9 +263,9 @@ def cnv_scar(rng, canvas: Canvas, anat: Anatomy) -> list[Point]:
     sl, dx, dy = win
     d = np.sqrt(dx ** 2 + (dy * rng.uniform(0.8, 1.2)) ** 2) / (rr * f.radius)
     ring = np.exp(-((d - 1.25) / 0.35) ** 2) * (0.6 + 0.4 * np.cos(np.arctan2(dy, dx) * 2 + rng.uniform(0, 6)))
-    canvas.multiply("cnv_scar", sl, np.clip(ring, 0, 1) * 0.85, BLOOD, mask_threshold=0.4)
+    _multiply(canvas, "cnv_scar", sl, np.clip(ring, 0, 1) * 0.85, BLOOD, mask_threshold=0.4)
     core = np.clip((1.0 - d) * 3, 0, 1)
-    canvas.blend("cnv_scar", sl, core * 0.75, np.array([0.55, 0.52, 0.38], np.float32))
+    _blend(canvas, "cnv_scar", sl, core * 0.75, np.array([0.55, 0.52, 0.38], np.float32))
     return [(float(cu), float(cv))]
 
 
@@ -270,8 +287,8 @@ def laser_scars(rng, canvas: Canvas, anat: Anatomy, n: int) -> list[Point]:
         sl, halo, core = _spot(canvas, u, v, r * 1.35, edge_px=1.0, r_core=r * 0.8)
         if sl is None:
             continue
-        canvas.blend("laser_scar", sl, halo * 0.6, np.array([0.92, 0.74, 0.52], np.float32))
-        canvas.blend(None, sl, core * rng.uniform(0.7, 0.95), np.array([0.22, 0.12, 0.07], np.float32))
+        _blend(canvas, "laser_scar", sl, halo * 0.6, np.array([0.92, 0.74, 0.52], np.float32))
+        _blend(canvas, None, sl, core * rng.uniform(0.7, 0.95), np.array([0.22, 0.12, 0.07], np.float32))
     return [tuple(p) for p in pts]
 
 
@@ -286,3 +303,45 @@ def media_opacity(rng, canvas: Canvas, strength: float, fov: np.ndarray) -> None
     canvas.image = ((1 - h) * (mean + (img - mean) * (1 - 0.35 * strength)) + h * veil).astype(np.float32)
     canvas.add_mask("media_opacity", (slice(None), slice(None)), fov > 0.5)
 
+
+
+def lesion_sizes(dataset_dir, working_size: int, limit: int | None = None) -> dict[str, np.ndarray]:
+    """Equivalent diameters (px at ``working_size``) of every connected lesion region in a
+    written synthetic dataset, by lesion key: what a model at that resolution gets to see.
+
+    Reads ``masks/*.npz`` (as the writer stores them, at the generation size) of the first
+    ``limit`` images; a region's diameter is ``2 sqrt(area / pi)`` times
+    ``working_size / generation size``. Image-wide findings (haze, tessellation) are left out.
+    """
+    import csv
+    from pathlib import Path
+
+    root = Path(dataset_dir)
+    labels = root / "labels.csv"
+    if not labels.is_file():
+        raise FileNotFoundError(f"lesion_sizes: {labels} is missing (expected a dataset written by synth.generate)")
+    with open(labels, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[:limit]
+    out: dict[str, list] = {}
+    for row in rows:
+        with np.load(root / row["mask"]) as z:
+            for key in z.files:
+                if key in ("media_opacity", "tessellation"):
+                    continue
+                m = z[key]
+                lab, n = ndi.label(m)
+                if n == 0:
+                    continue
+                areas = np.bincount(lab.ravel())[1:]
+                out.setdefault(key, []).extend(2 * np.sqrt(areas / np.pi) * working_size / m.shape[0])
+    return {k: np.asarray(v, np.float32) for k, v in sorted(out.items())}
+
+
+def lesion_size_table(sizes: dict[str, np.ndarray], title: str = "") -> str:
+    """Markdown table of ``lesion_sizes``: regions and diameter percentiles in pixels."""
+    lines = [f"lesion sizes{(' - ' + title) if title else ''} (equivalent diameter, px)",
+             "| lesion | regions | p10 | median | p90 | < 2 px |", "|---|---:|---:|---:|---:|---:|"]
+    for k, d in sizes.items():
+        p10, p50, p90 = np.percentile(d, [10, 50, 90])
+        lines.append(f"| {k} | {len(d)} | {p10:.1f} | {p50:.1f} | {p90:.1f} | {100 * np.mean(d < 2):.0f} % |")
+    return "\n".join(lines)

@@ -23,7 +23,7 @@ import numpy as np
 from . import lesions as L
 from .anatomy import (QUADRANTS, Anatomy, Canvas, Frame, quadrant_of, render_background, render_disc, render_ppa,
                       sample_anatomy)
-from .cameras import CameraProfile, apply_camera, frame_geometry, get_camera, jitter
+from .cameras import CameraProfile, apply_camera, frame_geometry, get_camera, jitter, shift_camera
 from .labels import EyeLabels
 from .vessels import apply_beading, grow_vessels, render_vessels
 
@@ -92,8 +92,31 @@ def _dr_lesions(rng, canvas, anat, lab: EyeLabels, found, plan):
             found["hard_exudate"] = found.get("hard_exudate", []) + L.hard_exudates(rng, canvas, c, spread=0.02)
 
 
+CALIBRATION = {"lesion_scale": 1.0, "lesion_contrast": 1.0, "camera_shift": 1.0}   # realistic
+
+
+def calibration(**kwargs) -> dict[str, float]:
+    """The full calibration (defaults filled in) from keyword arguments; unknown names
+    and out-of-range values raise a ValueError that names them."""
+    unknown = sorted(set(kwargs) - set(CALIBRATION))
+    if unknown:
+        raise ValueError(f"synth: unknown generator parameter(s) {unknown}; expected {sorted(CALIBRATION)}")
+    out = {**CALIBRATION, **{k: v for k, v in kwargs.items() if v is not None}}
+    check_calibration(**out)
+    return {k: float(v) for k, v in out.items()}
+
+
+def check_calibration(lesion_scale: float, lesion_contrast: float, camera_shift: float) -> None:
+    """Raise a ValueError naming the parameter when a calibration value is out of range."""
+    for name, value, lo, hi in (("lesion_scale", lesion_scale, 0.25, 8.0), ("lesion_contrast", lesion_contrast, 0.25, 8.0),
+                                ("camera_shift", camera_shift, 0.0, 2.0)):
+        if not isinstance(value, (int, float)) or not lo <= float(value) <= hi:
+            raise ValueError(f"synth: {name} must be a number in [{lo}, {hi}] (1.0 = realistic), got {value!r}")
+
+
 def render_eye(rng: np.random.Generator, labels: EyeLabels | None = None, camera="topcon", size: int = 224,
-               eye: str = "right") -> RenderedEye:
+               eye: str = "right", lesion_scale: float = 1.0, lesion_contrast: float = 1.0,
+               camera_shift: float = 1.0) -> RenderedEye:
     """Draw one eye. Deterministic given ``rng``'s state.
 
     Args:
@@ -101,20 +124,25 @@ def render_eye(rng: np.random.Generator, labels: EyeLabels | None = None, camera
         camera: a profile name from ``cameras.CAMERAS`` or a CameraProfile.
         size: output side in pixels (rendered at this size directly).
         eye: "right" (disc on the image's right) or "left".
+        lesion_scale: size factor of the small lesions (1.0: realistic; see ``lesions``).
+        lesion_contrast: colour depth of every lesion (1.0: realistic; see ``Canvas``).
+        camera_shift: strength of the camera profile's difference from the reference
+            camera (1.0: as defined; see ``cameras.shift_camera``).
     """
+    check_calibration(lesion_scale, lesion_contrast, camera_shift)
     if eye not in ("left", "right"):
         raise ValueError(f"render_eye: eye must be 'left' or 'right', got {eye!r}")
     if size < 32:
         raise ValueError(f"render_eye: size must be >= 32 px, got {size}")
     lab = labels or EyeLabels()
-    cam = jitter(rng, get_camera(camera))
+    cam = jitter(rng, shift_camera(get_camera(camera), camera_shift))
     cx, cy, radius = frame_geometry(cam, size)
     frame = Frame(size, cx, cy, radius, 1 if eye == "right" else -1)
     notch = str(rng.choice(["superior", "inferior"])) if lab.glaucoma and rng.random() < 0.65 else None
     tess = float(rng.uniform(0.35, 0.8)) if lab.myopia else 0.0
     anat = sample_anatomy(rng, lab.cdr, age=lab.age, myopic=lab.myopia, notch=notch, tessellation=tess)
     img, pattern = render_background(rng, frame, anat)
-    canvas = Canvas(frame, img)
+    canvas = Canvas(frame, img, lesion_scale=lesion_scale, lesion_contrast=lesion_contrast)
     found: dict[str, list] = {}
     plan: dict = {}
     dd = anat.disc_diameter
@@ -237,7 +265,7 @@ def render_eye(rng: np.random.Generator, labels: EyeLabels | None = None, camera
 
 
 def render_fundus(rng: np.random.Generator, labels: EyeLabels | None = None, camera="topcon",
-                  size: int = 224, eye: str = "right") -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                  size: int = 224, eye: str = "right", **calibration) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(image uint8 [S, S, 3], lesion masks {key: bool [S, S]}) for one eye; see render_eye."""
-    r = render_eye(rng, labels, camera, size, eye)
+    r = render_eye(rng, labels, camera, size, eye, **calibration)
     return r.image, r.masks

@@ -32,14 +32,14 @@ from PIL import Image
 
 from .cameras import CAMERAS, HELD_OUT, TRAIN_CAMERAS
 from .labels import ODIR_CODES, TASK_IDS, TASKS, sample_patient
-from .render import render_eye
+from .render import calibration, render_eye
 from .reports import definition_text, short_text, write_report
 
 LABEL_COLUMNS = ("image_id", "image", "mask", "patient_id", "eye", "age", "camera", "split",
                  *ODIR_CODES, "dr_grade", "dme", "cdr", "fives_class", "text", "short_text", "definition_text")
 DATASET_NAMES = {t: f"synth-{t}" for t in TASKS}
 PATIENT_TAG = 0x50415431          # "PAT1": keeps patient streams apart from image streams
-FORMAT_VERSION = 2  # 2: splits by patient slot (index*3 mod 7)
+FORMAT_VERSION = 3  # 2: splits by patient slot (index*3 mod 7); 3: + in-domain test, test_camera, calibration
 
 
 def manifest_template(task: str) -> Path:
@@ -60,8 +60,10 @@ def _check(task: str, cameras: Optional[Sequence[str]]) -> list[str]:
     return cams
 
 
-def sample_one(task: str, i: int, seed: int, cameras: Sequence[str], image_size: int):
-    """Render image ``i`` of ``task``: (row dict without paths, image, masks)."""
+def sample_one(task: str, i: int, seed: int, cameras: Sequence[str], image_size: int, **calib):
+    """Render image ``i`` of ``task``: (row dict without paths, image, masks).
+
+    ``calib``: lesion_scale, lesion_contrast, camera_shift (``render.calibration``)."""
     tid = TASK_IDS[task]
     p = i // 2
     eye = "right" if i % 2 == 0 else "left"
@@ -70,7 +72,7 @@ def sample_one(task: str, i: int, seed: int, cameras: Sequence[str], image_size:
                              task, p, list(cameras), held)
     lab = patient.eyes[eye]
     r_img, r_txt = (np.random.default_rng(s) for s in np.random.SeedSequence([seed, tid, i]).spawn(2))
-    out = render_eye(r_img, lab, patient.camera, image_size, eye)
+    out = render_eye(r_img, lab, patient.camera, image_size, eye, **calibration(**calib))
     codes = lab.odir()
     row = {
         "image_id": f"{patient.patient_id}-{'R' if eye == 'right' else 'L'}",
@@ -85,8 +87,8 @@ def sample_one(task: str, i: int, seed: int, cameras: Sequence[str], image_size:
 
 def _work(args):
     """Worker: render one image and write its PNG and mask file; return the CSV row."""
-    out_dir, task, i, seed, cameras, image_size = args
-    row, image, masks = sample_one(task, i, seed, cameras, image_size)
+    out_dir, task, i, seed, cameras, image_size, calib = args
+    row, image, masks = sample_one(task, i, seed, cameras, image_size, **calib)
     img_rel = f"images/{row['image_id']}.png"
     mask_rel = f"masks/{row['image_id']}.npz"
     Image.fromarray(image).save(Path(out_dir) / img_rel, compress_level=4)
@@ -107,12 +109,13 @@ def _run(jobs: list, workers: int) -> Iterator:
 
 def write_dataset(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
                   cameras: Optional[Sequence[str]] = None, image_size: int = 224,
-                  workers: Optional[int] = None, progress: bool = False) -> Path:
+                  workers: Optional[int] = None, progress: bool = False, **calib) -> Path:
     """Render ``n`` images of ``task`` into ``out_dir``; return the labels.csv path.
 
     Everything but the manifest copy (see ``generate``).
     """
     cams = _check(task, cameras)
+    calib = calibration(**calib)
     if n < 1:
         raise ValueError(f"synth.generate: n must be >= 1, got {n}")
     if image_size < 32:
@@ -121,7 +124,7 @@ def write_dataset(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
-    jobs = [(str(out), task, i, int(seed), cams, int(image_size)) for i in range(n)]
+    jobs = [(str(out), task, i, int(seed), cams, int(image_size), calib) for i in range(n)]
     t0 = time.time()
     results = _run(jobs, min(workers, n))
     if progress:
@@ -137,19 +140,19 @@ def write_dataset(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
             w.writerow(rows[i])
     os.replace(tmp, labels)
     info = {"task": task, "n": n, "seed": int(seed), "cameras": cams, "image_size": int(image_size),
-            "held_out_camera": HELD_OUT if HELD_OUT in cams else None, "format_version": FORMAT_VERSION,
+            "held_out_camera": HELD_OUT if HELD_OUT in cams else None, "format_version": FORMAT_VERSION, **calib,
             "seconds": round(time.time() - t0, 2)}
     (out / "synth.json").write_text(json.dumps(info, indent=2))
     return labels
 
 
-def _up_to_date(out: Path, task, n, seed, cams, image_size) -> bool:
+def _up_to_date(out: Path, task, n, seed, cams, image_size, calib) -> bool:
     try:
         info = json.loads((out / "synth.json").read_text())
     except (OSError, ValueError):
         return False
     want = {"task": task, "n": n, "seed": int(seed), "cameras": cams, "image_size": int(image_size),
-            "format_version": FORMAT_VERSION}
+            "format_version": FORMAT_VERSION, **calib}
     return all(info.get(k) == v for k, v in want.items()) and (out / "labels.csv").exists()
 
 
@@ -203,7 +206,7 @@ def _remove_leftovers(out: Path) -> None:
 
 def generate(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
              cameras: Optional[Sequence[str]] = None, image_size: int = 224,
-             workers: Optional[int] = None, overwrite: bool = False, progress: bool = False) -> Path:
+             workers: Optional[int] = None, overwrite: bool = False, progress: bool = False, **calib) -> Path:
     """Write a synthetic ``task`` dataset (pretrain | odir | fives | aptos) to ``out_dir``.
 
     Args:
@@ -212,11 +215,14 @@ def generate(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
             profiles (the held-out one becomes the test split) for the other tasks.
         workers: processes (default ``os.cpu_count()``); the output does not depend on it.
         overwrite: re-render even if ``out_dir`` already holds this exact dataset.
+        **calib: ``lesion_scale``, ``lesion_contrast``, ``camera_shift`` (default 1.0, the
+            realistic benchmark; a low-resolution budget raises the first two).
 
     Returns:
         The path of ``out_dir/manifest.yaml`` (a copy of ``data_manifests/synth-<task>.yaml``).
     """
     cams = _check(task, cameras)
+    calib = calibration(**calib)
     template = manifest_template(task)
     if not template.is_file():
         raise FileNotFoundError(f"synth.generate: manifest template {template} is missing "
@@ -225,12 +231,12 @@ def generate(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
     full = Path(os.path.abspath(out))  # "." or "data/" still name a folder with a parent
     with _generation_lock(full):
         _remove_leftovers(full)
-        if overwrite or not _up_to_date(out, task, n, seed, cams, image_size):
+        if overwrite or not _up_to_date(out, task, n, seed, cams, image_size, calib):
             # render into a temp folder beside out_dir and rename it into place: a killed run
             # leaves out_dir as it was (complete, matching its synth.json) or absent, never mixed
             tmp = full.with_name(f".{full.name}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            write_dataset(tmp, task, n, seed, cams, image_size, workers, progress)
+            write_dataset(tmp, task, n, seed, cams, image_size, workers, progress, **calib)
             shutil.copyfile(template, tmp / "manifest.yaml")
             _swap_in(tmp, full)
         manifest = out / "manifest.yaml"
@@ -240,8 +246,8 @@ def generate(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
 
 def generate_benchmark(root, n_pretrain: int = 2000, n_eval: int = 600, seed: int = 0,
                        image_size: int = 224, workers: Optional[int] = None,
-                       overwrite: bool = False, progress: bool = False) -> dict[str, Path]:
+                       overwrite: bool = False, progress: bool = False, **calib) -> dict[str, Path]:
     """All four synthetic datasets under ``root/synth-<task>/``; returns {task: manifest path}."""
     sizes = {"pretrain": n_pretrain, "odir": n_eval, "fives": n_eval, "aptos": n_eval}
-    return {t: generate(Path(root) / DATASET_NAMES[t], t, n, seed, None, image_size, workers, overwrite, progress)
+    return {t: generate(Path(root) / DATASET_NAMES[t], t, n, seed, None, image_size, workers, overwrite, progress, **calib)
             for t, n in sizes.items()}
