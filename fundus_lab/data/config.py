@@ -1,29 +1,6 @@
-"""Data section of a run config."""
+"""Data section of a run config: defined in :mod:`fundus_lab.config` (a leaf module
+that imports nothing of the package), re-exported here for existing imports."""
 
-from __future__ import annotations
+from fundus_lab.config import DataConfig  # noqa: F401
 
-from dataclasses import dataclass
-from typing import Optional
-
-
-@dataclass
-class DataConfig:
-    """Which dataset a run pretrains on and how images are prepared.
-
-    ``dataset`` is a manifest name from ``data_manifests/`` or a path to a manifest file.
-    With ``root`` unset and a synthetic dataset named, the synthetic benchmark is written
-    under ``synth_root`` on first use (``synth_n`` images per task, seed ``synth_seed``).
-    """
-
-    dataset: str = "synth-pretrain"
-    root: Optional[str] = None
-    image_size: int = 224
-    num_workers: int = 0
-    augment: bool = True
-    text_field: str = "text"
-    synth_root: str = "data/synth"
-    synth_n: int = 2000
-    synth_eval_n: int = 600
-    synth_seed: int = 0
-    synth_image_size: int = 224
-    skip_bad_images: bool = False
+__all__ = ['DataConfig']
