@@ -27,6 +27,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclasses_replace  # noqa: F401  (tests swap a protocol's function)
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -427,8 +428,13 @@ def _build_supervised(run: "Run", mcfg: "C.Config", out: Path) -> None:
 
     model, dataset = _init_checkpoint(run, mcfg, out)
     root = mcfg.data.root or run.data_root
+    from fundus_lab.eval.probe import holdout_indices
+
+    # the pretraining set's own val split, halved by patient: one half picks the epoch, the
+    # other is scored (fine_tune wants a test set; no evaluation test split is touched)
     val = open_split(mcfg, mcfg.data.dataset, "val", mcfg.model.img_size, root)
-    score = open_split(mcfg, mcfg.data.dataset, "test", mcfg.model.img_size, root)
+    pick, score = holdout_indices(val, fraction=0.5, seed=mcfg.train.seed)
+    val, score = val.subset(pick), val.subset(score)
     seen = mcfg.train.steps * mcfg.train.batch_size * mcfg.train.grad_accum_steps
     epochs = max(1, math.ceil(seen / len(dataset)))
     r = fine_tune(model, dataset, val, score, epochs=epochs, lr=mcfg.train.lr, layer_decay=1.0,
@@ -491,6 +497,7 @@ class Run:
         self.data_root = str(resolve_path(data_root if data_root is not None else base.data.synth_root))
         self.run_dir = resolve_path(run_dir if run_dir is not None else base.eval.output_dir.format(preset=self.preset))
         self._models: dict = {}
+        self._checkpoints: dict = {}
 
     # configs -----------------------------------------------------------------------------
 
@@ -518,8 +525,17 @@ class Run:
         ``eva`` (any method whose image-generation target is a teacher) first gets a ``clip``
         teacher trained under the same budget and seed.
         """
+        seed = self.seeds()[0] if seed is None else int(seed)
+        if (method, seed) in self._checkpoints and not callbacks:  # already made (or checked) in this Run
+            return self._checkpoints[(method, seed)]
         if method in REFERENCES:
-            return self._reference_checkpoint(method, seed)
+            path = self._reference_checkpoint(method, seed)
+        else:
+            path = self._pretrained_checkpoint(method, seed, callbacks)
+        self._checkpoints[(method, seed)] = path
+        return path
+
+    def _pretrained_checkpoint(self, method: str, seed: int, callbacks: Iterable) -> Path:
         mcfg = self.config(method, seed)
         apply_runtime(mcfg)
         ensure_synthetic(mcfg, [mcfg.data.dataset], self.data_root)
@@ -564,6 +580,7 @@ class Run:
         """Drop cached models (all, or one method's) to free memory."""
         for key in [k for k in self._models if method is None or k[0] == method]:
             del self._models[key]
+        self._checkpoints = {k: v for k, v in self._checkpoints.items() if method is not None and k[0] != method}
 
     def provenance(self, method: str, seed: int) -> dict:
         run = self.run_dir / "pretrain" / method / f"seed{seed}"
