@@ -496,6 +496,7 @@ class Run:
         self.preset = base.preset
         self.data_root = str(resolve_path(data_root if data_root is not None else base.data.synth_root))
         self.run_dir = resolve_path(run_dir if run_dir is not None else base.eval.output_dir.format(preset=self.preset))
+        apply_runtime(base)  # notebooks' own inference (attention, embeddings) runs under the same settings
         self._models: dict = {}
         self._checkpoints: dict = {}
 

@@ -263,6 +263,7 @@ def reproduce(
     notebook_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
     overrides: Sequence[str] | None = None,
+    command: str | None = None,
 ) -> Path:
     """Run the notebooks in order into ``runs_dir/<run_name>`` and write its index; returns the run folder.
 
@@ -276,6 +277,8 @@ def reproduce(
         kernel_name: Jupyter kernel (default: the notebooks' own, ``python3``).
         notebook_dir: where the notebooks are (default: the project's ``notebooks/``).
         overrides: ``key=value`` config overrides passed to every notebook.
+        command: the command line as typed, recorded in ``results/`` (default: rebuilt
+            from these arguments).
 
     Raises:
         NotebookFailed: after writing the index, which shows what finished.
@@ -298,6 +301,7 @@ def reproduce(
     status = {p.stem: {"state": "not run", "seconds": None} for p in paths}
     (run_dir / "parameters.json").write_text(json.dumps(parameters, indent=2))
     failure: NotebookFailed | None = None
+    started = time.perf_counter()
     log(f"fundus-lab reproduce: preset={preset}, {len(paths)} notebooks -> {run_dir}")
     for i, path in enumerate(paths, 1):
         out = run_dir / "notebooks" / path.name
@@ -315,10 +319,86 @@ def reproduce(
     status = dict(sorted({**previous, **status}.items()))
     (run_dir / "status.json").write_text(json.dumps(status, indent=2))
     write_index(run_dir, status, parameters)
-    log(f"index: {run_dir / 'index.html'}")
+    if command is None:
+        command = " ".join(["fundus-lab reproduce", "--preset", preset]
+                           + (["--data-root", str(data_root)] if data_root is not None else [])
+                           + (["--methods", *methods] if methods else []) + ["--name", run_name]
+                           + (["--notebooks", *notebooks] if notebooks else []) + list(overrides or []))
+    write_summary(run_dir, status, command, time.perf_counter() - started)
+    log(f"index: {run_dir / 'index.html'}; summary: {run_dir / 'results'}")
     if failure is not None:
         raise failure
     return run_dir
+
+
+# ---------------------------------------------------------------------------------------
+# the run's record: what ran, where, how long (copied to results/<preset>/ by hand)
+
+
+def git_commit(root: Path | None = None) -> str:
+    """``<sha>`` of the checkout (``<sha>+dirty`` with uncommitted changes; ``unknown`` outside git)."""
+    import subprocess
+
+    root = root or project_root()
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def machine() -> dict:
+    """Cores, CPU model, torch threads and versions: what a rerun must match to compare numbers."""
+    import os
+    import platform
+
+    import torch
+
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "cpu model", "hardware")):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cores": cores, "cpu_count": os.cpu_count(), "cpu_model": model, "machine": platform.machine(),
+            "system": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def write_summary(run_dir: Path, status: Mapping[str, Mapping[str, Any]], command: str, total_seconds: float) -> Path:
+    """``run_dir/results/``: table1.md/.csv, and ``run.md`` + ``run.json`` with the exact
+    command, the git commit, the machine and the wall time per notebook and in total."""
+    import shutil
+
+    out = Path(run_dir) / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("table1.md", "table1.csv", "few_shot.md", "explanation_scores.txt", "explanation_scores.csv"):
+        if (Path(run_dir) / name).is_file():
+            shutil.copy(Path(run_dir) / name, out / name)
+    info = {"command": command, "commit": git_commit(), "machine": machine(),
+            "finished_utc": f"{datetime.utcnow():%Y-%m-%d %H:%M:%S}",
+            "notebooks": {n: {"state": s["state"], "seconds": s.get("seconds")} for n, s in status.items()},
+            "total_seconds": round(total_seconds, 1)}
+    (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    m = info["machine"]
+    md = ["# Run record", "", "```", command, "```", "",
+          f"- commit: `{info['commit']}`",
+          f"- machine: {m['cores']} cores ({m['cpu_count']} CPUs), {m['cpu_model']}, {m['machine']}; "
+          f"torch {m['torch']} with {m['torch_threads']} threads; Python {m['python']}" + (f"; GPU {m['gpu']}" if m["gpu"] else ""),
+          f"- finished: {info['finished_utc']} UTC", f"- wall time: {info['total_seconds'] / 60:.1f} min in total", "",
+          "| notebook | state | seconds |", "|---|---|---:|"]
+    md += [f"| {n} | {s['state']} | {s['seconds'] if s['seconds'] is not None else ''} |" for n, s in info["notebooks"].items()]
+    if (out / "table1.md").is_file():
+        md += ["", "## Table 1", "", (out / "table1.md").read_text().strip()]
+    (out / "run.md").write_text("\n".join(md) + "\n")
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -452,8 +532,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fundus-lab reproduce: {err}", file=sys.stderr)
         return 2
     try:
+        import shlex
+
+        command = "fundus-lab reproduce " + shlex.join(list(sys.argv[1:] if argv is None else argv))
         run_dir = reproduce(args.preset, args.data_root, methods, args.name, args.notebooks, args.runs_dir,
-                            overrides=args.overrides)
+                            overrides=args.overrides, command=command)
     except NotebookFailed as err:
         print(f"fundus-lab reproduce: {err}", file=sys.stderr)
         return 1
