@@ -69,6 +69,10 @@ class ModelConfig:
     decoder_heads: int = 4
     text_decoder_depth: int = 1
     caption_depth: int = 2
+    # image tower: "vit" (the ViT above, made by timm) or any timm model name ("vit_base_patch16_224",
+    # "resnet50"); image_weights: a timm or RETFound .safetensors/.pth/.bin file loaded into it
+    image_encoder: str = "vit"
+    image_weights: Optional[str] = None
 
 
 @dataclass

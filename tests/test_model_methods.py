@@ -89,7 +89,7 @@ def test_forward_backward_and_one_step(name, tokenizer):
         mu = model.method_cfg.momentum
         p = model.image_encoder.blocks[0].attn.qkv.weight
         q = model.momentum_image_encoder.blocks[0].attn.qkv.weight
-        assert torch.allclose(q, mu * before["momentum_image_encoder.blocks.0.attn.qkv.weight"] + (1 - mu) * p)
+        assert torch.allclose(q, mu * before["momentum_image_encoder.trunk.blocks.0.attn.qkv.weight"] + (1 - mu) * p)
     else:
         assert all(torch.equal(p, before[n]) for n, p in frozen.items())
 

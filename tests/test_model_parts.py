@@ -52,7 +52,7 @@ def test_encoder_normalises_zero_one_images():
     vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))
     img = torch.rand(1, 3, 32, 32)
     manual = (img - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.5]).view(1, 3, 1, 1)
-    assert torch.allclose(vit.embed(img), vit.patch_embed(manual) + vit.pos_embed[:, 1:])
+    assert torch.allclose(vit.normalize(img), manual)
     with pytest.raises(ValueError, match=r"model.img_size=32"):
         vit(torch.rand(1, 3, 64, 64))
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):

@@ -49,6 +49,7 @@ class FineTuneClassifier(nn.Module):
 
 def layer_id(name: str, n_blocks: int) -> int:
     """0 for the embedding, i + 1 for ``blocks.i``, n_blocks + 1 for everything after."""
+    name = name.removeprefix("trunk.")  # image towers keep the timm model under .trunk
     if name.startswith(_EMBED_NAMES):
         return 0
     if name.startswith("blocks."):

@@ -1,7 +1,11 @@
 """Classification metrics for fundus tasks, with seeded bootstrap confidence intervals.
 
-Every metric is implemented here on numpy (no scikit-learn at run time) so that the
-definitions are visible and the tests can hold them against scikit-learn's.
+The metrics are scikit-learn's (``sklearn.metrics``), the definitions reviewers already
+trust; this module fixes the conventions fundus tasks need around them: AUC is NaN (not
+an exception) where a class has no positives or no negatives, macro AUC averages only
+the classes where it is defined, kappa's classes follow grade values, and
+scikit-learn's warnings about degenerate resamples are silenced because the bootstrap
+draws them on purpose.
 
 Shapes and conventions:
     multiclass / ordinal: y_true [N] int in 0..C-1, probs [N, C] (rows sum to 1)
@@ -12,10 +16,12 @@ Shapes and conventions:
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy.stats import rankdata
+import sklearn
+from sklearn import metrics as skm
 
 TASKS = ("multiclass", "multilabel", "ordinal", "binary")
 
@@ -27,14 +33,24 @@ def _labels(y) -> np.ndarray:
     return y.astype(np.int64)
 
 
+@contextmanager
+def _quiet():
+    """Silence scikit-learn's degenerate-input warnings (single class, unseen predictions):
+    the results are defined here (NaN or the documented convention) and bootstraps hit them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
 def accuracy(y_true, y_pred) -> float:
     """Fraction of exact matches (for multi-hot rows: every class right)."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if y_true.shape != y_pred.shape:
         raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} differ in shape")
     if y_true.ndim == 2:
-        return float(np.mean(np.all(y_true == y_pred, axis=1)))
-    return float(np.mean(y_true == y_pred))
+        return float(skm.accuracy_score(y_true.astype(int), y_pred.astype(int)))
+    return float(skm.accuracy_score(y_true, y_pred))
 
 
 def confusion_matrix(y_true, y_pred, n_classes: int | None = None) -> np.ndarray:
@@ -42,39 +58,29 @@ def confusion_matrix(y_true, y_pred, n_classes: int | None = None) -> np.ndarray
     y_true, y_pred = _labels(y_true), _labels(y_pred)
     if n_classes is None:
         n_classes = int(max(y_true.max(initial=0), y_pred.max(initial=0))) + 1
-    out = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(out, (y_true, y_pred), 1)
-    return out
+    return skm.confusion_matrix(y_true, y_pred, labels=np.arange(n_classes)).astype(np.int64)
 
 
 def balanced_accuracy(y_true, y_pred) -> float:
     """Mean per-class recall over the classes present in ``y_true`` (robust to imbalance)."""
     y_true, y_pred = _labels(y_true), _labels(y_pred)
-    classes = np.unique(y_true)
-    return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in classes]))
-
-
-def _f1_from_counts(tp, fp, fn) -> np.ndarray:
-    """F1 = 2TP / (2TP + FP + FN); 0 where the class never occurs nor is predicted."""
-    tp, fp, fn = (np.asarray(v, dtype=np.float64) for v in (tp, fp, fn))
-    denom = 2 * tp + fp + fn
-    return np.divide(2 * tp, denom, out=np.zeros_like(denom), where=denom > 0)
+    with _quiet():
+        return float(skm.balanced_accuracy_score(y_true, y_pred))
 
 
 def f1_per_class(y_true, y_pred, labels: Sequence[int] | None = None) -> np.ndarray:
-    """Per-class F1. 1-d class indices (over ``labels``, default: classes seen in either
-    array) or [N, C] multi-hot arrays (per column)."""
+    """Per-class F1 = 2TP / (2TP + FP + FN), 0 where a class never occurs nor is predicted.
+
+    1-d class indices (over ``labels``, default: classes seen in either array) or [N, C]
+    multi-hot arrays (per column).
+    """
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if y_true.ndim == 2:
-        t, p = y_true.astype(bool), y_pred.astype(bool)
-        return _f1_from_counts((t & p).sum(0), (~t & p).sum(0), (t & ~p).sum(0))
+        return skm.f1_score(y_true.astype(int), y_pred.astype(int), average=None, zero_division=0).astype(np.float64)
     y_true, y_pred = _labels(y_true), _labels(y_pred)
     if labels is None:
         labels = np.union1d(y_true, y_pred)
-    labels = np.asarray(labels)
-    t = y_true[:, None] == labels[None, :]
-    p = y_pred[:, None] == labels[None, :]
-    return _f1_from_counts((t & p).sum(0), (~t & p).sum(0), (t & ~p).sum(0))
+    return skm.f1_score(y_true, y_pred, labels=np.asarray(labels), average=None, zero_division=0).astype(np.float64)
 
 
 def macro_f1(y_true, y_pred, labels: Sequence[int] | None = None) -> float:
@@ -85,17 +91,13 @@ def macro_f1(y_true, y_pred, labels: Sequence[int] | None = None) -> float:
 def binary_auc(y_true, score) -> float:
     """Area under the ROC curve = P(score of a positive > score of a negative), ties 1/2.
 
-    Mann-Whitney form: AUC = (sum of positive ranks - P(P+1)/2) / (P * N), average ranks
-    for ties. NaN when only one class is present (the AUC is undefined there).
+    NaN when only one class is present (the AUC is undefined there; scikit-learn raises).
     """
     y = np.asarray(y_true).astype(bool).ravel()
     s = np.asarray(score, dtype=np.float64).ravel()
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return float("nan")
-    ranks = rankdata(s)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(skm.roc_auc_score(y, s))
 
 
 def auc_per_class(y_true, probs) -> np.ndarray:
@@ -103,14 +105,20 @@ def auc_per_class(y_true, probs) -> np.ndarray:
     positives or no negatives. ``y_true`` is [N] class indices or [N, C] multi-hot."""
     probs = np.asarray(probs, dtype=np.float64)
     y_true = np.asarray(y_true)
-    onehot = y_true if y_true.ndim == 2 else np.eye(probs.shape[1], dtype=bool)[_labels(y_true)]
-    return np.array([binary_auc(onehot[:, c], probs[:, c]) for c in range(probs.shape[1])])
+    onehot = (y_true if y_true.ndim == 2 else np.eye(probs.shape[1], dtype=bool)[_labels(y_true)]).astype(bool)
+    out = np.full(probs.shape[1], np.nan)
+    defined = onehot.any(0) & ~onehot.all(0)
+    if defined.any():  # one scikit-learn call for all defined classes (the bootstrap's hot path)
+        out[defined] = skm.roc_auc_score(onehot[:, defined].astype(int), probs[:, defined], average=None)
+    return out
 
 
 def auc(y_true, probs) -> float:
     """Macro one-vs-rest AUC over the classes where it is defined.
 
-    Binary: ``probs`` may be [N] or [N, 2]; the AUC of the positive class.
+    Binary: ``probs`` may be [N] or [N, 2]; the AUC of the positive class. (Equals
+    ``roc_auc_score(..., multi_class="ovr")`` when every class is present; that call
+    raises otherwise, which a bootstrap resample or a small split easily triggers.)
     """
     probs = np.asarray(probs, dtype=np.float64)
     y_true = np.asarray(y_true)
@@ -125,35 +133,22 @@ def auc(y_true, probs) -> float:
 
 
 def cohen_kappa(y_true, y_pred, weights: str | None = None, n_classes: int | None = None) -> float:
-    """Cohen's kappa, kappa = 1 - sum(W * O) / sum(W * E).
+    """Cohen's kappa (``sklearn.metrics.cohen_kappa_score``), 1 - sum(W * O) / sum(W * E).
 
-    O is the observed confusion matrix, E = outer(row sums, column sums) / N the one
-    expected by chance, W the disagreement weights: 1 off the diagonal (unweighted),
-    |i - j| (linear) or (i - j)^2 (quadratic). Classes are the integers
-    ``min..max`` of both arrays, or ``0..n_classes-1``: weights follow grade values, so a
-    grade absent from the sample still counts in the distance between its neighbours.
-    NaN when chance disagreement is zero (a single class everywhere).
+    ``weights``: None (unweighted), ``"linear"`` |i - j| or ``"quadratic"`` (i - j)^2.
+    Classes are the integers ``min..max`` of both arrays, or ``0..n_classes-1``: weights
+    follow grade values, so a grade absent from the sample still counts in the distance
+    between its neighbours. NaN when chance disagreement is zero (a single class everywhere).
     """
     y_true, y_pred = _labels(y_true), _labels(y_pred)
     if y_true.shape != y_pred.shape:
         raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} differ in shape")
+    if weights not in (None, "linear", "quadratic"):
+        raise ValueError(f"weights={weights!r}; expected None, 'linear' or 'quadratic'")
     lo = 0 if n_classes is not None else int(min(y_true.min(), y_pred.min()))
     k = n_classes if n_classes is not None else int(max(y_true.max(), y_pred.max())) + 1 - lo
-    observed = confusion_matrix(y_true - lo, y_pred - lo, k).astype(np.float64)
-    expected = np.outer(observed.sum(1), observed.sum(0)) / observed.sum()
-    i, j = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
-    if weights is None:
-        w = (i != j).astype(np.float64)
-    elif weights == "linear":
-        w = np.abs(i - j).astype(np.float64)
-    elif weights == "quadratic":
-        w = ((i - j) ** 2).astype(np.float64)
-    else:
-        raise ValueError(f"weights={weights!r}; expected None, 'linear' or 'quadratic'")
-    chance = float((w * expected).sum())
-    if chance == 0:
-        return float("nan")
-    return float(1.0 - (w * observed).sum() / chance)
+    with _quiet():
+        return float(skm.cohen_kappa_score(y_true, y_pred, labels=np.arange(lo, lo + k), weights=weights))
 
 
 def quadratic_weighted_kappa(y_true, y_pred, n_classes: int | None = None) -> float:
@@ -170,14 +165,13 @@ def odir_score(y_true, probs, threshold: float = 0.5) -> dict:
 
     As the official evaluation script computes it: labels and scores are flattened over
     images x classes, then kappa = Cohen's kappa of (score > 0.5), F1 = micro F1 of the
-    same (on a flat 0/1 array this equals the element-wise accuracy), AUC = ROC AUC of the
-    flat scores; final = (kappa + F1 + AUC) / 3.
+    same, AUC = ROC AUC of the flat scores; final = (kappa + F1 + AUC) / 3.
     """
     t = np.asarray(y_true).astype(np.int64).ravel()
     s = np.asarray(probs, dtype=np.float64).ravel()
     p = (s > threshold).astype(np.int64)
     kappa = cohen_kappa(t, p, n_classes=2)
-    f1 = float(np.mean(t == p))  # micro F1 over both labels of a flat binary array
+    f1 = float(skm.f1_score(t, p, labels=[0, 1], average="micro", zero_division=0))
     area = binary_auc(t, s)
     return {"kappa": kappa, "f1": f1, "auc": area, "final": float(np.mean([kappa, f1, area]))}
 
@@ -203,7 +197,8 @@ def bootstrap_ci(
         raise ValueError(f"alpha={alpha}; expected a value in (0, 1)")
     rng = np.random.default_rng(seed)
     stats = np.empty(n)
-    with warnings.catch_warnings():
+    # inputs were checked once above; skipping scikit-learn's finiteness scan per resample
+    with warnings.catch_warnings(), sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
         warnings.simplefilter("ignore", RuntimeWarning)
         for b in range(n):
             idx = rng.integers(0, len(y_true), len(y_true))

@@ -46,17 +46,9 @@ TOKENIZER_DIR = "tokenizer"
 
 
 def build_vision_transformer(cfg: ModelConfig) -> VisionTransformer:
-    return VisionTransformer(
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        embed_dim=cfg.vision_width,
-        depth=cfg.vision_depth,
-        num_heads=cfg.vision_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        drop_path_rate=cfg.drop_path,
-        mean=cfg.image_mean,
-        std=cfg.image_std,
-    )
+    from fundus_lab.models.image import build_image_encoder  # any timm ViT or CNN (model.image_encoder)
+
+    return build_image_encoder(cfg)
 
 
 def validate_method(m: MethodConfig) -> None:

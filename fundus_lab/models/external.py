@@ -1,0 +1,596 @@
+"""Outside models (a Hugging Face ``CLIPModel`` folder, an open_clip checkpoint) behind the
+interface fundus_lab's evaluation calls, so they join the same tables as our own models.
+
+The model interface (what ``fl.eval``, the viz functions and the widget call on a model):
+
+    model.capabilities -> frozenset of "encode_image", "encode_text", "zero_shot",
+                          "image_features", "fine_tune", "patches", "attention"
+    model.image_size   -> int, the side the model works at (inputs are resized to it)
+    model.encode_image(images [N, 3, H, W] in [0, 1]) -> [N, D], L2-normalised
+    model.encode_text(list[str]) -> [N, D], L2-normalised            ("encode_text")
+    model.image_features(images, mask_ratio=0.0) -> {"cls": [N, W], "tokens": [N, L, W]}
+        the pooled feature before any projection and the patch tokens (probes, fine-tune)
+    model.logit_scale  -> the log of the learned inverse temperature (zero-shot scale)
+    model.text_encoder -> a module, or None for image-only models (zero-shot is then off)
+    model.image_encoder -> a module with ``.blocks`` (layer-wise lr decay) and
+                          ``num_features``; its parameters are what fine-tuning trains
+    model.encode_patches(images) -> [N, L, D] L2-normalised patch tokens in the joint
+                          space (MaskCLIP's dense read-out)              ("patches")
+    model.attention_maps(images) -> list per block of [N, heads, 1 + L, 1 + L]  ("attention")
+    model.eval() / model.train() / model.to(device) / model.parameters() / model.state_dict()
+
+Images arrive as plain [0, 1] pixels at any size; each wrapper applies its source's own
+preprocessing: resize the shorter side to ``image_size`` (bicubic, antialiased), centre
+crop, normalise with the source's mean and std.
+
+Loading never executes code: safetensors, or ``torch.load(weights_only=True)``;
+transformers runs with ``trust_remote_code=False``.
+
+    model = load_external("path/to/clip-folder")                       # HF CLIPModel
+    model = load_external("ckpt.safetensors", model_config="ViT-B-16.json")  # open_clip
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+KINDS = ("hf", "open_clip")
+
+
+class ExternalModelError(ValueError):
+    """An outside model folder or file that cannot be read as the kind asked for."""
+
+
+# ---------------------------------------------------------------------- safe weight reading
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: safetensors, or a torch file with ``weights_only=True``.
+
+    Unwraps training checkpoints (``{"state_dict": ...}``, ``{"model": ...}``) and a
+    DistributedDataParallel ``module.`` prefix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExternalModelError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    elif path.suffix in WEIGHT_SUFFIXES:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle with code objects, or a corrupt file
+            raise ExternalModelError(f"{path}: cannot be read with torch.load(weights_only=True): {err}") from None
+    else:
+        raise ExternalModelError(f"{path}: unknown weights format {path.suffix!r}; expected one of {WEIGHT_SUFFIXES}")
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ExternalModelError(f"{path}: expected a mapping of tensor names to tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ExternalModelError(f"{path}: not readable JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ExternalModelError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+# ---------------------------------------------------------------------- the shared wrapper
+
+
+class _TowerView(nn.Module):
+    """A ViT tower seen with timm's names, for fine-tuning's layer-wise lr decay.
+
+    ``blocks`` are the tower's transformer layers; parameters registered before them
+    (patch embedding, class and position embeddings, pre-norm) become ``patch_embed.*``
+    (layer 0), those after them (final norm, pooling, projection) ``norm.*``.
+    Built on access, never registered, so state dicts and fingerprints do not double.
+    """
+
+    def __init__(self, tower: nn.Module, blocks: nn.ModuleList, width: int):
+        super().__init__()
+        self.blocks = blocks
+        in_blocks = {id(p) for p in blocks.parameters()}
+        before, after, seen_blocks = [], [], False
+        for _, p in tower.named_parameters():
+            if id(p) in in_blocks:
+                seen_blocks = True
+            else:
+                (after if seen_blocks else before).append(p)
+        self.patch_embed = nn.ParameterList(before)
+        self.norm = nn.ParameterList(after)
+        self.num_features = width
+
+
+class ExternalModel(nn.Module):
+    """Common part of the wrappers: preprocessing, normalisation, the eval-facing API."""
+
+    kind = "external"
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], source: str):
+        super().__init__()
+        self.image_size = int(image_size)
+        self.source = source
+        self.use_contrastive = True  # CLIP-style models are aligned image-text spaces
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    # -- to be provided by each source
+    def _vision_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised pixels -> (pooled feature before projection [N, W], patch tokens [N, L, W])."""
+        raise NotImplementedError
+
+    def _project(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- shared
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def img_size(self) -> int:
+        """``image_size`` under the name fundus_lab's own models use (the widget reads it)."""
+        return self.image_size
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] in [0, 1] -> the source model's input: shorter side resized to
+        ``image_size`` (bicubic, antialiased), centre crop, mean/std normalisation."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [N, 3, H, W] in [0, 1], got {list(images.shape)}")
+        s = self.image_size
+        h, w = images.shape[-2:]
+        if (h, w) != (s, s):
+            scale = s / min(h, w)
+            nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
+            images = F.interpolate(images.float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+            top, left = (nh - s) // 2, (nw - s) // 2
+            images = images[..., top:top + s, left:left + s]
+        images = images.to(self.pixel_mean.device, self.pixel_mean.dtype)
+        return (images - self.pixel_mean) / self.pixel_std
+
+    def image_features(self, images: torch.Tensor, mask_ratio: float = 0.0) -> dict:
+        """{"cls": pooled feature before projection [N, W], "tokens": patch tokens [N, L, W]}."""
+        if mask_ratio:
+            raise ValueError(f"{type(self).__name__} does not mask patches (mask_ratio={mask_ratio})")
+        pooled, tokens = self._vision_tokens(self.preprocess(images))
+        return {"cls": pooled, "tokens": tokens}
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        pooled, _ = self._vision_tokens(self.preprocess(images))
+        return F.normalize(self._project(pooled), dim=-1)
+
+    def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens through the image projection, L2-normalised (MaskCLIP)."""
+        if "patches" not in self.capabilities:
+            raise RuntimeError(f"{self.source}: patch read-out needs a ViT tower with per-token outputs")
+        _, tokens = self._vision_tokens(self.preprocess(images))
+        return F.normalize(self._project(tokens), dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"source={self.source!r}, image_size={self.image_size}"
+
+
+# ---------------------------------------------------------------------- Hugging Face CLIP
+
+
+class HFCLIP(ExternalModel):
+    """A transformers ``CLIPModel`` (folder with ``config.json``, ``model_type: clip``)."""
+
+    kind = "hf"
+
+    def __init__(self, model, tokenizer, mean=OPENAI_MEAN, std=OPENAI_STD, source: str = "hf"):
+        super().__init__(model.config.vision_config.image_size, mean, std, source)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = int(model.config.text_config.max_position_embeddings)
+        caps = {"encode_image", "encode_text", "zero_shot", "image_features", "fine_tune", "patches", "attention"}
+        self.capabilities = frozenset(caps)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        return self.model.text_model
+
+    @property
+    def image_encoder(self) -> nn.Module:
+        vm = self.model.vision_model
+        return _TowerView(vm, vm.encoder.layers, self.model.config.vision_config.hidden_size)
+
+    def _vision_tokens(self, pixels):
+        out = self.model.vision_model(pixel_values=pixels)
+        tokens = self.model.vision_model.post_layernorm(out.last_hidden_state[:, 1:])
+        return out.pooler_output, tokens
+
+    def _project(self, features):
+        return self.model.visual_projection(features)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be a list of str")
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        ids, attn = self.tokenize(texts)
+        pooled = self.model.text_model(input_ids=ids, attention_mask=attn).pooler_output
+        return F.normalize(self.model.text_projection(pooled), dim=-1)
+
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Self-attention of every vision layer, ``[N, heads, 1 + L, 1 + L]`` each.
+
+        SDPA kernels do not return attention weights, so the eager path runs for this call.
+        """
+        cfg = self.model.vision_model.config
+        previous = cfg._attn_implementation
+        cfg._attn_implementation = "eager"
+        try:
+            out = self.model.vision_model(pixel_values=self.preprocess(images), output_attentions=True)
+        finally:
+            cfg._attn_implementation = previous
+        if not out.attentions:
+            raise RuntimeError(f"{self.source}: the vision model returned no attention weights")
+        return [a.float() for a in out.attentions]
+
+
+def _hf_weights(path: Path) -> Path | None:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return path / name
+    found = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    return found[0] if found else None
+
+
+def load_hf_clip(path: str | Path) -> HFCLIP:
+    """A Hugging Face ``CLIPModel`` folder: config.json, weights (safetensors, or a
+    ``.bin`` read with ``weights_only=True``), tokenizer files, optional
+    ``preprocessor_config.json`` (mean/std)."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ExternalModelError(f"{path}: no config.json; a Hugging Face CLIP folder needs one")
+    data = _read_json(config_path)
+    if data.get("model_type") != "clip":
+        raise ExternalModelError(f"{config_path}: model_type is {data.get('model_type')!r}, expected 'clip' (a CLIPModel)")
+    weights = _hf_weights(path)
+    if weights is None:
+        raise ExternalModelError(f"{path}: no model.safetensors or pytorch_model.bin beside config.json")
+    config = CLIPConfig.from_pretrained(str(path))
+    model = CLIPModel(config)
+    state = read_state_dict(weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    unexpected = [k for k in unexpected if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ExternalModelError(f"{weights}: does not fit the CLIPModel of {config_path}: "
+                                 f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as err:
+        raise ExternalModelError(f"{path}: no usable tokenizer files ({err})") from None
+    mean, std = OPENAI_MEAN, OPENAI_STD
+    pre = path / "preprocessor_config.json"
+    if pre.is_file():
+        p = _read_json(pre)
+        mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
+    return HFCLIP(model.eval(), tokenizer, mean, std, source=str(path)).eval()
+
+
+# ---------------------------------------------------------------------- open_clip
+
+
+class OpenCLIP(ExternalModel):
+    """An open_clip ``CLIP``/``CustomTextCLIP``/``CoCa`` model with its tokenizer."""
+
+    kind = "open_clip"
+
+    def __init__(self, model, tokenizer, mean=OPENAI_MEAN, std=OPENAI_STD, source: str = "open_clip"):
+        size = model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        super().__init__(size, mean, std, source)
+        self.model = model
+        self.tokenizer = tokenizer
+        visual = model.visual
+        is_vit = all(hasattr(visual, a) for a in ("_embeds", "_pool", "transformer"))
+        caps = {"encode_image", "encode_text", "zero_shot", "image_features"}
+        if is_vit:
+            caps |= {"fine_tune", "patches"}
+            blocks = getattr(visual.transformer, "resblocks", None)
+            if blocks is not None and all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks):
+                caps.add("attention")
+        self.capabilities = frozenset(caps)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        text = getattr(self.model, "text", None)  # CustomTextCLIP / CoCa keep the tower as .text
+        return text if text is not None else self.model.transformer
+
+    @property
+    def image_encoder(self) -> nn.Module:
+        visual = self.model.visual
+        if "fine_tune" not in self.capabilities:
+            return visual
+        return _TowerView(visual, visual.transformer.resblocks, visual.transformer.width)
+
+    def _vision_tokens(self, pixels):
+        visual = self.model.visual
+        if "image_features" in self.capabilities and hasattr(visual, "_embeds"):
+            x = visual.transformer(visual._embeds(pixels))
+            pooled, tokens = visual._pool(x)
+            return pooled, tokens
+        pooled = visual(pixels)  # non-ViT towers (ResNet, timm): the projected embedding
+        return pooled, pooled[:, None]
+
+    def _project(self, features):
+        visual = self.model.visual
+        if not hasattr(visual, "_embeds"):
+            return features  # already projected by the tower itself
+        return features @ visual.proj if visual.proj is not None else features
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be a list of str")
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return F.normalize(self.model.encode_text(tokens), dim=-1)
+
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Self-attention of every ViT block, ``[N, heads, 1 + L, 1 + L]``, from each block's
+        own ``nn.MultiheadAttention`` (need_weights), then the block runs as usual."""
+        if "attention" not in self.capabilities:
+            raise RuntimeError(f"{self.source}: attention maps need a ViT tower of nn.MultiheadAttention blocks")
+        visual = self.model.visual
+        x = visual._embeds(self.preprocess(images))
+        maps = []
+        for blk in visual.transformer.resblocks:
+            h = blk.ln_1(x)
+            _, w = blk.attn(h, h, h, need_weights=True, average_attn_weights=False)
+            maps.append(w.float())
+            x = blk(x)
+        return maps
+
+
+def _open_clip_config(weights: Path, model_config: str | Path | dict | None) -> tuple[dict, dict, Path]:
+    """(model_cfg, preprocess_cfg, where it came from) for an open_clip weights file.
+
+    ``model_config``: a dict, a JSON file (an open_clip model config such as
+    ``ViT-B-16.json``, or a hub ``open_clip_config.json`` with ``model_cfg``), or a
+    built-in open_clip model name. Without it: ``open_clip_config.json`` beside the
+    weights, else ``<weights stem>.json``, else the only other JSON file there.
+    """
+    if isinstance(model_config, dict):
+        data, src = model_config, Path("<dict>")
+    elif model_config is not None and Path(model_config).is_file():
+        src = Path(model_config)
+        data = _read_json(src)
+    elif model_config is not None:
+        import open_clip
+
+        data = open_clip.get_model_config(str(model_config))
+        if data is None:
+            raise ExternalModelError(f"model_config={str(model_config)!r} is neither a JSON file nor an open_clip model name")
+        src = Path(str(model_config))
+    else:
+        folder = weights.parent
+        candidates = [folder / "open_clip_config.json", weights.with_suffix(".json")]
+        others = sorted(p for p in folder.glob("*.json") if p not in candidates)
+        src = next((p for p in candidates if p.is_file()), others[0] if len(others) == 1 else None)
+        if src is None:
+            raise ExternalModelError(
+                f"{weights}: no open_clip model config found (looked for open_clip_config.json, "
+                f"{weights.with_suffix('.json').name}, or a single *.json beside it); pass model_config=")
+        data = _read_json(src)
+    preprocess = dict(data.get("preprocess_cfg") or {})
+    cfg = dict(data["model_cfg"]) if isinstance(data.get("model_cfg"), dict) else dict(data)
+    for key in ("embed_dim", "vision_cfg", "text_cfg"):
+        if key not in cfg:
+            raise ExternalModelError(f"{src}: open_clip model config has no {key!r} (keys: {sorted(cfg)})")
+    return cfg, preprocess, src
+
+
+def load_open_clip(path: str | Path, model_config: str | Path | dict | None = None) -> OpenCLIP:
+    """An open_clip checkpoint (file, or folder holding one) plus its model-config JSON."""
+    from copy import deepcopy
+
+    import open_clip
+    from open_clip.model import CLIP, CustomTextCLIP, convert_to_custom_text_state_dict, resize_pos_embed
+
+    path = Path(path)
+    if path.is_dir():
+        found = [p for suffix in WEIGHT_SUFFIXES for p in sorted(path.glob(f"*{suffix}"))]
+        if not found:
+            raise ExternalModelError(f"{path}: no weights file ({', '.join(WEIGHT_SUFFIXES)}) in the folder")
+        path = found[0]
+    cfg, preprocess, src = _open_clip_config(path, model_config)
+    cfg = deepcopy(cfg)
+    text_cfg = cfg.get("text_cfg", {})
+    if "hf_model_name" in text_cfg:
+        text_cfg["hf_model_pretrained"] = False  # weights come from the checkpoint, never a download
+    if "timm_model_name" in cfg.get("vision_cfg", {}):
+        cfg["vision_cfg"]["timm_model_pretrained"] = False
+    custom = cfg.pop("custom_text", False) or "hf_model_name" in text_cfg
+    if "multimodal_cfg" in cfg:
+        from open_clip.coca_model import CoCa
+
+        model_class = CoCa
+    else:
+        model_class = CustomTextCLIP if custom else CLIP
+    try:
+        model = model_class(**cfg)
+    except TypeError as err:
+        raise ExternalModelError(f"{src}: not an open_clip model config ({err})") from None
+    state = read_state_dict(path)
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    resize_pos_embed(state, model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ExternalModelError(f"{path}: does not fit the open_clip model of {src}: "
+                                 f"missing {list(missing)[:8]}, unexpected {list(unexpected)[:8]}")
+    context = text_cfg.get("context_length", 77)
+    if text_cfg.get("hf_tokenizer_name"):
+        tokenizer = open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context,
+                                                    **text_cfg.get("tokenizer_kwargs", {}))
+    else:
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context, **text_cfg.get("tokenizer_kwargs", {}))
+    mean = tuple(preprocess.get("mean", getattr(model.visual, "image_mean", None) or OPENAI_MEAN))
+    std = tuple(preprocess.get("std", getattr(model.visual, "image_std", None) or OPENAI_STD))
+    return OpenCLIP(model.eval(), tokenizer, mean, std, source=str(path)).eval()
+
+
+# ---------------------------------------------------------------------- detection
+
+
+def detect_kind(path: str | Path) -> str:
+    """``hf`` for a folder whose config.json says ``model_type: clip``; ``open_clip`` for a
+    weights file, or a folder with ``open_clip_config.json`` or a weights file and a JSON."""
+    path = Path(path)
+    if not path.exists():
+        raise ExternalModelError(f"{path} does not exist")
+    if path.is_file():
+        if path.suffix in WEIGHT_SUFFIXES:
+            return "open_clip"
+        raise ExternalModelError(f"{path}: not a weights file ({', '.join(WEIGHT_SUFFIXES)}) nor a model folder")
+    config = path / "config.json"
+    if config.is_file():
+        data = _read_json(config)
+        if data.get("model_type") == "clip":
+            return "hf"
+        if "format" in data and "model" in data and "method" in data:
+            raise ExternalModelError(f"{path} is a fundus_lab checkpoint; load it with fl.load_model")
+    if (path / "open_clip_config.json").is_file() or any(any(path.glob(f"*{s}")) for s in WEIGHT_SUFFIXES):
+        if config.is_file():
+            raise ExternalModelError(
+                f"{config}: model_type is {_read_json(config).get('model_type')!r}; only Hugging Face "
+                f"CLIPModel folders (model_type 'clip') and open_clip checkpoints are read")
+        return "open_clip"
+    raise ExternalModelError(f"{path}: neither a Hugging Face CLIP folder (config.json with model_type 'clip') "
+                             f"nor an open_clip checkpoint (weights {WEIGHT_SUFFIXES} + model config JSON)")
+
+
+def is_external(path: str | Path) -> bool:
+    """True for a folder or file :func:`load_external` reads (the dispatch ``fl.load_model``
+    needs: fundus_lab checkpoints and anything unrecognised give False)."""
+    try:
+        detect_kind(path)
+    except ExternalModelError:
+        return False
+    return True
+
+
+def load_external(path: str | Path, kind: str | None = None, model_config: str | Path | dict | None = None,
+                  map_location: str | torch.device = "cpu") -> ExternalModel:
+    """Load an outside CLIP-style model for evaluation (see the module docstring).
+
+    Args:
+        path: a Hugging Face CLIPModel folder, or an open_clip weights file / folder.
+        kind: ``"hf"`` or ``"open_clip"``; detected from the files when None.
+        model_config: open_clip only: the model-config JSON (or dict, or built-in name)
+            when it is not beside the weights.
+    """
+    kind = kind or detect_kind(path)
+    if kind == "hf":
+        if model_config is not None:
+            raise ExternalModelError("model_config is for open_clip checkpoints; a Hugging Face folder has config.json")
+        model = load_hf_clip(path)
+    elif kind == "open_clip":
+        model = load_open_clip(path, model_config)
+    else:
+        raise ExternalModelError(f"kind={kind!r}; expected one of {KINDS}")
+    return model.to(map_location).eval()
+
+
+# ---------------------------------------------------------------------- CLIP text tower
+
+
+class CLIPTextEncoder(nn.Module):
+    """A Hugging Face CLIP text transformer as fundus_lab's text tower.
+
+    Same contract as :class:`fundus_lab.models.text.TextEncoder`:
+    ``forward(input_ids, attention_mask) -> {"tokens", "cls", "attention_mask"}``, ``.config``
+    (a ``CLIPTextConfig``, which has ``hidden_size``), ``.width``. ``cls`` is CLIP's pooled
+    end-of-text token (the text is causal: position 0 sees only itself, so it carries nothing).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers import CLIPTextModel
+
+        self.config = config
+        self.transformer = CLIPTextModel(config)
+        self.width = config.hidden_size
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "CLIPTextEncoder":
+        """From a ``CLIPTextModel`` or ``CLIPModel`` folder (safetensors, or ``.bin`` with
+        ``weights_only=True``); a CLIPModel keeps only its ``text_model.*`` weights."""
+        from transformers import CLIPTextConfig
+
+        path = Path(path)
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise ExternalModelError(f"model.text_pretrained={str(path)!r}: no config.json in that directory")
+        model_type = _read_json(config_path).get("model_type")
+        if model_type not in ("clip", "clip_text_model"):
+            raise ExternalModelError(f"{config_path}: model_type {model_type!r}; expected 'clip' or 'clip_text_model'")
+        config = CLIPTextConfig.from_pretrained(str(path))  # reads text_config of a CLIPConfig
+        weights = _hf_weights(path)
+        if weights is None:
+            raise ExternalModelError(f"{path}: no model.safetensors or pytorch_model.bin")
+        state = read_state_dict(weights)
+        enc = cls(config)
+        # a CLIPModel stores text_model.*; a CLIPTextModel's own keys differ across
+        # transformers versions (with or without the prefix): match the module's names
+        text = {k[len("text_model."):]: v for k, v in state.items() if k.startswith("text_model.")} or state
+        own = enc.transformer.state_dict()
+        if not any(k in own for k in text):
+            text = {f"text_model.{k}": v for k, v in text.items()}
+        state = text
+        missing, unexpected = enc.transformer.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise ExternalModelError(f"{weights}: text weights do not fit: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        return enc
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask)
+        return {"tokens": out.last_hidden_state, "cls": out.pooler_output, "attention_mask": attention_mask}
+
+
+def clip_text_encoder(path: str | Path) -> CLIPTextEncoder:
+    """The text tower of a Hugging Face CLIPTextModel/CLIPModel folder (for ``model.text_pretrained``)."""
+    return CLIPTextEncoder.from_pretrained(path)
+
+
+__all__ = [
+    "CLIPTextEncoder", "ExternalModel", "ExternalModelError", "HFCLIP", "OpenCLIP", "clip_text_encoder",
+    "detect_kind", "is_external", "load_external", "load_hf_clip", "load_open_clip", "read_state_dict",
+]

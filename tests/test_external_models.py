@@ -1,0 +1,216 @@
+"""Outside models: tiny random open_clip and Hugging Face CLIP models saved, loaded through
+fundus_lab.models.external, their features equal the source library's, and the evaluation
+protocols accept them."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fundus_lab.models.external import (
+    CLIPTextEncoder, ExternalModelError, detect_kind, is_external, load_external, read_state_dict,
+)
+
+open_clip = pytest.importorskip("open_clip", reason="open_clip not installed (pip install 'fundus_lab[external]')")
+
+OPEN_CLIP_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+TEXTS = ["a fundus photograph of diabetic retinopathy", "normal fundus", "glaucoma"]
+
+
+def _normalise(x, mean=MEAN, std=STD):
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def open_clip_file(tmp_path_factory):
+    """A random open_clip CLIP saved as safetensors with its hub-style config beside it."""
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    src = CLIP(**OPEN_CLIP_CFG).eval()
+    folder = tmp_path_factory.mktemp("open_clip")
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": OPEN_CLIP_CFG, "preprocess_cfg": {"mean": list(MEAN), "std": list(STD)}}))
+    return src, folder
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A random transformers CLIPModel folder with a tokenizer and preprocessor config."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from fundus_lab.data.tokenizer import default_corpus, train_tokenizer
+
+    tok = train_tokenizer(default_corpus(), vocab_size=300, model_max_length=24)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=24, eos_token_id=tok.sep_token_id,
+                         bos_token_id=tok.cls_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(1)
+    src = CLIPModel(cfg).eval()
+    folder = tmp_path_factory.mktemp("hf_clip")
+    src.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": list(MEAN), "image_std": list(STD)}))
+    return src, tok, folder
+
+
+def _features(out):
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def test_open_clip_features_equal_the_source(open_clip_file):
+    src, folder = open_clip_file
+    assert detect_kind(folder) == "open_clip"
+    model = load_external(folder / "open_clip_model.safetensors")
+    assert model.image_size == 32 and {"zero_shot", "attention", "patches"} <= model.capabilities
+    from fundus_lab.widgets import model_image_size
+
+    assert model_image_size(model) == 32
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        expected_img = torch.nn.functional.normalize(src.encode_image(_normalise(x)), dim=-1)
+        expected_txt = torch.nn.functional.normalize(src.encode_text(open_clip.get_tokenizer("ViT-B-32", context_length=16)(TEXTS)), dim=-1)
+        torch.testing.assert_close(model.encode_image(x), expected_img, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.encode_text(TEXTS), expected_txt, atol=1e-5, rtol=0)
+        assert model.encode_image(torch.rand(2, 3, 48, 64)).shape == (2, 16)  # resized + cropped
+        maps = model.attention_maps(x)
+        assert len(maps) == 2 and maps[0].shape == (3, 2, 17, 17)
+        torch.testing.assert_close(maps[0].sum(-1), torch.ones(3, 2, 17))
+        assert model.encode_patches(x).shape == (3, 16, 16)
+    assert float(model.logit_scale.detach()) == pytest.approx(float(src.logit_scale.detach()))
+
+
+def test_open_clip_pt_file_with_named_config(open_clip_file, tmp_path):
+    src, _ = open_clip_file
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "epoch_3.pt")
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "tiny.json").write_text(json.dumps(OPEN_CLIP_CFG))
+    with pytest.raises(ExternalModelError, match="no open_clip model config"):
+        load_external(tmp_path / "epoch_3.pt")
+    model = load_external(tmp_path / "epoch_3.pt", model_config=tmp_path / "cfgs" / "tiny.json")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():  # no preprocess_cfg: OpenAI mean/std
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        expected = src.encode_image(_normalise(x, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD), normalize=True)
+        torch.testing.assert_close(model.encode_image(x), expected, atol=1e-5, rtol=0)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    import argparse
+
+    torch.save({"w": torch.zeros(1), "odd": argparse.Namespace(x=1)}, tmp_path / "bad.pt")  # arbitrary class
+    with pytest.raises(ExternalModelError, match="weights_only=True"):
+        read_state_dict(tmp_path / "bad.pt")
+
+
+def test_hf_clip_features_equal_the_source(hf_folder):
+    src, tok, folder = hf_folder
+    assert detect_kind(folder) == "hf"
+    model = load_external(folder)
+    x = torch.rand(2, 3, 32, 32)
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(_features(src.get_image_features(pixel_values=_normalise(x))), dim=-1)
+        txt = _features(src.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]))
+        torch.testing.assert_close(model.encode_image(x), img, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.encode_text(TEXTS), torch.nn.functional.normalize(txt, dim=-1), atol=1e-5, rtol=0)
+        maps = model.attention_maps(x)
+        assert len(maps) == 2 and maps[-1].shape == (2, 2, 17, 17)
+        torch.testing.assert_close(maps[-1].sum(-1), torch.ones(2, 2, 17))
+        assert model.encode_patches(x).shape == (2, 16, 16)
+
+
+def test_hf_bin_only_folder_loads_with_weights_only(hf_folder, tmp_path):
+    src, tok, _ = hf_folder
+    src.config.save_pretrained(str(tmp_path))
+    tok.save_pretrained(str(tmp_path))
+    torch.save(src.state_dict(), tmp_path / "pytorch_model.bin")
+    model = load_external(tmp_path, kind="hf")
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        from fundus_lab.models.external import OPENAI_MEAN, OPENAI_STD
+
+        img = _features(src.get_image_features(pixel_values=_normalise(x, OPENAI_MEAN, OPENAI_STD)))
+        torch.testing.assert_close(model.encode_image(x), torch.nn.functional.normalize(img, dim=-1), atol=1e-5, rtol=0)
+
+
+def test_clip_text_tower_from_a_clip_folder(hf_folder):
+    src, tok, folder = hf_folder
+    enc = CLIPTextEncoder.from_pretrained(folder)
+    assert enc.width == 32 and enc.config.hidden_size == 32
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = enc(batch["input_ids"], batch["attention_mask"])
+        ref = src.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(out["cls"], ref.pooler_output, atol=1e-6, rtol=0)
+    assert out["tokens"].shape[:2] == batch["input_ids"].shape
+
+
+def test_detection_errors_name_the_problem(tmp_path):
+    with pytest.raises(ExternalModelError, match="does not exist"):
+        detect_kind(tmp_path / "nope")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ExternalModelError, match="neither a Hugging Face CLIP folder"):
+        detect_kind(tmp_path)
+    with pytest.raises(ExternalModelError, match="model_type is 'bert'"):
+        load_external(tmp_path, kind="hf")
+
+
+@pytest.fixture(scope="module")
+def synth_datasets(tmp_path_factory):
+    from fundus_lab.data import open_dataset, synth
+
+    manifest = synth.generate(tmp_path_factory.mktemp("fives"), task="fives", n=48, seed=0, image_size=64, workers=1)
+    return (open_dataset(manifest, split="train", image_size=64), open_dataset(manifest, split="test", image_size=64))
+
+
+@pytest.mark.parametrize("which", ["open_clip", "hf"])
+def test_eval_protocols_accept_external_models(which, open_clip_file, hf_folder, synth_datasets):
+    from fundus_lab import eval as fle
+    from fundus_lab.eval import features
+
+    features.clear_cache()
+    model = load_external(open_clip_file[1]) if which == "open_clip" else load_external(hf_folder[2])
+    train, test = synth_datasets
+    zs = fle.zero_shot(model, test)
+    assert zs["probs"].shape == (len(test), len(test.classes))
+    np.testing.assert_allclose(zs["probs"].sum(1), 1.0, rtol=1e-5)
+    fs = fle.few_shot(model, train, test, shots=(1,), seeds=1, head_steps=5)
+    assert fs["shots"][1]["probe"]["n_seeds"] == 1 and fs["shots"][1]["prompt_head"] is not None
+    ft = fle.fine_tune(model, train, train, test, epochs=1, batch_size=8)  # val = train: only the plumbing is tested
+    assert ft["probs"].shape == (len(test), len(test.classes))
+
+
+def test_clip_text_tower_serves_a_fundus_model(hf_folder, tmp_path):
+    """What model.text_pretrained=<CLIP folder> needs once the model builds CLIPTextEncoder for a
+    CLIPTextConfig: the tower's contract (config.hidden_size, width, forward) fits FundusVLM."""
+    from fundus_lab.models import MethodConfig, ModelConfig, build_model
+
+    _, tok, folder = hf_folder
+    model = build_model(ModelConfig(img_size=32, patch_size=16, vision_width=32, vision_depth=1, vision_heads=2,
+                                    text_width=32, text_depth=1, text_heads=2, text_max_length=24, embed_dim=16),
+                        MethodConfig(name="clip", image_gen_weight=0.0, caption_weight=0.0, cross_attention=False), tok)
+    model.text_encoder = CLIPTextEncoder.from_pretrained(folder)
+    z = model.encode_text(TEXTS)
+    assert z.shape == (3, 16) and torch.allclose(z.norm(dim=-1), torch.ones(3))
+    assert not torch.allclose(z[0], z[1])  # pooled at the end token, not the constant first token
+
+
+def test_is_external_tells_fundus_checkpoints_apart(open_clip_file, hf_folder, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"format": "fundus_lab", "model": {}, "method": {}}))
+    assert not is_external(tmp_path) and not is_external(tmp_path / "missing")
+    assert is_external(open_clip_file[1]) and is_external(hf_folder[2])
