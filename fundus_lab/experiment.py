@@ -401,8 +401,8 @@ class PixelFeatures(torch.nn.Module):
         return torch.nn.functional.normalize(self.image_features(images)["cls"], dim=-1)
 
 
-def _init_checkpoint(run: "Run", mcfg: "C.Config", out: Path):
-    """The method's model at its seeded initial weights (what pretraining starts from)."""
+def _initial_model(mcfg: "C.Config"):
+    """(model at the seeded initial weights pretraining starts from, the pretraining split)."""
     from accelerate.utils import set_seed
 
     from fundus_lab.train import build_run_model, open_training_data, prepare_tokenizer
@@ -417,7 +417,7 @@ def _init_checkpoint(run: "Run", mcfg: "C.Config", out: Path):
 
 
 def _build_random_init(run: "Run", mcfg: "C.Config", out: Path) -> None:
-    model, dataset = _init_checkpoint(run, mcfg, out)
+    model, dataset = _initial_model(mcfg)
     model.save_pretrained(out)
 
 
@@ -426,7 +426,7 @@ def _build_supervised(run: "Run", mcfg: "C.Config", out: Path) -> None:
     the pretraining budget of images seen (epochs = steps x batch / training images)."""
     from fundus_lab.eval.fine_tune import fine_tune
 
-    model, dataset = _init_checkpoint(run, mcfg, out)
+    model, dataset = _initial_model(mcfg)
     root = mcfg.data.root or run.data_root
     from fundus_lab.eval.probe import holdout_indices
 
