@@ -22,10 +22,6 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from fundus_lab.data.config import DataConfig
-from fundus_lab.eval.config import EvalConfig
-from fundus_lab.models.config import MethodConfig, ModelConfig
-
 PACKAGE_ROOT = Path(__file__).resolve().parent
 CONFIG_DIR = Path(os.environ.get("FUNDUS_LAB_CONFIGS", PACKAGE_ROOT.parent / "configs"))
 PRESETS = ("smoke", "default", "paper")
@@ -33,6 +29,182 @@ PRESETS = ("smoke", "default", "paper")
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the dataclasses."""
+
+
+# ---------------------------------------------------------------------------------------
+# the sections (every schema lives here, so this module imports nothing of the package)
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the two branches, the fusion and the decoders.
+
+    ``text_pretrained`` is a local Hugging Face checkpoint directory for the text encoder
+    (its width then wins over ``text_width``/``text_depth``/``text_heads``);
+    ``tokenizer`` a tokenizer directory (default: the checkpoint's own tokenizer, else one
+    trained on the knowledge base with ``vocab_size`` tokens at most).
+    """
+
+    img_size: int = 224
+    patch_size: int = 16
+    vision_width: int = 192
+    vision_depth: int = 12
+    vision_heads: int = 3
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    text_width: int = 192
+    text_depth: int = 4
+    text_heads: int = 3
+    text_max_length: int = 192  # fits the longest synthetic "both" text (definitions + report, 154 tokens measured)
+    text_pretrained: Optional[str] = None
+    tokenizer: Optional[str] = None
+    vocab_size: int = 4000
+    embed_dim: int = 256
+    fusion_depth: int = 1
+    fusion_heads: int = 3
+    decoder_width: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    text_decoder_depth: int = 1
+    caption_depth: int = 2
+    # image tower: "vit" (the ViT above, made by timm) or any timm model name ("vit_base_patch16_224",
+    # "resnet50"); image_weights: a timm or RETFound .safetensors/.pth/.bin file loaded into it
+    image_encoder: str = "vit"
+    image_weights: Optional[str] = None
+
+
+@dataclass
+class MethodConfig:
+    """What is learned: which loss terms, with which weights, and which modules exist.
+
+    A weight of 0 switches a term off and its modules are not built (honest parameter
+    counts and speed). ``L_total = contrastive_weight * L_con + image_gen_weight * L_img
+    + caption_weight * L_cap`` (eq. 8). ``docs/fidelity.md`` maps every switch to the
+    paper or baseline it follows.
+
+    - ``contrastive_loss``: ``infonce`` (CLIP, eq. 2), ``label_aware`` (FLAIR: pairs that
+      share a category are positives) or ``vilref`` (weighted similarity coupling with
+      momentum encoders and a memory queue of ``queue_size``; needs ``num_labels``).
+    - ``contrastive_view``: ``full`` (the paper's eq. 1: one unmasked pass of each encoder
+      feeds the contrastive term; masked passes feed the decoders) or ``masked`` (FLIP: the
+      image masked at ``contrastive_mask_ratio`` feeds it; the ``ours-flip`` variant).
+    - ``contrastive_directions``: ``symmetric`` (CLIP) or ``image_to_text`` (eq. 2 as written).
+    - ``image_gen_target``: ``pixels`` (MAE, eqs. 3-4) or ``teacher`` features (EVA) of a
+      frozen image encoder from ``teacher_checkpoint`` (a saved CLIP model dir).
+    - ``mim_masking``: ``random`` (MAE: masked patches are dropped from the encoder) or
+      ``block`` (BEiT/EVA: block-wise masks, masked patches replaced by a learnt [MASK]
+      token inside the encoder).
+    - ``stage1_fraction``: > 0 splits the run in two stages (EVA-CLIP): the first
+      ``stage1_fraction`` of the steps train masked image modelling only, the rest the
+      contrastive term only, from the same encoder. The total images seen stay the budget.
+    - ``caption_mode``: ``masked`` (eqs. 5-6: the masked text through ``E_text``, a decoder
+      rebuilds the sequence) or ``autoregressive`` (CoCa: one causal text stack, unimodal
+      then multimodal layers cross-attending to attention-pooled image tokens).
+    - ``caption_targets``: ``all`` (eq. 6: cross-entropy over all T tokens) or ``masked``
+      (only the masked positions, BERT/MLM-style).
+    - ``cross_attention``: fuse image and text tokens before the decoders (eq. 7).
+    - ``labels_from``: which labels the label-aware losses read: ``ground_truth`` (the
+      dataset's) or ``report_keywords`` (ViLReF: extracted from each report by the
+      knowledge base's keyword rules).
+    """
+
+    name: str = "ours"
+    contrastive_weight: float = 1.0
+    contrastive_loss: Literal["infonce", "label_aware", "vilref"] = "infonce"
+    contrastive_view: Literal["full", "masked"] = "full"
+    contrastive_mask_ratio: float = 0.5
+    contrastive_directions: Literal["symmetric", "image_to_text"] = "symmetric"
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    image_gen_weight: float = 1.0
+    image_gen_target: Literal["pixels", "teacher"] = "pixels"
+    mask_ratio: float = 0.75
+    mim_masking: Literal["random", "block"] = "random"
+    norm_pix_loss: bool = True
+    teacher_checkpoint: Optional[str] = None
+    teacher_loss: Literal["cosine", "smooth_l1"] = "cosine"
+    stage1_fraction: float = 0.0
+    caption_weight: float = 1.0
+    caption_mode: Literal["masked", "autoregressive"] = "masked"
+    caption_targets: Literal["all", "masked"] = "all"
+    text_mask_ratio: float = 0.15
+    cross_attention: bool = True
+    momentum: float = 0.995
+    queue_size: int = 1024
+    num_labels: int = 8
+    labels_from: Literal["ground_truth", "report_keywords"] = "ground_truth"
+    coca_pool_queries: int = 16
+
+
+@dataclass
+class DataConfig:
+    """Which dataset a run pretrains on and how images are prepared.
+
+    ``dataset`` is a manifest name from ``data_manifests/`` or a path to a manifest file.
+    With ``root`` unset and a synthetic dataset named, the synthetic benchmark is written
+    under ``synth_root`` on first use (``synth_n`` images per task, seed ``synth_seed``).
+    """
+
+    dataset: str = "synth-pretrain"
+    root: Optional[str] = None
+    image_size: int = 224
+    num_workers: int = 0
+    augment: bool = True
+    text_source: str = "definitions"
+    text_per_image: str = "all_labels"
+    synth_root: str = "data/synth"
+    synth_n: int = 2000
+    synth_eval_n: int = 600
+    synth_seed: int = 0
+    synth_image_size: int = 224
+    # generator calibration (1.0 = realistic; see fundus_lab.data.synth.render.calibration):
+    # a low working resolution enlarges and deepens small lesions and softens the camera shift
+    synth_lesion_scale: float = 1.0
+    synth_lesion_contrast: float = 1.0
+    synth_camera_shift: float = 1.0
+    skip_bad_images: bool = False
+    # pre-decoded, pre-resized uint8 images in a memory-mapped file per dataset/split/size
+    # (fundus_lab.data.cache), written on first use under image_cache_dir
+    image_cache: bool = True
+    image_cache_dir: Optional[str] = None   # None: <dataset folder>/.cache
+
+
+@dataclass
+class EvalConfig:
+    """Which protocols run on which datasets, with how many seeds and how much training.
+
+    Seeds: every method is pretrained once per ``pretrain_seeds`` entry; each pretrained
+    model is then evaluated with ``seeds`` few-shot draws and ``fine_tune_seeds``
+    fine-tuning runs. Table 1 reports mean ± std over all runs of a cell.
+    """
+
+    zero_shot_dataset: str = "synth-odir"
+    few_shot_dataset: str = "synth-fives"
+    fine_tune_dataset: str = "synth-aptos"
+    shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    seeds: int = 5
+    batch_size: int = 64
+    bootstrap: int = 1000
+    pretrain_seeds: list[int] = field(default_factory=lambda: [0])
+    # few-shot
+    few_shot_k: Optional[int] = None  # the k shown in Table 1 (None: the largest of `shots`)
+    few_shot_features: Literal["cls", "embed"] = "cls"
+    few_shot_head_steps: int = 100
+    # fine-tuning
+    fine_tune_seeds: int = 3
+    fine_tune_epochs: int = 10
+    fine_tune_lr: float = 5e-4
+    fine_tune_layer_decay: float = 0.75
+    fine_tune_weight_decay: float = 0.05
+    fine_tune_batch_size: int = 32
+    fine_tune_patience: int = 3
+    fine_tune_class_balanced: bool = False
+    fine_tune_augment: bool = True
+    # bookkeeping
+    output_dir: str = "runs/compare/{preset}"  # {preset} filled in: presets never share run folders
+    cache_features: bool = True
 
 
 @dataclass
@@ -56,6 +228,10 @@ class TrainConfig:
     output_dir: str = "runs/pretrain"
     tensorboard: bool = True
     progress: bool = True
+    # run-to-run repeatability: float sums depend on how work is split over threads, so the
+    # thread count is part of the config (not the machine's default); 0 = leave torch's choice
+    num_threads: int = 2
+    deterministic: bool = True  # torch.use_deterministic_algorithms (warn-only where none exists)
 
 
 @dataclass
@@ -320,6 +496,44 @@ def load_config(
     cfg.preset = preset
     if method:
         cfg.method.name = method
+    return cfg
+
+
+BUDGET_KEYS = ("steps", "batch_size", "grad_accum_steps")
+
+
+def resolve_config(
+    preset: str | None = None,
+    method: str | None = None,
+    overrides: list[str] | dict | None = None,
+    *,
+    path: str | Path | None = None,
+    seed: int | None = None,
+    run_dir: str | Path | None = None,
+    synth_root: str | Path | None = None,
+) -> Config:
+    """The config of one run of ``method``: the one function notebooks, ``compare`` and
+    ``reproduce`` call, so an override reaches every one of them identically.
+
+    Layers: preset <- method file <- user file <- overrides (:func:`load_config`). Then the
+    run's own facts: the pretraining budget (``train.steps``, ``batch_size``,
+    ``grad_accum_steps``) is the preset's plus overrides whatever a method file says, so
+    every method sees the same number of images; ``seed`` (default the first of
+    ``eval.pretrain_seeds``) becomes ``train.seed``; with ``run_dir`` the pretraining run
+    lives in ``run_dir/pretrain/<method>/seed<s>``; ``synth_root`` moves the synthetic data.
+    """
+    cfg = load_config(path, preset=preset, method=method, overrides=overrides)
+    if method is not None:
+        shared = load_config(path, preset=cfg.preset, overrides=overrides)
+        for key in BUDGET_KEYS:
+            setattr(cfg.train, key, getattr(shared.train, key))
+    if not cfg.eval.pretrain_seeds:
+        raise ConfigError("eval.pretrain_seeds is empty; give at least one seed (e.g. eval.pretrain_seeds=[0])")
+    cfg.train.seed = int(cfg.eval.pretrain_seeds[0] if seed is None else seed)
+    if synth_root is not None:
+        cfg.data.synth_root = str(synth_root)
+    if run_dir is not None and method is not None:
+        cfg.train.output_dir = str(Path(run_dir) / "pretrain" / method / f"seed{cfg.train.seed}")
     return cfg
 
 

@@ -17,10 +17,10 @@
 A failing notebook stops the run; the error names the notebook and the failing cell, and
 everything that finished (and the failing notebook, executed up to the error) is kept.
 
-Notebooks stay thin by calling :func:`notebook_context` once: it resolves paths against
-the project root (so a notebook behaves the same from JupyterLab, papermill or nbval,
-whatever its working directory), builds configs for the preset, and trains a checkpoint on
-first use (:func:`ensure_checkpoint`), cached in the run folder.
+Notebooks stay thin by calling :func:`notebook_context` once: it returns the run's
+:class:`fundus_lab.experiment.Run` (configs from one function, checkpoints trained on first
+use and cached in the run folder, the evaluations Table 1 reads), with paths resolved
+against the project root so a notebook behaves the same from JupyterLab, papermill or nbval.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import html
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -93,143 +92,72 @@ def list_notebooks(notebook_dir: str | Path | None = None, select: Sequence[str]
 
 
 # ---------------------------------------------------------------------------------------
-# what notebooks share: configs, data, checkpoints
+# what notebooks share: one Run (fundus_lab.experiment), plus where each notebook writes
 
 
-def make_config(preset: str, method: str | None = None, run_dir: str | Path | None = None, data_root: str | Path | None = None, overrides: Mapping[str, Any] | None = None):
-    """The preset's config (for ``method``) as the comparison trains it, with project-root paths.
+def make_config(preset: str, method: str | None = None, run_dir: str | Path | None = None,
+                data_root: str | Path | None = None, overrides: Mapping[str, Any] | Sequence[str] | None = None):
+    """The config of ``method`` in the run ``run_dir``: ``Run(...).config(method)``, the same
+    :func:`fundus_lab.config.resolve_config` that Table 1 uses."""
+    from fundus_lab.experiment import Run
 
-    With ``run_dir`` and ``method`` this is exactly the config :func:`fundus_lab.eval.compare`
-    uses for that method's first pretraining seed (:func:`fundus_lab.eval.compare.method_config`),
-    so notebooks and the Table 1 comparison share one checkpoint per method.
-    ``data_root`` is the folder holding the synthetic benchmark (one sub-folder per task);
-    by default the preset's ``data.synth_root``, taken from the project root.
-    """
-    from fundus_lab.config import load_config
-
-    cfg = load_config(preset=preset, overrides=dict(overrides or {}))
-    cfg.data.synth_root = str(resolve_path(data_root if data_root is not None else cfg.data.synth_root))
-    if method is None:
-        return cfg
-    from fundus_lab.eval.compare import method_config
-
-    out = resolve_path(run_dir) if run_dir is not None else resolve_path(cfg.eval.output_dir)
-    return method_config(cfg, method, cfg.eval.pretrain_seeds[0], out, dict(overrides or {}) or None, cfg.data.synth_root)
+    return Run(preset, run_dir, data_root, overrides).config(method)
 
 
 def ensure_data(cfg) -> Path:
     """Write the synthetic benchmark under ``cfg.data.synth_root`` unless it is up to date; returns that root."""
-    from fundus_lab.eval.compare import ensure_synthetic
+    from fundus_lab.experiment import ensure_synthetic
 
     return ensure_synthetic(cfg)
 
 
-def ensure_checkpoint(
-    preset: str,
-    method: str,
-    run_dir: str | Path,
-    data_root: str | Path | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    callbacks: Iterable[Callable[[int, dict], None]] = (),
-) -> Path:
-    """The method's ``checkpoint-last`` in the run folder, pretraining the preset's model first if absent.
+def _context_class():
+    from fundus_lab.experiment import Run
 
-    Every notebook asks for its checkpoint this way, so each runs on its own ("Run all" in a
-    fresh run folder trains what it needs) while a full reproduction trains each method
-    once. The cache is the comparison's own (``run_dir/pretrain/<method>/seed<k>``, keyed
-    by the resolved config and data), so ``07_results_table`` reuses these runs; an EVA
-    run first trains its CLIP teacher the same way.
-    """
-    from fundus_lab.eval.compare import method_config, needs_teacher, pretrain_cached
+    class NotebookContext(Run):
+        """One notebook's view of the run: the shared :class:`~fundus_lab.experiment.Run`
+        (configs, checkpoints, cached evaluations: the numbers Table 1 shows) plus the
+        notebook's own figure and table folders and the methods it compares."""
 
-    mcfg = make_config(preset, method, run_dir, data_root, overrides)
-    ensure_data(mcfg)
-    if needs_teacher(mcfg):
-        teacher = make_config(preset, "clip", run_dir, data_root, overrides)
-        mcfg.method.teacher_checkpoint = str(Path(pretrain_cached(teacher, data_root=teacher.data.synth_root)) / "checkpoint-last")
-    run = Path(pretrain_cached(mcfg, data_root=mcfg.data.synth_root, callbacks=tuple(callbacks)))
-    return run / "checkpoint-last"
+        def __init__(self, name: str, preset: str, run_dir: Path, data_root, methods: list[str], overrides):
+            super().__init__(preset, run_dir, data_root, overrides)
+            self.name, self.methods = name, list(methods)
+            self.figures = self.run_dir / "figures" / name
+            self.tables = self.run_dir / "tables" / name
 
+        def __repr__(self) -> str:
+            return (f"NotebookContext({self.name!r}, preset={self.preset!r}, run_dir={str(self.run_dir)!r}, "
+                    f"methods={self.methods}, overrides={self.overrides})")
 
-@dataclass
-class NotebookContext:
-    """One notebook's view of a run: where to write, which data, which checkpoints.
+        def data(self) -> Path:
+            """The synthetic benchmark's root, written on first use."""
+            return ensure_data(self.config())
 
-    Built by :func:`notebook_context` from the ``parameters`` cell.
-    """
+        def dataset(self, name: str, split: str = "test", **kwargs):
+            """``fl.data.open_dataset`` with this run's data root and the preset's image size."""
+            from fundus_lab.data import open_dataset
+            from fundus_lab.experiment import dataset_root
 
-    name: str
-    preset: str
-    run_dir: Path
-    data_root: Path | None
-    methods: list[str]
-    figures: Path
-    tables: Path
-    overrides: dict = field(default_factory=dict)
-    _models: dict = field(default_factory=dict, repr=False)
+            cfg = self.config()
+            root = kwargs.pop("root", None)
+            if root is None and name.startswith("synth-"):
+                ensure_data(cfg)
+            if root is None:  # synthetic: <data_root>/<name>; real: <data_root>/<name> (or the manifest's own)
+                root = dataset_root(cfg, name, self.data_root)
+            kwargs.setdefault("image_cache", cfg.data.image_cache)
+            kwargs.setdefault("image_cache_dir", cfg.data.image_cache_dir)
+            return open_dataset(name, root=root, split=split, image_size=kwargs.pop("image_size", cfg.model.img_size),
+                                **kwargs)
 
-    def config(self, method: str | None = None, overrides: Mapping[str, Any] | None = None):
-        """The preset's config with the run's overrides, then this call's."""
-        return make_config(self.preset, method, self.run_dir, self.data_root, {**self.overrides, **(overrides or {})})
+        def figure_dir(self) -> Path:
+            self.figures.mkdir(parents=True, exist_ok=True)
+            return self.figures
 
-    def data(self) -> Path:
-        """The synthetic benchmark's root, written on first use."""
-        return ensure_data(self.config())
+        def table_dir(self) -> Path:
+            self.tables.mkdir(parents=True, exist_ok=True)
+            return self.tables
 
-    def dataset(self, name: str, split: str = "test", **kwargs):
-        """``fl.data.open_dataset`` with this run's data root and the preset's image size."""
-        from fundus_lab.data import open_dataset
-
-        from fundus_lab.eval.compare import dataset_root
-
-        cfg = self.config()
-        root = kwargs.pop("root", None)
-        if root is None and name.startswith("synth-"):
-            ensure_data(cfg)
-        if root is None:  # synthetic: <synth_root>/<name>; real: <data_root>/<name> (or the manifest's own)
-            root = dataset_root(cfg, name, str(self.data_root) if self.data_root is not None else None)
-        return open_dataset(name, root=root, split=split, image_size=kwargs.pop("image_size", cfg.model.img_size), **kwargs)
-
-    def checkpoint(self, method: str, callbacks: Iterable[Callable[[int, dict], None]] = (), overrides=None) -> Path:
-        return ensure_checkpoint(self.preset, method, self.run_dir, self.data_root, {**self.overrides, **(overrides or {})}, callbacks)
-
-    def model(self, method: str):
-        """The method's pretrained model (trained first if needed), in eval mode, cached."""
-        if method not in self._models:
-            from fundus_lab import load_model
-
-            self._models[method] = load_model(self.checkpoint(method)).eval()
-        return self._models[method]
-
-    def evaluate(self, method: str, protocol: str) -> dict:
-        """One protocol for one method, exactly as Table 1 runs it, cached in the run folder.
-
-        Calls :func:`fundus_lab.eval.compare.evaluate` with the paths ``compare`` uses
-        (``eval/<method>/seed<s>/<protocol>.json``, one split file per dataset), so a
-        notebook's numbers are Table 1's numbers and ``07_results_table`` reuses them.
-        """
-        from fundus_lab.eval.compare import evaluate, open_split
-
-        cfg = self.config(method)
-        seed = cfg.eval.pretrain_seeds[0]
-        dataset = {"zero_shot": cfg.eval.zero_shot_dataset, "few_shot": cfg.eval.few_shot_dataset,
-                              "linear_probe": cfg.eval.few_shot_dataset, "fine_tune": cfg.eval.fine_tune_dataset}[protocol]
-        checkpoint = self.checkpoint(method)
-        run = checkpoint.parent
-        data_root = str(self.data_root) if self.data_root is not None else cfg.data.synth_root
-        pretrain_ds = open_split(cfg, cfg.data.dataset, "train", cfg.model.img_size, cfg.data.root or data_root)
-        provenance = {"method": method, "pretrain_seed": seed, "run_dir": str(run), "config": str(run / "config.yaml"),
-                      "checkpoint": str(checkpoint), "pretrain_split": str(run / "split.csv")}
-        return evaluate(self.model(method), protocol, dataset, cfg, self.run_dir / "eval" / method / f"seed{seed}",
-                            data_root, pretrain_ds, provenance=provenance, split_dir=self.run_dir / "splits")
-
-    def figure_dir(self) -> Path:
-        self.figures.mkdir(parents=True, exist_ok=True)
-        return self.figures
-
-    def table_dir(self) -> Path:
-        self.tables.mkdir(parents=True, exist_ok=True)
-        return self.tables
+    return NotebookContext
 
 
 def notebook_context(
@@ -239,7 +167,7 @@ def notebook_context(
     data_root: str | Path | None = None,
     methods: Sequence[str] | str | None = None,
     overrides: Sequence[str] | Mapping[str, Any] | None = None,
-) -> NotebookContext:
+):
     """The one call at the top of every notebook, from its ``parameters`` cell's values.
 
     Args:
@@ -251,6 +179,8 @@ def notebook_context(
         methods: the methods to compare (list, or comma-separated); None = the preset's default.
         overrides: config overrides for every config of the run (``["eval.zero_shot_dataset=odir5k"]``
             or a dict), e.g. to evaluate on a real dataset found under ``data_root``.
+    Returns:
+        a ``NotebookContext``: a :class:`fundus_lab.experiment.Run` with figure/table folders.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}; expected one of {PRESETS}")
@@ -268,33 +198,14 @@ def notebook_context(
         chosen = [m for m in DEFAULT_METHODS[preset] if m in known] or known
     run = resolve_path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    return NotebookContext(
-        name=name,
-        preset=preset,
-        run_dir=run,
-        data_root=resolve_path(data_root) if data_root is not None else None,
-        methods=chosen,
-        figures=run / "figures" / name,
-        tables=run / "tables" / name,
-        overrides=parse_overrides(overrides),
-    )
+    return _context_class()(name, preset, run, data_root, chosen, parse_overrides(overrides))
 
 
 def parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
     """``["a.b=1", ...]`` (values parsed as YAML, as on the command line) or a mapping -> ``{"a.b": value}``."""
-    from fundus_lab.config import parse_override
+    from fundus_lab.experiment import normalise_overrides
 
-    if overrides is None:
-        return {}
-    if isinstance(overrides, Mapping):
-        return dict(overrides)
-    if isinstance(overrides, str):
-        overrides = [overrides]
-    parsed = {}
-    for item in overrides:
-        keys, value = parse_override(str(item))
-        parsed[".".join(keys)] = value
-    return parsed
+    return normalise_overrides(overrides)
 
 
 # ---------------------------------------------------------------------------------------
@@ -354,6 +265,7 @@ def reproduce(
     notebook_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
     overrides: Sequence[str] | None = None,
+    command: str | None = None,
 ) -> Path:
     """Run the notebooks in order into ``runs_dir/<run_name>`` and write its index; returns the run folder.
 
@@ -367,6 +279,8 @@ def reproduce(
         kernel_name: Jupyter kernel (default: the notebooks' own, ``python3``).
         notebook_dir: where the notebooks are (default: the project's ``notebooks/``).
         overrides: ``key=value`` config overrides passed to every notebook.
+        command: the command line as typed, recorded in ``results/`` (default: rebuilt
+            from these arguments).
 
     Raises:
         NotebookFailed: after writing the index, which shows what finished.
@@ -389,6 +303,7 @@ def reproduce(
     status = {p.stem: {"state": "not run", "seconds": None} for p in paths}
     (run_dir / "parameters.json").write_text(json.dumps(parameters, indent=2))
     failure: NotebookFailed | None = None
+    started = time.perf_counter()
     log(f"fundus-lab reproduce: preset={preset}, {len(paths)} notebooks -> {run_dir}")
     for i, path in enumerate(paths, 1):
         out = run_dir / "notebooks" / path.name
@@ -406,10 +321,86 @@ def reproduce(
     status = dict(sorted({**previous, **status}.items()))
     (run_dir / "status.json").write_text(json.dumps(status, indent=2))
     write_index(run_dir, status, parameters)
-    log(f"index: {run_dir / 'index.html'}")
+    if command is None:
+        command = " ".join(["fundus-lab reproduce", "--preset", preset]
+                           + (["--data-root", str(data_root)] if data_root is not None else [])
+                           + (["--methods", *methods] if methods else []) + ["--name", run_name]
+                           + (["--notebooks", *notebooks] if notebooks else []) + list(overrides or []))
+    write_summary(run_dir, status, command, time.perf_counter() - started)
+    log(f"index: {run_dir / 'index.html'}; summary: {run_dir / 'results'}")
     if failure is not None:
         raise failure
     return run_dir
+
+
+# ---------------------------------------------------------------------------------------
+# the run's record: what ran, where, how long (copied to results/<preset>/ by hand)
+
+
+def git_commit(root: Path | None = None) -> str:
+    """``<sha>`` of the checkout (``<sha>+dirty`` with uncommitted changes; ``unknown`` outside git)."""
+    import subprocess
+
+    root = root or project_root()
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def machine() -> dict:
+    """Cores, CPU model, torch threads and versions: what a rerun must match to compare numbers."""
+    import os
+    import platform
+
+    import torch
+
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "cpu model", "hardware")):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cores": cores, "cpu_count": os.cpu_count(), "cpu_model": model, "machine": platform.machine(),
+            "system": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def write_summary(run_dir: Path, status: Mapping[str, Mapping[str, Any]], command: str, total_seconds: float) -> Path:
+    """``run_dir/results/``: table1.md/.csv, and ``run.md`` + ``run.json`` with the exact
+    command, the git commit, the machine and the wall time per notebook and in total."""
+    import shutil
+
+    out = Path(run_dir) / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("table1.md", "table1.csv", "few_shot.md", "explanation_scores.txt", "explanation_scores.csv"):
+        if (Path(run_dir) / name).is_file():
+            shutil.copy(Path(run_dir) / name, out / name)
+    info = {"command": command, "commit": git_commit(), "machine": machine(),
+            "finished_utc": f"{datetime.utcnow():%Y-%m-%d %H:%M:%S}",
+            "notebooks": {n: {"state": s["state"], "seconds": s.get("seconds")} for n, s in status.items()},
+            "total_seconds": round(total_seconds, 1)}
+    (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    m = info["machine"]
+    md = ["# Run record", "", "```", command, "```", "",
+          f"- commit: `{info['commit']}`",
+          f"- machine: {m['cores']} cores ({m['cpu_count']} CPUs), {m['cpu_model']}, {m['machine']}; "
+          f"torch {m['torch']} with {m['torch_threads']} threads; Python {m['python']}" + (f"; GPU {m['gpu']}" if m["gpu"] else ""),
+          f"- finished: {info['finished_utc']} UTC", f"- wall time: {info['total_seconds'] / 60:.1f} min in total", "",
+          "| notebook | state | seconds |", "|---|---|---:|"]
+    md += [f"| {n} | {s['state']} | {s['seconds'] if s['seconds'] is not None else ''} |" for n, s in info["notebooks"].items()]
+    if (out / "table1.md").is_file():
+        md += ["", "## Table 1", "", (out / "table1.md").read_text().strip()]
+    (out / "run.md").write_text("\n".join(md) + "\n")
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -543,8 +534,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fundus-lab reproduce: {err}", file=sys.stderr)
         return 2
     try:
+        import shlex
+
+        command = "fundus-lab reproduce " + shlex.join(list(sys.argv[1:] if argv is None else argv))
         run_dir = reproduce(args.preset, args.data_root, methods, args.name, args.notebooks, args.runs_dir,
-                            overrides=args.overrides)
+                            overrides=args.overrides, command=command)
     except NotebookFailed as err:
         print(f"fundus-lab reproduce: {err}", file=sys.stderr)
         return 1

@@ -92,3 +92,53 @@ def test_shipped_presets_and_methods_load():
         for method in methods:
             cfg = C.load_config(preset=preset, method=method)
             assert cfg.method.name == method
+
+
+def test_config_is_a_leaf_module():
+    """`import fundus_lab.config` loads no other part of the package (and no torch)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fundus_lab.config; "
+            "print(sorted(m for m in sys.modules if m.startswith('fundus_lab'))); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "['fundus_lab', 'fundus_lab.config']"
+    assert out[1] == "False"
+
+
+def test_section_modules_re_export_the_same_classes():
+    from fundus_lab.data.config import DataConfig
+    from fundus_lab.eval.config import EvalConfig
+    from fundus_lab.models.config import MethodConfig, ModelConfig
+
+    assert (DataConfig, EvalConfig, MethodConfig, ModelConfig) == (C.DataConfig, C.EvalConfig, C.MethodConfig, C.ModelConfig)
+
+
+def test_resolve_config_layers_method_then_overrides_and_keeps_the_budget(config_dir, tmp_path):
+    (config_dir / "methods" / "greedy.yaml").write_text("method:\n  mask_ratio: 0.9\ntrain:\n  steps: 99\n  lr: 0.1\n")
+    cfg = C.resolve_config("tiny", "greedy", ["method.mask_ratio=0.5", "eval.pretrain_seeds=[3,4]"], run_dir=tmp_path)
+    assert cfg.method.mask_ratio == 0.5  # an override beats the method file (Table 1 used to drop it)
+    assert cfg.train.steps == 7  # the budget is the preset's whatever the method file says
+    assert cfg.train.lr == pytest.approx(0.1)  # other train keys of a method stay
+    assert cfg.train.seed == 3 and cfg.train.output_dir == str(tmp_path / "pretrain" / "greedy" / "seed3")
+    assert C.resolve_config("tiny", "greedy", ["train.steps=5"]).train.steps == 5
+    with pytest.raises(C.ConfigError, match="pretrain_seeds"):
+        C.resolve_config("tiny", overrides=["eval.pretrain_seeds=[]"])
+
+
+def test_an_override_reaches_every_notebook_and_table1_identically(tmp_path):
+    """Each notebook's context and Table 1's Run resolve the same config for every method."""
+    from fundus_lab.experiment import Run
+    from fundus_lab.reproduce import list_notebooks, notebook_context
+
+    over = ["method.mask_ratio=0.5", "eval.seeds=2"]
+    table1 = Run("smoke", tmp_path / "run", tmp_path / "data", over)
+    for nb in list_notebooks():
+        ctx = notebook_context(nb.stem, preset="smoke", run_dir=tmp_path / "run", data_root=tmp_path / "data",
+                               overrides=over)
+        for method in ["clip", "ours", "eva", "random-init", None]:
+            cfg = ctx.config(method)
+            assert cfg == table1.config(method), (nb.stem, method)
+            assert cfg.eval.seeds == 2
+            if method is not None:
+                assert cfg.method.mask_ratio == 0.5, (nb.stem, method)

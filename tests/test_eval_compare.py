@@ -1,6 +1,7 @@
-"""End to end: `compare` pretrains clip, eva (with a clip teacher) and mae on a tiny
-synthetic benchmark, evaluates them, writes Table 1; reruns come from the cache; every
-row leads back to its run folder, config and split files; no patient crosses splits."""
+"""End to end: a `Run` pretrains clip, eva (with a clip teacher) and mae on a tiny
+synthetic benchmark, builds the reference rows (random-init, supervised, pixels), evaluates
+them on both test columns, writes Table 1; reruns come from the cache; every row leads back
+to its run folder, config and split files; no patient crosses splits."""
 
 import csv
 import json
@@ -48,12 +49,19 @@ def _config(extra=()):
     return C.load_config(preset="smoke", overrides=TINY + list(extra))
 
 
+def _run(out, extra=()):
+    from fundus_lab.experiment import Run
+
+    _config()
+    return Run("smoke", out, out / "data", TINY + list(extra))
+
+
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
     from fundus_lab.eval import compare
 
     out = tmp_path_factory.mktemp("compare")
-    paths = compare(_config(), METHODS, out, data_root=str(out / "data"), overrides=TINY)
+    paths = compare(_run(out), METHODS)
     return out, paths
 
 
@@ -61,15 +69,22 @@ def test_table_has_every_method_and_na_for_mae(table):
     out, paths = table
     assert {"csv", "md", "tex", "json"} <= set(paths)
     rows = {r["method"]: r for r in csv.DictReader(open(paths["csv"]))}
-    assert list(rows) == METHODS
-    assert rows["mae"]["zero_shot_mean"] == "n/a"
-    for m in ("clip", "eva"):
-        assert 0.0 <= float(rows[m]["zero_shot_mean"]) <= 1.0
-    for m in METHODS:
-        assert int(rows[m]["few_shot_n"]) == 2  # 1 pretraining seed x 2 few-shot seeds
-        assert int(rows[m]["fine_tune_n"]) == 1
+    assert list(rows) == METHODS + ["random-init", "supervised", "pixels"]
+    assert rows["mae"]["zero_shot_in_domain_mean"] == "n/a"
+    for m in ("clip", "eva", "random-init"):
+        assert 0.0 <= float(rows[m]["zero_shot_in_domain_mean"]) <= 1.0
+        lo, hi = float(rows[m]["zero_shot_in_domain_ci_low"]), float(rows[m]["zero_shot_in_domain_ci_high"])
+        assert lo <= float(rows[m]["zero_shot_in_domain_mean"]) <= hi
+    for m in METHODS + ["random-init", "supervised", "pixels"]:
+        assert int(rows[m]["few_shot_in_domain_n"]) == 2  # 1 pretraining seed x 2 few-shot seeds
+    for m in METHODS + ["random-init", "supervised"]:
+        assert int(rows[m]["fine_tune_in_domain_n"]) == 1
+    # reference rows: no zero-shot without a trained text tower, no fine-tuning of pixels
+    assert rows["supervised"]["zero_shot_in_domain_mean"] == "n/a"
+    assert rows["pixels"]["zero_shot_in_domain_mean"] == "n/a" and rows["pixels"]["fine_tune_in_domain_mean"] == "n/a"
     md = paths["md"].read_text()
-    assert "| mae | n/a |" in md
+    assert "| mae | n/a | n/a |" in md
+    assert "in-domain" in md and "held-out camera" in md and "Chance level" in md
     curves = paths["few_shot_md"].read_text()
     assert "| Method | k=1 | k=2 |" in curves
     assert "| clip (prompt head) |" in curves and "| mae (probe) |" in curves
@@ -80,8 +95,10 @@ def test_table_has_every_method_and_na_for_mae(table):
 def test_rows_trace_back_to_runs_configs_and_splits(table):
     out, paths = table
     for row in csv.DictReader(open(paths["csv"])):
+        if row["method"] in ("random-init", "supervised", "pixels"):
+            continue
         for protocol in ("zero_shot", "few_shot", "fine_tune"):
-            result = json.loads(Path(row[f"{protocol}_json"]).read_text())
+            result = json.loads((out / row[f"{protocol}_json"]).read_text())
             assert Path(result["run_dir"]) == out / "pretrain" / row["method"] / "seed0"
             assert Path(result["config"]).is_file() and Path(result["pretrain_split"]).is_file()
             assert result["pretrain_seed"] == 0 and len(result["key"]) == 64
@@ -102,18 +119,16 @@ def test_no_patient_in_both_training_and_test_splits(table):
         for split, info in result["splits"].items():
             with open(info["file"]) as f:
                 patients[split] = {r["patient_id"] or r["image"] for r in csv.DictReader(f)}
-        assert patients["train"] and patients["test"]
-        assert not patients["train"] & patients["test"]
-        assert not patients["val"] & patients["test"]
+        assert patients["train"] and patients["test-in_domain"]
+        for test in [s for s in patients if s.startswith("test-")]:
+            assert not patients["train"] & patients[test]
+            assert not patients["val"] & patients[test]
 
 
 def test_rerun_is_cached_and_a_changed_setting_reruns_only_its_part(table, monkeypatch):
-    import importlib
-
+    import fundus_lab.experiment as ex
     import fundus_lab.train
     from fundus_lab.eval import compare
-
-    cmp = importlib.import_module("fundus_lab.eval.compare")  # the module (fl.eval.compare is the function)
 
     out, paths = table
     before = paths["csv"].read_text()
@@ -122,16 +137,19 @@ def test_rerun_is_cached_and_a_changed_setting_reruns_only_its_part(table, monke
         raise AssertionError("cached work was redone")
 
     monkeypatch.setattr(fundus_lab.train, "pretrain", refuse)
+    for name in ("_build_random_init", "_build_supervised"):
+        monkeypatch.setattr(ex, name, refuse)
+    protocols = dict(ex.PROTOCOLS)
     for name in ("zero_shot", "few_shot", "fine_tune"):
-        monkeypatch.setattr(cmp, name, refuse)
-    again = compare(_config(), METHODS, out, data_root=str(out / "data"), overrides=TINY)
+        monkeypatch.setitem(ex.PROTOCOLS, name, ex.dataclasses_replace(protocols[name], run=refuse))
+    again = compare(_run(out), METHODS)
     assert again["csv"].read_text() == before
 
-    from fundus_lab.eval.few_shot import few_shot as real_few_shot
-
     calls = []
-    monkeypatch.setattr(cmp, "few_shot", lambda *a, **k: calls.append(1) or real_few_shot(*a, **k))
-    compare(_config(["eval.seeds=3"]), ["clip"], out, data_root=str(out / "data"), overrides=TINY + ["eval.seeds=3"])
+    real = protocols["few_shot"].run
+    monkeypatch.setitem(ex.PROTOCOLS, "few_shot", ex.dataclasses_replace(
+        protocols["few_shot"], run=lambda *a, **k: calls.append(1) or real(*a, **k)))
+    compare(_run(out, ["eval.seeds=3"]), ["clip"], references=())
     assert calls == [1]  # few-shot redone with the new seed count; pretraining and the rest cached
 
 
@@ -149,4 +167,20 @@ def test_eval_command_on_a_checkpoint(table, capsys):
     assert rc == 0
     result = json.loads((out / "cli" / "zero_shot.json").read_text())
     assert result["metric"] == "single_label_accuracy" and result["available"]
-    assert "zero_shot on synth-odir" in capsys.readouterr().out
+    assert "zero_shot on synth-odir (in_domain)" in capsys.readouterr().out
+
+
+def test_an_override_reaches_table1_like_every_notebook(table):
+    """`method.*` overrides used to be dropped by Table 1's own config layering."""
+    from fundus_lab.reproduce import notebook_context
+
+    out, _ = table
+    over = TINY + ["method.mask_ratio=0.5"]
+    ctx = notebook_context("07_results_table", preset="smoke", run_dir=out, data_root=out / "data", overrides=over)
+    run = _run(out, ["method.mask_ratio=0.5"])
+    for method in ("clip", "eva", "mae"):
+        assert ctx.config(method) == run.config(method)
+        assert run.config(method).method.mask_ratio == 0.5
+    # the config Table 1 pretrains with is the one saved in the run folder
+    saved = C.read_yaml(out / "pretrain" / "clip" / "seed0" / "config.yaml")
+    assert saved["method"]["mask_ratio"] == C.resolve_config("smoke", "clip", TINY).method.mask_ratio

@@ -107,14 +107,35 @@ def test_markdown_table():
     assert md.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 0.1235 |"]
 
 
-@pytest.mark.timeout(900)
-def test_reproduce_smoke_end_to_end_on_the_real_notebooks(tmp_path):
-    """`fundus-lab reproduce --preset smoke` over notebooks/: every notebook executed, every table, the index."""
-    data_root = tmp_path / "synth"
-    code = rp.main(["--preset", "smoke", "--name", "e2e", "--runs-dir", str(tmp_path / "runs"),
-                    "--data-root", str(data_root)])
+def _smoke_reproduction(folder: Path, overrides=()) -> Path:
+    """`fundus-lab reproduce --preset smoke` over notebooks/ into ``folder`` (its own data too)."""
+    code = rp.main(["--preset", "smoke", "--name", "e2e", "--runs-dir", str(folder / "runs"),
+                    "--data-root", str(folder / "synth"), *overrides])
     assert code == 0
-    run = tmp_path / "runs" / "e2e"
+    return folder / "runs" / "e2e"
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """Two smoke reproductions into two fresh folders (same command, same machine).
+
+    The knowledge-base tokenizer is retrained per run when ``model.tokenizer`` is unset and
+    that training is not yet deterministic (measured: tokenizer.json differs between runs,
+    and with it every text-tower number); until it is, both runs get one tokenizer.
+    """
+    from fundus_lab.data.tokenizer import default_corpus, train_tokenizer
+
+    tok = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(default_corpus(), vocab_size=600, out_dir=tok, model_max_length=32)  # smoke's sizes
+    over = [f"model.tokenizer={tok}"]
+    return [_smoke_reproduction(tmp_path_factory.mktemp(f"smoke{i}"), over) for i in (1, 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_reproduce_smoke_end_to_end_on_the_real_notebooks(smoke_runs):
+    """`fundus-lab reproduce --preset smoke` over notebooks/: every notebook executed, every table, the index."""
+    run = smoke_runs[0]
     expected = [p.name for p in rp.list_notebooks()]
     status = json.loads((run / "status.json").read_text())
     assert sorted(status) == sorted(Path(n).stem for n in expected)
@@ -124,16 +145,50 @@ def test_reproduce_smoke_end_to_end_on_the_real_notebooks(tmp_path):
         errors = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors, f"{name}: {errors[:1]}"
     # the comparison table in all three formats, and the per-notebook tables the index shows
-    table1 = list(run.rglob("table1.csv"))
-    assert table1, "no table1.csv in the run folder"
+    table1 = run / "table1.csv"
+    assert table1.is_file(), "no table1.csv in the run folder"
     for suffix in (".md", ".tex"):
-        assert table1[0].with_suffix(suffix).is_file()
+        assert table1.with_suffix(suffix).is_file()
     assert list((run / "tables").rglob("*.csv"))
     index = (run / "index.html").read_text()
     for name in expected:
         assert f"notebooks/{name}" in index
     assert "<img src=" in index and "<table" in index
     assert (run / "README.md").is_file()
+    # the record the lead copies to results/<preset>/
+    record = json.loads((run / "results" / "run.json").read_text())
+    assert record["command"].startswith("fundus-lab reproduce --preset smoke")
+    assert record["machine"]["cores"] >= 1 and record["machine"]["cpu_model"]
+    assert set(record["notebooks"]) == set(status) and record["total_seconds"] > 0
+    assert (run / "results" / "table1.md").read_text() == (run / "table1.md").read_text()
+    assert "explanation_scores.txt" in {p.name for p in (run / "results").iterdir()}
+    assert "uniform" in (run / "explanation_scores.txt").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_two_smoke_reproductions_give_the_same_table1_byte_for_byte(smoke_runs):
+    first, second = smoke_runs
+    a, b = (first / "table1.csv").read_bytes(), (second / "table1.csv").read_bytes()
+    if a != b:
+        import difflib
+
+        diff = "\n".join(difflib.unified_diff(a.decode().splitlines(), b.decode().splitlines(), lineterm=""))
+        pytest.fail(f"table1.csv differs between two runs of the same command:\n{diff[:3000]}")
+
+
+def test_write_summary_records_command_commit_machine_and_times(tmp_path):
+    (tmp_path / "table1.md").write_text("| Method |\n")
+    (tmp_path / "table1.csv").write_text("method\n")
+    status = {"00_a": {"state": "ok", "seconds": 1.5}, "01_b": {"state": "failed", "seconds": 2.0, "error": "x"}}
+    out = rp.write_summary(tmp_path, status, "fundus-lab reproduce --preset smoke", 3.5)
+    record = json.loads((out / "run.json").read_text())
+    assert record["command"] == "fundus-lab reproduce --preset smoke" and record["total_seconds"] == 3.5
+    assert record["notebooks"]["01_b"] == {"state": "failed", "seconds": 2.0}
+    assert len(record["commit"].split("+")[0]) == 40  # this checkout is a git repository
+    assert record["machine"]["cores"] >= 1
+    md = (out / "run.md").read_text()
+    assert "| 00_a | ok | 1.5 |" in md and "## Table 1" in md and (out / "table1.csv").is_file()
 
 
 def test_notebook_context_reads_a_real_dataset_under_data_root(tmp_path):

@@ -6,7 +6,7 @@
     fl.eval.linear_probe(model, train_ds, test_ds, val_ds)
     fl.eval.fine_tune(model, train_ds, val_ds, test_ds)
     fl.eval.metrics.quadratic_weighted_kappa(y_true, y_pred)
-    fl.eval.compare(cfg, ["clip", "coca", "eva", "ours"], "runs/compare")   # Table 1
+    fl.eval.compare(fl.experiment.Run("default", "runs/x"), ["clip", "ours"])   # Table 1
 
 (``fl.eval.compare`` is the function; the module of the same name holds the CLI's
 ``main`` and ``evaluate_main``.)
@@ -22,7 +22,8 @@ from fundus_lab.eval.metrics import bootstrap_ci, compute_metrics, quadratic_wei
 from fundus_lab.eval.probe import linear_probe
 from fundus_lab.eval.tables import write_table
 from fundus_lab.eval.zero_shot import ZeroShotUnavailable, class_embeddings, zero_shot
-from fundus_lab.eval.compare import compare, evaluate  # noqa: E402  (after the protocols it runs)
+from fundus_lab.eval.compare import compare  # noqa: E402  (after the protocols it runs)
+from fundus_lab.experiment import evaluate_model as evaluate  # noqa: E402
 
 __all__ = [
     "EvalConfig", "LeakageError", "ZeroShotUnavailable", "assert_disjoint", "bootstrap_ci", "class_embeddings",
