@@ -117,18 +117,9 @@ def _smoke_reproduction(folder: Path, overrides=()) -> Path:
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-    """Two smoke reproductions into two fresh folders (same command, same machine).
-
-    The knowledge-base tokenizer is retrained per run when ``model.tokenizer`` is unset and
-    that training is not yet deterministic (measured: tokenizer.json differs between runs,
-    and with it every text-tower number); until it is, both runs get one tokenizer.
-    """
-    from fundus_lab.data.tokenizer import default_corpus, train_tokenizer
-
-    tok = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer(default_corpus(), vocab_size=600, out_dir=tok, model_max_length=32)  # smoke's sizes
-    over = [f"model.tokenizer={tok}"]
-    return [_smoke_reproduction(tmp_path_factory.mktemp(f"smoke{i}"), over) for i in (1, 2)]
+    """Two smoke reproductions into two fresh folders (same command, same machine); each
+    trains its own knowledge-base tokenizer, which must come out byte-identical."""
+    return [_smoke_reproduction(tmp_path_factory.mktemp(f"smoke{i}")) for i in (1, 2)]
 
 
 @pytest.mark.slow
