@@ -5,6 +5,9 @@
     fundus-lab eval       evaluate a checkpoint with one protocol on one dataset
     fundus-lab compare    pretrain several methods under one budget and write Table 1
     fundus-lab reproduce  run every notebook through papermill into runs/<name>/
+    fundus-lab manifest   manifest init SOURCE: write a manifest to edit for a labelled CSV or class folders
+    fundus-lab predict    class probabilities of images from a saved fine-tuned classifier
+    fundus-lab --version
 """
 
 from __future__ import annotations
@@ -20,7 +23,21 @@ SUBCOMMANDS = {
     "eval": ("fundus_lab.eval.compare", "evaluate_main", "evaluate a checkpoint with one protocol"),
     "compare": ("fundus_lab.eval.compare", "main", "pretrain methods under one budget and write Table 1"),
     "reproduce": ("fundus_lab.reproduce", "main", "run every notebook headlessly into a run folder"),
+    "manifest": ("fundus_lab.cli", "manifest_main", "write a manifest for a labelled CSV or class folders"),
+    "predict": ("fundus_lab.predict", "predict_main", "class probabilities from a saved fine-tuned classifier"),
 }
+
+
+def manifest_main(argv: list[str] | None = None) -> int:
+    """``fundus-lab manifest init SOURCE ...`` (the one action today)."""
+    argv = list(argv or [])
+    if not argv or argv[0] != "init":
+        print("usage: fundus-lab manifest init SOURCE [--image-column C --label-column C] [-o manifest.yaml]",
+              file=sys.stderr)
+        return 2
+    from fundus_lab.data.tabular import manifest_init_main
+
+    return manifest_init_main(argv[1:])
 
 
 def synth_main(argv: list[str] | None = None) -> int:
@@ -61,6 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
+    if argv[0] == "--version":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"fundus-lab {version('fundus_lab')}")
+        except PackageNotFoundError:
+            print("fundus-lab (not installed as a package)")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in SUBCOMMANDS:
         import difflib

@@ -28,3 +28,10 @@ def test_every_subcommand_resolves_to_a_callable():
 def test_console_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "fundus_lab.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "reproduce" in out.stdout
+
+
+def test_version_and_manifest_usage(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("fundus-lab ")
+    assert cli.main(["manifest"]) == 2
+    assert "manifest init" in capsys.readouterr().err

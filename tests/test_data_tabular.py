@@ -115,3 +115,16 @@ def test_manifest_init_writes_a_manifest_that_loads(csv_dataset, capsys):
     assert manifest_init_main([str(csv_dataset / "labels.csv"), "--image-column", "nope", "--label-column",
                                "diagnosis", "-o", str(csv_dataset / "x.yaml")]) == 2
     assert "image_column='nope' is not a column" in capsys.readouterr().out
+
+
+def test_open_dataset_reads_a_plain_csv_and_a_class_folder(csv_dataset, tmp_path):
+    """fl.data.open_dataset("labels.csv", image_column=..., label_column=...) without a manifest."""
+    ds = open_dataset(csv_dataset / "labels.csv", image_column="file", label_column="diagnosis", split="test",
+                      image_size=32, table_options={"split_column": "split"})
+    assert len(ds) == 4 and ds.classes == ["Cataract", "Glaucoma", "normal"]
+    with pytest.raises(Exception, match="image_column"):
+        open_dataset(csv_dataset / "labels.csv", split="all")
+    for i, cls in enumerate(["normal", "normal", "cataract", "cataract"]):
+        _png(tmp_path / "folder" / cls / f"{i}.png", i)
+    folder = open_dataset(tmp_path / "folder", split="all", image_size=32)
+    assert sorted(folder.classes) == ["cataract", "normal"] and len(folder) == 4

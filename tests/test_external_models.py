@@ -214,3 +214,15 @@ def test_is_external_tells_fundus_checkpoints_apart(open_clip_file, hf_folder, t
     (tmp_path / "config.json").write_text(json.dumps({"format": "fundus_lab", "model": {}, "method": {}}))
     assert not is_external(tmp_path) and not is_external(tmp_path / "missing")
     assert is_external(open_clip_file[1]) and is_external(hf_folder[2])
+
+
+def test_fl_load_model_reads_outside_checkpoints(open_clip_file, hf_folder):
+    """fl.load_model dispatches an open_clip file and a Hugging Face CLIP folder to load_external."""
+    import fundus_lab as fl
+
+    x = torch.rand(2, 3, 32, 32)
+    for path in (hf_folder[2], open_clip_file[1]):
+        model = fl.load_model(path)
+        assert "text_embedding" in model.capabilities
+        with torch.no_grad():
+            torch.testing.assert_close(model.encode_image(x), load_external(path).encode_image(x))

@@ -282,6 +282,9 @@ def open_dataset(
     text_field: str = "text",
     image_cache: bool = False,
     image_cache_dir: Union[str, Path, None] = None,
+    image_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    table_options: Optional[dict] = None,
 ) -> FundusDataset:
     """Open one split of a dataset described by a manifest.
 
@@ -304,7 +307,16 @@ def open_dataset(
             (``data.cache``; written on first use, keyed by manifest, split, size, crop and
             files) instead of decoding each file every epoch (``DataConfig.image_cache``).
         image_cache_dir: where the cache lives (default ``<root>/.cache/images``).
+        image_column, label_column: for a plain labelled ``.csv``/``.tsv`` (no manifest
+            written): which columns hold the image path and the label; ``root`` then
+            defaults to the CSV's folder. A folder of class sub-folders needs neither.
+        table_options: further :func:`fundus_lab.data.tabular.manifest_from_csv` /
+            ``manifest_from_folder`` arguments (``task``, ``label_separator``, ``patient_column``...).
     """
+    if not isinstance(name_or_path, Manifest):  # a plain CSV or class-per-folder tree
+        from fundus_lab.data.tabular import table_manifest
+
+        name_or_path = table_manifest(name_or_path, image_column, label_column, root, **(table_options or {})) or name_or_path
     manifest = name_or_path if isinstance(name_or_path, Manifest) else load_manifest(name_or_path)
     if split not in (None, "all", *SPLIT_VALUES):
         raise ValueError(f"split={split!r}; expected train, val or test (or test_camera), all or None")

@@ -703,11 +703,16 @@ def build_model(model_cfg: ModelConfig, method_cfg: MethodConfig, tokenizer=None
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> FundusVLM:
-    """Load a directory written by :meth:`FundusVLM.save_pretrained` (safetensors + JSON; no pickle)."""
+    """Load a directory written by :meth:`FundusVLM.save_pretrained` (safetensors + JSON; no pickle),
+    or an outside model: a Hugging Face ``CLIPModel`` folder or an open_clip checkpoint
+    (:func:`fundus_lab.models.external.load_external`), behind the same evaluation interface."""
     from fundus_lab.config import ConfigError, from_dict
     from fundus_lab.data.tokenizer import load_tokenizer
+    from fundus_lab.models.external import is_external, load_external
 
     path = Path(path)
+    if is_external(path):
+        return load_external(path, map_location=map_location)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     data = _read_checkpoint_config(path)
