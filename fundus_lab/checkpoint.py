@@ -204,7 +204,7 @@ def fsync_tree(path: Path) -> None:
         _fsync_path(Path(root))
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     """Move folder ``src`` to ``dst``; an existing ``dst`` is swapped out, then deleted."""
     if dst.exists():
         trash = dst.with_name(f".trash-{dst.name}-{os.getpid()}")
@@ -326,7 +326,7 @@ def save_checkpoint(
     write_json(tmp / STATE_FILE, state)
     fsync_tree(tmp)
 
-    _replace_dir(tmp, final)
+    replace_dir(tmp, final)
     _fsync_path(run_dir)
     _point_last(run_dir, final)
     if keep and keep > 0:

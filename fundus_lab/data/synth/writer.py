@@ -30,6 +30,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from fundus_lab.checkpoint import replace_dir
+
 from .cameras import CAMERAS, HELD_OUT, TRAIN_CAMERAS
 from .labels import ODIR_CODES, TASK_IDS, TASKS, sample_patient
 from .render import calibration, render_eye
@@ -185,21 +187,9 @@ def _generation_lock(out: Path):
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` folder to ``out``; an old ``out`` is moved aside, then deleted."""
-    if out.exists():
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def _remove_leftovers(out: Path) -> None:
     """Temp and swapped-out folders of generators that were killed (we hold the lock)."""
-    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+    for pattern in (f".{out.name}.tmp-*", f".trash-{out.name}-*"):  # the latter: checkpoint.replace_dir
         for path in out.parent.glob(pattern):
             shutil.rmtree(path, ignore_errors=True)
 
@@ -238,7 +228,7 @@ def generate(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
             shutil.rmtree(tmp, ignore_errors=True)
             write_dataset(tmp, task, n, seed, cams, image_size, workers, progress, **calib)
             shutil.copyfile(template, tmp / "manifest.yaml")
-            _swap_in(tmp, full)
+            replace_dir(tmp, full)  # the old folder is swapped out, then deleted
         manifest = out / "manifest.yaml"
         _write_if_changed(manifest, template.read_bytes())
     return manifest
