@@ -68,7 +68,7 @@ def test_bad_prompts_name_the_problem():
         resolve_prompts(ds, {"red": ["x"], "green": ["y"], "blue": ["z"], "purple": ["w"]})
 
 
-def test_multilabel_scored_against_no_class_contrast():
+def test_multilabel_negation_scoring_contrasts_no_class_prompts():
     labels = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1], [1, 0, 0]])
     ds = ToyDataset(labels, CLASSES, task="multilabel", noise=0.0, prompts=PROMPTS)
     vectors = dict(VECTORS)
@@ -77,7 +77,7 @@ def test_multilabel_scored_against_no_class_contrast():
         for p in (f"no {c} a", f"a fundus photograph without {c} a", f"no signs of {c} a"):
             vectors[p] = neutral
     model = PlantedModel(E, vectors, scale=10.0)
-    out = zero_shot(model, ds)
+    out = zero_shot(model, ds, multilabel_scoring="negation")
     rgb = 0.2 + 0.6 * labels
     x = rgb / np.linalg.norm(rgb, axis=1, keepdims=True)
     expected = 1 / (1 + np.exp(-10.0 * (x - x @ neutral[:, None])))
@@ -112,3 +112,17 @@ def test_features_are_cached_until_the_weights_change(tmp_path):
         model.image_map.mul_(2.0)
     features.extract_features(model, ds, batch_size=3, cache_dir=tmp_path)
     assert calls == [3, 1, 3, 1]  # new weights, new features
+
+
+def test_multilabel_default_scoring_is_the_softmax_over_class_prompts():
+    """CLIP/FLAIR scoring: per-class probabilities are the softmax over the class prompts,
+    so a text tower that never saw "no <class>" cannot invert a class's ranking."""
+    labels = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1], [1, 0, 0]])
+    ds = ToyDataset(labels, CLASSES, task="multilabel", noise=0.0, prompts=PROMPTS)
+    model = PlantedModel(E, dict(VECTORS), scale=10.0)
+    out = zero_shot(model, ds)
+    np.testing.assert_allclose(out["probs"].sum(1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(out["probs"], torch.softmax(torch.as_tensor(out["logits"]), -1).numpy(), atol=1e-6)
+    assert out["metrics"]["auc"] == 1.0 and out["metrics"]["single_label_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="multilabel_scoring"):
+        zero_shot(model, ds, multilabel_scoring="sigmoid")
