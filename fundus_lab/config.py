@@ -23,7 +23,9 @@ from typing import Any, Literal, Optional
 import yaml
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
-CONFIG_DIR = Path(os.environ.get("FUNDUS_LAB_CONFIGS", PACKAGE_ROOT.parent / "configs"))
+# shipped inside the package (``configs/`` at the checkout root is a link to it), so a plain
+# ``pip install .`` finds presets and methods; FUNDUS_LAB_CONFIGS points elsewhere
+CONFIG_DIR = Path(os.environ.get("FUNDUS_LAB_CONFIGS", PACKAGE_ROOT / "configs"))
 PRESETS = ("smoke", "default", "paper")
 
 

@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# the numbered notebooks ship inside the package (``notebooks/`` at the checkout root links here),
+# so ``fundus-lab reproduce`` finds them after a plain ``pip install .`` too
+NOTEBOOK_DIR = PACKAGE_DIR / "notebooks"
 PRESETS = ("smoke", "default", "paper")
 # methods each preset compares when none are given
 DEFAULT_METHODS = {
@@ -60,9 +63,11 @@ class NotebookFailed(RuntimeError):
 
 
 def project_root() -> Path:
-    """The checkout holding ``notebooks/`` and ``configs/`` (editable install), else the working directory."""
+    """The checkout holding ``pyproject.toml`` (editable install), else the working directory.
+
+    Relative run and data folders resolve against it; notebooks and configs come from the package."""
     root = PACKAGE_DIR.parent
-    if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir():
+    if (root / "pyproject.toml").is_file() and (root / "fundus_lab").is_dir():
         return root
     return Path.cwd()
 
@@ -75,7 +80,7 @@ def resolve_path(path: str | Path) -> Path:
 
 def list_notebooks(notebook_dir: str | Path | None = None, select: Sequence[str] | None = None) -> list[Path]:
     """``NN_*.ipynb`` in order; ``select`` keeps those whose name or number matches (``"04"``, ``"04_zero_shot"``)."""
-    folder = Path(notebook_dir) if notebook_dir is not None else project_root() / "notebooks"
+    folder = Path(notebook_dir) if notebook_dir is not None else NOTEBOOK_DIR
     found = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
     if not found:
         raise FileNotFoundError(f"no numbered notebooks (NN_*.ipynb) in {folder}")
@@ -277,7 +282,7 @@ def reproduce(
             reused, so its trained checkpoints are too.
         notebooks: a subset by name or number (default: all).
         kernel_name: Jupyter kernel (default: the notebooks' own, ``python3``).
-        notebook_dir: where the notebooks are (default: the project's ``notebooks/``).
+        notebook_dir: where the notebooks are (default: the package's ``notebooks/``).
         overrides: ``key=value`` config overrides passed to every notebook.
         command: the command line as typed, recorded in ``results/`` (default: rebuilt
             from these arguments).
