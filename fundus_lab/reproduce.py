@@ -189,9 +189,9 @@ def notebook_context(
     """
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}; expected one of {PRESETS}")
-    if isinstance(methods, str):
-        methods = [m.strip() for m in methods.split(",") if m.strip()]
-    from fundus_lab.config import available_methods
+    from fundus_lab.config import available_methods, split_names
+
+    methods = split_names(methods)
 
     known = available_methods()
     if methods:
@@ -523,14 +523,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-root", default=None,
                         help="folder of the datasets: the synthetic benchmark is written there, and real datasets "
                              "named in overrides are read from <data-root>/<name> (default: the preset's synth_root)")
-    parser.add_argument("--methods", nargs="+", default=None, help="methods to compare (default: the preset's)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="methods to compare, comma- or space-separated (default: the preset's)")
     parser.add_argument("--name", default=None, help="run folder name under runs/ (default <preset>-<time>)")
     parser.add_argument("--notebooks", nargs="+", default=None, help="run only these (names or numbers, e.g. 00 04)")
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("overrides", nargs="*", default=[],
                         help="config overrides for every notebook, e.g. eval.zero_shot_dataset=odir5k eval.seeds=3")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    methods = [m.strip() for item in args.methods for m in item.split(",") if m.strip()] if args.methods else None
+    from fundus_lab.config import split_names
+
+    methods = split_names(args.methods) or None
     try:  # a mistyped key or value fails here, before any notebook starts
         from fundus_lab.config import ConfigError, load_config
 
