@@ -66,7 +66,7 @@ def test_wheel_installs_and_pretrains_outside_the_checkout(tmp_path):
     version = subprocess.run(cli + ["--version"], cwd=work, env=env, capture_output=True, text=True, timeout=60)
     assert version.stdout.strip().startswith("fundus-lab 0."), version.stdout + version.stderr
 
-    run = subprocess.run(cli + ["pretrain", "--preset", "smoke", "--method", "ours", "train.steps=2"], cwd=work, env=env,
+    run = subprocess.run(cli + ["pretrain", "--preset", "smoke", "train.steps=2"], cwd=work, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     run_dir = Path(run.stdout.strip().splitlines()[-1])

@@ -44,7 +44,7 @@ def python_blocks(markdown: str) -> list[str]:
 
 
 def test_python_blocks_finds_fenced_and_indented_examples():
-    md = "text\n\n    import fundus_lab as fl\n    fl.x()\n\n    fundus-lab synth\n\n```python\nimport os\n```\n"
+    md = "text\n\n    import fundus_lab as fl\n    fl.x()\n\nprose\n\n    fundus-lab synth\n\n```python\nimport os\n```\n"
     assert python_blocks(md) == ["import os\n", "import fundus_lab as fl\nfl.x()\n"]
 
 
