@@ -73,10 +73,21 @@ def synth_main(argv: list[str] | None = None) -> int:
 synth_main.__doc__ = "Write the procedural synthetic fundus benchmark as dataset folders with manifests."
 
 
+def help_text() -> str:
+    """The top-level help, plain text built from SUBCOMMANDS (the module docstring is reST)."""
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: fundus-lab COMMAND [options]   (fundus-lab COMMAND --help for its options)", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, _, text) in SUBCOMMANDS.items()]
+    lines += ["", "  --version  print the installed version",
+              "", "Lists of names take one syntax everywhere: --methods clip,coca,ours (or space-separated)."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
+        print(help_text(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] == "--version":
         from importlib.metadata import PackageNotFoundError, version
@@ -92,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
         close = difflib.get_close_matches(command, SUBCOMMANDS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        print(f"fundus-lab: unknown command {command!r}{hint}\n\n{__doc__.strip()}", file=sys.stderr)
+        print(f"fundus-lab: unknown command {command!r}{hint}\n\n{help_text()}", file=sys.stderr)
         return 2
     module, func, _ = SUBCOMMANDS[command]
     result = getattr(importlib.import_module(module), func)(rest)

@@ -23,8 +23,11 @@ from typing import Any, Literal, Optional
 import yaml
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
-CONFIG_DIR = Path(os.environ.get("FUNDUS_LAB_CONFIGS", PACKAGE_ROOT.parent / "configs"))
+# shipped inside the package (``configs/`` at the checkout root is a link to it), so a plain
+# ``pip install .`` finds presets and methods; FUNDUS_LAB_CONFIGS points elsewhere
+CONFIG_DIR = Path(os.environ.get("FUNDUS_LAB_CONFIGS", PACKAGE_ROOT / "configs"))
 PRESETS = ("smoke", "default", "paper")
+DEFAULT_METHOD = "ours"  # the method a config gets when none is named
 
 
 class ConfigError(ValueError):
@@ -286,6 +289,16 @@ def _unknown_key_error(key: str, cls: type, prefix: str, source: str) -> ConfigE
     return ConfigError(f"{source}: unknown config key {prefix + key!r}{hint}")
 
 
+def _scalar(text: str, tp: Any) -> Any:
+    """One item of a comma list typed on the command line: a number where a number is wanted."""
+    if tp in (int, float):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError:
+            return text
+    return text
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check ``value`` against the annotation ``tp``; allow only lossless conversions."""
     origin = typing.get_origin(tp)
@@ -316,8 +329,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: {key} must be a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, source, prefix=key + ".")
     if origin in (list, tuple):
-        if isinstance(value, str):  # "a,b,c" from the command line
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # "a,b,c" from the command line (eval.shots=1,2,4)
+            value = [_scalar(v.strip(), args[0] if args else Any) for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise bad
         if origin is tuple and args and args[-1] is not Ellipsis:
@@ -443,6 +456,15 @@ def _named_file(kind: str, name: str) -> Path:
     return path
 
 
+def split_names(values: str | list[str] | tuple | None) -> list[str]:
+    """``--methods clip,coca ours`` -> ["clip", "coca", "ours"]: the one syntax every command
+    takes for lists of names (comma-separated, several arguments, or both)."""
+    if values is None:
+        return []
+    items = [values] if isinstance(values, str) else list(values)
+    return [n.strip() for item in items for n in str(item).split(",") if n.strip()]
+
+
 def available_methods() -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / "methods").glob("*.yaml"))
 
@@ -460,7 +482,8 @@ def load_config(
         path: optional user YAML; it may name ``preset:`` and ``method:`` itself
             (``method`` as a name of ``configs/methods/*.yaml``) and hold any sections.
         preset: ``smoke`` | ``default`` | ``paper`` (wins over the file's ``preset``).
-        method: a method name (wins over the file's ``method`` name).
+        method: a method name (wins over the file's ``method`` name); none named anywhere
+            means ``ours`` (:data:`DEFAULT_METHOD`).
         overrides: ``["train.steps=10", ...]`` or ``{"train.steps": 10}``.
     """
     user = read_yaml(path) if path is not None else {}
@@ -473,6 +496,8 @@ def load_config(
     over_method = over.get("method")
     if isinstance(over_method, str):  # "method=clip" picks a method file
         method = over.pop("method")
+    if not method and user_method is None:
+        method = DEFAULT_METHOD  # `fundus-lab pretrain` without --method is `--method ours`
     preset = str(over.pop("preset", None) or preset or user.pop("preset", None) or "default")
     user.pop("preset", None)
 

@@ -641,6 +641,14 @@ class Run:
         """Evaluate ``methods`` and ``references`` over every pretraining seed; write Table 1."""
         if not methods:
             raise ValueError("compare: no methods given")
+        known = C.available_methods()
+        unknown = [m for m in methods if m not in known]
+        if unknown:  # before anything trains: a typo must not cost the methods listed before it
+            import difflib
+
+            hints = [f"{m!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(m, known, n=1))
+                     else repr(m) for m in unknown]
+            raise C.ConfigError(f"methods: unknown {', '.join(hints)}; expected some of {known}")
         bad = [p for p in protocols if p not in PROTOCOLS]
         if bad:
             raise C.ConfigError(f"protocols: unknown {bad}; expected some of {list(PROTOCOLS)}")

@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# the numbered notebooks ship inside the package (``notebooks/`` at the checkout root links here),
+# so ``fundus-lab reproduce`` finds them after a plain ``pip install .`` too
+NOTEBOOK_DIR = PACKAGE_DIR / "notebooks"
 PRESETS = ("smoke", "default", "paper")
 # methods each preset compares when none are given
 DEFAULT_METHODS = {
@@ -60,9 +63,11 @@ class NotebookFailed(RuntimeError):
 
 
 def project_root() -> Path:
-    """The checkout holding ``notebooks/`` and ``configs/`` (editable install), else the working directory."""
+    """The checkout holding ``pyproject.toml`` (editable install), else the working directory.
+
+    Relative run and data folders resolve against it; notebooks and configs come from the package."""
     root = PACKAGE_DIR.parent
-    if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir():
+    if (root / "pyproject.toml").is_file() and (root / "fundus_lab").is_dir():
         return root
     return Path.cwd()
 
@@ -75,7 +80,7 @@ def resolve_path(path: str | Path) -> Path:
 
 def list_notebooks(notebook_dir: str | Path | None = None, select: Sequence[str] | None = None) -> list[Path]:
     """``NN_*.ipynb`` in order; ``select`` keeps those whose name or number matches (``"04"``, ``"04_zero_shot"``)."""
-    folder = Path(notebook_dir) if notebook_dir is not None else project_root() / "notebooks"
+    folder = Path(notebook_dir) if notebook_dir is not None else NOTEBOOK_DIR
     found = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
     if not found:
         raise FileNotFoundError(f"no numbered notebooks (NN_*.ipynb) in {folder}")
@@ -184,9 +189,9 @@ def notebook_context(
     """
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}; expected one of {PRESETS}")
-    if isinstance(methods, str):
-        methods = [m.strip() for m in methods.split(",") if m.strip()]
-    from fundus_lab.config import available_methods
+    from fundus_lab.config import available_methods, split_names
+
+    methods = split_names(methods)
 
     known = available_methods()
     if methods:
@@ -277,7 +282,7 @@ def reproduce(
             reused, so its trained checkpoints are too.
         notebooks: a subset by name or number (default: all).
         kernel_name: Jupyter kernel (default: the notebooks' own, ``python3``).
-        notebook_dir: where the notebooks are (default: the project's ``notebooks/``).
+        notebook_dir: where the notebooks are (default: the package's ``notebooks/``).
         overrides: ``key=value`` config overrides passed to every notebook.
         command: the command line as typed, recorded in ``results/`` (default: rebuilt
             from these arguments).
@@ -518,14 +523,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-root", default=None,
                         help="folder of the datasets: the synthetic benchmark is written there, and real datasets "
                              "named in overrides are read from <data-root>/<name> (default: the preset's synth_root)")
-    parser.add_argument("--methods", nargs="+", default=None, help="methods to compare (default: the preset's)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="methods to compare, comma- or space-separated (default: the preset's)")
     parser.add_argument("--name", default=None, help="run folder name under runs/ (default <preset>-<time>)")
     parser.add_argument("--notebooks", nargs="+", default=None, help="run only these (names or numbers, e.g. 00 04)")
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("overrides", nargs="*", default=[],
                         help="config overrides for every notebook, e.g. eval.zero_shot_dataset=odir5k eval.seeds=3")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    methods = [m.strip() for item in args.methods for m in item.split(",") if m.strip()] if args.methods else None
+    from fundus_lab.config import split_names
+
+    methods = split_names(args.methods) or None
     try:  # a mistyped key or value fails here, before any notebook starts
         from fundus_lab.config import ConfigError, load_config
 

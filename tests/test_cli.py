@@ -35,3 +35,72 @@ def test_version_and_manifest_usage(capsys):
     assert capsys.readouterr().out.startswith("fundus-lab ")
     assert cli.main(["manifest"]) == 2
     assert "manifest init" in capsys.readouterr().err
+
+
+def test_top_level_help_is_plain_text(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and ":data:" not in out and ":func:" not in out
+    assert out.startswith("usage: fundus-lab")
+
+
+def test_names_take_one_syntax_everywhere():
+    from fundus_lab.config import split_names
+
+    assert split_names("clip,coca") == ["clip", "coca"]
+    assert split_names(["clip,coca", "ours"]) == ["clip", "coca", "ours"]
+    assert split_names(["clip", " eva "]) == ["clip", "eva"]
+    assert split_names(None) == [] and split_names([""]) == []
+
+
+def test_comma_list_override_of_numbers():
+    from fundus_lab.config import ConfigError, load_config
+
+    assert load_config(preset="smoke", overrides=["eval.shots=1,2,4"]).eval.shots == [1, 2, 4]
+    assert load_config(preset="smoke", overrides=["eval.shots=[1, 8]"]).eval.shots == [1, 8]
+    import pytest
+
+    with pytest.raises(ConfigError, match="eval.shots"):
+        load_config(preset="smoke", overrides=["eval.shots=1,two"])
+
+
+def test_pretrain_without_method_is_ours(monkeypatch):
+    import dataclasses
+
+    from fundus_lab import train
+
+    seen = []
+    monkeypatch.setattr(train, "pretrain", lambda cfg, **_: seen.append(cfg) or "runs/x")
+    assert cli.main(["pretrain", "--preset", "smoke"]) == 0
+    assert cli.main(["pretrain", "--preset", "smoke", "--method", "ours"]) == 0
+    assert seen[0].method.name == "ours"
+    assert dataclasses.asdict(seen[0]) == dataclasses.asdict(seen[1])
+
+
+def test_compare_rejects_unknown_methods_before_training(monkeypatch, tmp_path, capsys):
+    from fundus_lab import experiment
+
+    def never(*_a, **_k):
+        raise AssertionError("compare trained or evaluated before checking the method names")
+
+    monkeypatch.setattr(experiment.Run, "evaluate", never)
+    monkeypatch.setattr(experiment.Run, "pretrain", never, raising=False)
+    rc = cli.main(["compare", "--preset", "smoke", "--out", str(tmp_path / "cmp"), "--methods", "clip,ousr"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "'ousr'" in err and "did you mean 'ours'" in err
+
+
+def test_compare_and_reproduce_accept_comma_and_space_lists(monkeypatch, tmp_path):
+    from fundus_lab import experiment, reproduce
+
+    got = {}
+    md = tmp_path / "table.md"
+    md.write_text("| table |")
+    monkeypatch.setattr(experiment.Run, "table", lambda self, m, p, r: got.setdefault("compare", (m, p, r)) and {"md": md})
+    cli.main(["compare", "--preset", "smoke", "--out", str(tmp_path / "c"), "--methods", "clip,coca", "ours",
+              "--references", "random-init"])
+    assert got["compare"][0] == ["clip", "coca", "ours"] and got["compare"][2] == ["random-init"]
+    monkeypatch.setattr(reproduce, "reproduce", lambda preset, data_root, methods, *a, **k: got.setdefault("rep", methods))
+    cli.main(["reproduce", "--preset", "smoke", "--methods", "clip,coca", "ours"])
+    assert got["rep"] == ["clip", "coca", "ours"]

@@ -346,6 +346,13 @@ def open_dataset(
             f"(e.g. {report.excluded[0]}); see ds.excluded",
             stacklevel=2,
         )
+    if report.missing_splits:
+        if split in report.missing_splits and not any(r.split == split for r in records):
+            raise DataError(f"dataset {manifest.name!r}: split {split!r} is not downloaded under {root}; it needs "
+                            f"{report.missing_splits[split]}")
+        if split in (None, "all"):
+            warnings.warn(f"{manifest.name}: split(s) {sorted(report.missing_splits)} not found under {root}; "
+                          f"opening the others", stacklevel=2)
     chosen = records if split in (None, "all") else [r for r in records if r.split == split]
     if not chosen:
         raise DataError(

@@ -28,9 +28,12 @@ import yaml
 
 import fundus_lab
 
-REPO_ROOT = Path(fundus_lab.__file__).resolve().parent.parent
-# the shipped manifests; FUNDUS_LAB_MANIFESTS points elsewhere (e.g. a site's own collection)
-MANIFEST_DIR = Path(os.environ.get("FUNDUS_LAB_MANIFESTS", REPO_ROOT / "data_manifests"))
+PACKAGE_ROOT = Path(fundus_lab.__file__).resolve().parent
+# the checkout (editable install) or site-packages (plain install): only a fallback for data/synth
+REPO_ROOT = PACKAGE_ROOT.parent
+# the shipped manifests live inside the package (``data_manifests/`` at the checkout root links
+# to them) so a plain install has them; FUNDUS_LAB_MANIFESTS points elsewhere (a site's own collection)
+MANIFEST_DIR = Path(os.environ.get("FUNDUS_LAB_MANIFESTS", PACKAGE_ROOT / "data_manifests"))
 
 TASKS = ("multiclass", "multilabel", "ordinal", "binary")
 SPLITS = ("train", "val", "test")

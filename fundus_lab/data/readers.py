@@ -64,6 +64,12 @@ class LoadReport:
     duplicates: list[str] = field(default_factory=list)  # the same image listed again with the same label
     merged_patients: dict[str, str] = field(default_factory=dict)  # raw id -> the id it was merged into
     no_patient: list[str] = field(default_factory=list)  # records of a source with patient ids that lack one
+    # official split -> why it is absent (the files its source needs): a download with only some splits
+    missing_splits: dict[str, str] = field(default_factory=dict)
+
+
+class MissingFilesError(DataError):
+    """A source's annotation files are not under the root (see ``read_records``)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -399,7 +405,7 @@ class SourceReader:
             if s.optional:
                 return []
             cands = ", ".join(repr(c) for c in _candidates(s.annotations))
-            raise DataError(
+            raise MissingFilesError(
                 f"{self.at}.annotations: no file found under {self.root} matching {cands} "
                 f"(dataset {self.m.name!r}; is root the folder you downloaded?)"
             )
@@ -693,7 +699,7 @@ class SourceReader:
         if not files:
             if s.optional:
                 return []
-            raise DataError(f"{self.at}.annotations: no file found under {self.root} matching {_candidates(s.annotations)}")
+            raise MissingFilesError(f"{self.at}.annotations: no file found under {self.root} matching {_candidates(s.annotations)}")
         path = files[0]
         try:
             data = np.load(path, allow_pickle=False)
@@ -809,10 +815,18 @@ def read_records(manifest: Manifest, root: Union[str, Path], skip_bad: bool = Fa
     if not root.is_dir():
         raise DataError(f"dataset root {root} is not a directory (dataset {manifest.name!r}, manifest {manifest.path})")
     report, dirs, records = LoadReport(), DirIndex(), []
-    for i in range(len(manifest.sources)):
-        records.extend(SourceReader(manifest, i, root, report, skip_bad, dirs).records())
+    for i, source in enumerate(manifest.sources):
+        try:
+            records.extend(SourceReader(manifest, i, root, report, skip_bad, dirs).records())
+        except MissingFilesError as err:
+            # a source holding one official split (REFUGE's Validation400) may be absent: the
+            # splits that were downloaded still open; asking for this one says what it needs
+            if source.split is None:
+                raise
+            report.missing_splits[source.split] = str(err)
     if not records:
-        raise DataError(f"dataset {manifest.name!r} under {root}: no records found (manifest {manifest.path})")
+        missing = "".join(f"\n  {split}: {why}" for split, why in report.missing_splits.items())
+        raise DataError(f"dataset {manifest.name!r} under {root}: no records found (manifest {manifest.path}){missing}")
     normalise_patients(records, manifest, report)
     records = check_duplicate_images(records, root, report, skip_bad)
     if report.merged_patients:

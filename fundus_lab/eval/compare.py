@@ -156,16 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fundus-lab compare",
                                      description="Pretrain methods under one budget and write Table 1.")
     parser.add_argument("--preset", default=None, help="smoke | default | paper")
-    parser.add_argument("--methods", default="clip,coca,eva,ours", help="comma-separated method names")
-    parser.add_argument("--references", default=",".join(REFERENCES), help="reference rows ('' for none)")
+    parser.add_argument("--methods", nargs="+", default=["clip,coca,eva,ours"],
+                        help="method names, comma-separated (clip,coca,ours) or space-separated")
+    parser.add_argument("--references", nargs="*", default=[",".join(REFERENCES)],
+                        help="reference rows, like --methods ('' or nothing for none)")
     parser.add_argument("--config", default=None, help="a YAML file of config sections")
     parser.add_argument("--data-root", default=None, help="root of the synthetic benchmark (default data.synth_root)")
     parser.add_argument("--out", default=None, help="run folder (default eval.output_dir)")
-    parser.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS))
+    parser.add_argument("--protocols", nargs="+", default=[",".join(DEFAULT_PROTOCOLS)], help="like --methods")
     parser.add_argument("--force", action="store_true", help="redo cached pretraining and evaluations")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=50 eval.seeds=2")
     args = parser.parse_args(argv)
-    split = lambda s: [m.strip() for m in s.split(",") if m.strip()]  # noqa: E731
+    split = C.split_names
     try:
         run = Run(args.preset, args.out, args.data_root, args.overrides, args.force, path=args.config)
         paths = run.table(split(args.methods), split(args.protocols), split(args.references))

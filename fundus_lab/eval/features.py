@@ -60,10 +60,36 @@ def _image_label_collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]
     return images, labels
 
 
+def model_image_size(model) -> int | None:
+    """The square side the model's image tower works at (``model.img_size``, or its
+    ``image_encoder.img_size``); None when the model does not say."""
+    for owner in (model, getattr(model, "image_encoder", None)):
+        size = getattr(owner, "img_size", None)
+        if isinstance(size, int):
+            return size
+    return None
+
+
+def fit_to_model(model, images: torch.Tensor) -> torch.Tensor:
+    """Resize ``[N, 3, H, W]`` images to the model's working size (bilinear, antialiased).
+
+    A dataset opened at another size than the model was trained at (``open_dataset``'s
+    default 224 px against a 128 px model) is then evaluated like open_clip's preprocessing
+    would, instead of failing in the patch embedding."""
+    if callable(getattr(model, "preprocess", None)):
+        return images               # outside models resize and crop in their own preprocessing
+    size = model_image_size(model)
+    if size is None or tuple(images.shape[-2:]) == (size, size):
+        return images
+    return torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
+                                           antialias=True, align_corners=False).clamp_(0, 1)
+
+
 @torch.no_grad()
 def encode_images(model, images: torch.Tensor, kind: str = "embed") -> torch.Tensor:
     """[N, 3, H, W] -> [N, D]: ``embed`` = model.encode_image (projected, L2-normalised,
     the space text lives in), ``cls`` = the ViT's class token before any projection."""
+    images = fit_to_model(model, images)
     if kind == "embed":
         return model.encode_image(images)
     if kind == "cls":

@@ -45,9 +45,9 @@ FORMAT_VERSION = 3  # 2: splits by patient slot (index*3 mod 7); 3: + in-domain 
 
 
 def manifest_template(task: str) -> Path:
-    """data_manifests/synth-<task>.yaml of this checkout (written by the DATA part)."""
+    """The shipped ``data_manifests/synth-<task>.yaml`` (package data, found in any install)."""
     import fundus_lab
-    return Path(fundus_lab.__file__).resolve().parent.parent / "data_manifests" / f"{DATASET_NAMES[task]}.yaml"
+    return Path(fundus_lab.__file__).resolve().parent / "data_manifests" / f"{DATASET_NAMES[task]}.yaml"
 
 
 def _check(task: str, cameras: Optional[Sequence[str]]) -> list[str]:
@@ -99,13 +99,24 @@ def _work(args):
     return i, row
 
 
+def _pool_context():
+    """``fork`` where the OS has it (Linux): workers inherit the loaded modules and never
+    re-run the caller's script, so a script without an ``if __name__ == "__main__":`` guard
+    (the README example pasted into a file) works instead of every worker re-running it.
+    The workers only use numpy, scipy and PIL (no torch, no threads of their own), which
+    is what makes forking safe here. Elsewhere (macOS, Windows) ``spawn``, which needs the guard."""
+    import sys
+
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    return mp.get_context(method)
+
+
 def _run(jobs: list, workers: int) -> Iterator:
     """Yield (index, row) as images finish, in any order; rows are sorted later."""
     if workers <= 1 or len(jobs) <= 1:
         yield from map(_work, jobs)
         return
-    ctx = mp.get_context("spawn")             # spawn: safe under threads, same on every OS
-    with ctx.Pool(workers) as pool:
+    with _pool_context().Pool(workers) as pool:
         yield from pool.imap_unordered(_work, jobs, chunksize=max(1, min(16, len(jobs) // (8 * workers))))
 
 
@@ -216,7 +227,7 @@ def generate(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
     template = manifest_template(task)
     if not template.is_file():
         raise FileNotFoundError(f"synth.generate: manifest template {template} is missing "
-                                f"(expected data_manifests/{DATASET_NAMES[task]}.yaml in the repository)")
+                                f"(expected fundus_lab/data_manifests/{DATASET_NAMES[task]}.yaml in the package)")
     out = Path(out_dir)
     full = Path(os.path.abspath(out))  # "." or "data/" still name a folder with a parent
     with _generation_lock(full):
