@@ -434,6 +434,10 @@ def _build_supervised(run: "Run", mcfg: "C.Config", out: Path) -> None:
     # other is scored (fine_tune wants a test set; no evaluation test split is touched)
     val = open_split(mcfg, mcfg.data.dataset, "val", mcfg.model.img_size, root)
     pick, score = holdout_indices(val, fraction=0.5, seed=mcfg.train.seed)
+    if len(pick) == 0 or len(score) == 0:
+        raise ValueError(f"the supervised reference picks its epoch and scores on halves of {mcfg.data.dataset}'s val "
+                         f"split by patient, which needs at least 2 patients there (found {len(val)} images of one); "
+                         "use a larger data.synth_n")
     val, score = val.subset(pick), val.subset(score)
     seen = mcfg.train.steps * mcfg.train.batch_size * mcfg.train.grad_accum_steps
     epochs = max(1, math.ceil(seen / len(dataset)))

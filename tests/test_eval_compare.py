@@ -34,7 +34,7 @@ TINY = [
     "model.vision_heads=2", "model.text_width=32", "model.text_depth=1", "model.text_heads=2",
     "model.embed_dim=32", "model.fusion_heads=2", "model.decoder_width=32", "model.decoder_depth=1",
     "model.decoder_heads=2", "model.caption_depth=1", "model.vocab_size=500",
-    "data.image_size=32", "data.synth_n=32", "data.synth_eval_n=60", "data.synth_image_size=32",
+    "data.image_size=32", "data.synth_n=64", "data.synth_eval_n=60", "data.synth_image_size=32",
     "data.augment=false", "train.steps=2", "train.batch_size=8", "train.warmup_steps=1", "train.log_every=1",
     "train.tensorboard=false", "train.progress=false",
     "eval.shots=[1,2]", "eval.seeds=2", "eval.fine_tune_seeds=1", "eval.fine_tune_epochs=1",

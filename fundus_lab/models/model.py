@@ -708,11 +708,23 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Fu
     (:func:`fundus_lab.models.external.load_external`), behind the same evaluation interface."""
     from fundus_lab.config import ConfigError, from_dict
     from fundus_lab.data.tokenizer import load_tokenizer
-    from fundus_lab.models.external import is_external, load_external
+    from fundus_lab.models.external import ExternalModelError, detect_kind, load_external
 
     path = Path(path)
-    if is_external(path):
+    try:
+        kind = detect_kind(path)
+    except ExternalModelError:
+        kind = None
+    # a folder with our config.json is ours (even a broken one, to be named as such); a
+    # Hugging Face CLIP folder or an open_clip checkpoint goes to the outside loaders
+    if kind == "hf":
         return load_external(path, map_location=map_location)
+    if kind == "open_clip" and not (path / CONFIG_NAME).is_file():
+        try:
+            return load_external(path, map_location=map_location)
+        except ExternalModelError:
+            if not (path / WEIGHTS_NAME).is_file():
+                raise  # else: our weights without their config.json, named as such below
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     data = _read_checkpoint_config(path)
