@@ -496,7 +496,7 @@ def load_config(
     over_method = over.get("method")
     if isinstance(over_method, str):  # "method=clip" picks a method file
         method = over.pop("method")
-    if not method and user_method is None:
+    if not method and user_method is None and (CONFIG_DIR / "methods" / f"{DEFAULT_METHOD}.yaml").is_file():
         method = DEFAULT_METHOD  # `fundus-lab pretrain` without --method is `--method ours`
     preset = str(over.pop("preset", None) or preset or user.pop("preset", None) or "default")
     user.pop("preset", None)
