@@ -16,19 +16,7 @@ from fundus_lab.data import open_dataset
 from fundus_lab.data.images import DataError
 from fundus_lab.data.manifest import ManifestError, load_manifest
 
-MANIFEST = {
-    "name": "tiny",
-    "task": "multiclass",
-    "metric": "accuracy",
-    "classes": [{"name": "normal", "key": "normal"}, {"name": "glaucoma", "key": "glaucoma"}],
-    "sources": [{
-        "annotations": "labels.csv",
-        "image": {"column": "image", "template": "img/{value}"},
-        "label": {"column": "label", "codes": {"0": "normal", "1": "glaucoma"}},
-        "patient": {"column": "patient"},
-    }],
-    "split": {"fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "seed": 1},
-}
+from test_data_bad_input import MANIFEST  # the same tiny two-class layout
 
 
 def image(path: Path) -> None:
