@@ -192,9 +192,9 @@ def record_splits(datasets: Mapping[str, Any], folder: Path, name: str) -> dict:
 
 
 def table_metric(task: str, protocol: str) -> str:
-    """The number Table 1 shows: ODIR zero-shot -> single-label accuracy; grades -> kappa."""
-    if task == "multilabel":
-        return "single_label_accuracy" if protocol == "zero_shot" else "auc"
+    """The number Table 1 shows: ODIR zero-shot or linear probe -> single-label accuracy; grades -> kappa."""
+    if task == "multilabel":  # the ODIR-like figure: accuracy over the single-label eyes
+        return "single_label_accuracy" if protocol in ("zero_shot", "linear_probe") else "auc"
     return {"ordinal": "kappa", "binary": "auc"}.get(task, "accuracy")
 
 
@@ -598,31 +598,38 @@ class Run:
         ref = REFERENCES.get(method)
         return ref is None or protocol in ref.protocols
 
-    def evaluate(self, method: str, protocol: str, column: str | None = None, seed: int | None = None) -> dict:
+    def evaluate(self, method: str, protocol: str, column: str | None = None, seed: int | None = None,
+                 dataset: str | None = None) -> dict:
         """One protocol for one method (pretraining ``seed``), exactly as Table 1 runs it.
 
         Every test column is scored from the same fit; the JSON
         ``eval/<method>/seed<s>/<protocol>.json`` is cached by a key of the weights, the
         settings, the manifest and the split files. Returns it; with ``column`` its
-        ``columns[column]`` entry is also under ``"cell"``.
+        ``columns[column]`` entry is also under ``"cell"``. ``dataset`` runs the protocol on
+        another dataset than the config names for it (e.g. a linear probe on synth-odir);
+        its JSON is then ``<protocol>@<dataset>.json``, beside Table 1's.
         """
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol {protocol!r}; expected one of {list(PROTOCOLS)}")
         seed = self.seeds()[0] if seed is None else int(seed)
-        record = self._evaluate(method, PROTOCOLS[protocol], seed)
+        record = self._evaluate(method, PROTOCOLS[protocol], seed, dataset)
         if column is not None:
             if column not in record["columns"]:
                 raise ValueError(f"column {column!r}; expected one of {list(record['columns'])}")
             record["cell"] = record["columns"][column]
         return record
 
-    def _evaluate(self, method: str, protocol: Protocol, seed: int) -> dict:
+    def _evaluate(self, method: str, protocol: Protocol, seed: int, dataset: str | None = None) -> dict:
         cfg = self.config(method, seed)
         apply_runtime(cfg)
         ecfg = cfg.eval
+        name = protocol.name
+        if dataset is not None and dataset != getattr(ecfg, protocol.dataset_key):
+            setattr(ecfg, protocol.dataset_key, dataset)
+            name = f"{protocol.name}@{Path(dataset).stem}"
         dataset = getattr(ecfg, protocol.dataset_key)
         out_dir = self.run_dir / "eval" / method / f"seed{seed}"
-        path = out_dir / f"{protocol.name}.json"
+        path = out_dir / f"{name}.json"
         provenance = self.provenance(method, seed)
         if not self.applies(method, protocol.name):
             out = {"protocol": protocol.name, "dataset": dataset, "available": False, "values": [], "summary": None,
@@ -636,7 +643,7 @@ class Run:
             pretrain_ds = open_split(cfg, cfg.data.dataset, "train", cfg.model.img_size,
                                      cfg.data.root or self.data_root)
         return evaluate_model(lambda: self.model(method, seed), protocol, cfg, out_dir, self.data_root,
-                              self.run_dir / "splits", pretrain_ds, provenance, self.force)
+                              self.run_dir / "splits", pretrain_ds, provenance, self.force, json_name=name)
 
     # Table 1 -----------------------------------------------------------------------------
 
@@ -675,9 +682,10 @@ class Run:
 
 def evaluate_model(model, protocol: "Protocol | str", cfg: "C.Config", out_dir: str | Path,
                    data_root: str | None = None, split_dir: str | Path | None = None, pretrain_ds=None,
-                   provenance: Mapping | None = None, force: bool = False, image_size: int | None = None) -> dict:
+                   provenance: Mapping | None = None, force: bool = False, image_size: int | None = None,
+                   json_name: str | None = None) -> dict:
     """Run ``protocol`` on the dataset the config names for it, score every test column,
-    write ``out_dir/<protocol>.json`` (cached by key) and return it.
+    write ``out_dir/<json_name or protocol>.json`` (cached by key) and return it.
 
     ``model`` may be a callable that returns the model (loaded only when needed);
     ``pretrain_ds`` (the data the model was pretrained on) must share no patient with a test split.
@@ -689,7 +697,7 @@ def evaluate_model(model, protocol: "Protocol | str", cfg: "C.Config", out_dir: 
     ecfg = cfg.eval
     dataset = getattr(ecfg, protocol.dataset_key)
     out_dir = Path(out_dir)
-    path = out_dir / f"{protocol.name}.json"
+    path = out_dir / f"{json_name or protocol.name}.json"
     split_dir = Path(split_dir) if split_dir is not None else out_dir / "splits"
     image_size = image_size or cfg.model.img_size
     ensure_synthetic(cfg, [dataset], data_root)

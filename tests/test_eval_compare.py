@@ -184,3 +184,18 @@ def test_an_override_reaches_table1_like_every_notebook(table):
     # the config Table 1 pretrains with is the one saved in the run folder
     saved = C.read_yaml(out / "pretrain" / "clip" / "seed0" / "config.yaml")
     assert saved["method"]["mask_ratio"] == C.resolve_config("smoke", "clip", TINY).method.mask_ratio
+
+
+def test_a_protocol_on_another_dataset_is_cached_beside_table1s(table):
+    """`Run.evaluate(..., dataset=)`: a linear probe on the zero-shot task (synth-odir) for a row
+    without a text tower, scored as the ODIR-like single-label accuracy, next to the probe Table 1 names."""
+    out, _ = table
+    run = _run(out)
+    default = run.evaluate("supervised", "linear_probe")
+    other = run.evaluate("supervised", "linear_probe", dataset="synth-odir")
+    assert default["dataset"] == "synth-fives" and other["dataset"] == "synth-odir"
+    assert other["metric"] == "single_label_accuracy" and default["metric"] == "accuracy"
+    folder = out / "eval" / "supervised" / "seed0"
+    assert (folder / "linear_probe.json").is_file() and (folder / "linear_probe@synth-odir.json").is_file()
+    assert 0.0 <= other["columns"]["in_domain"]["summary"]["mean"] <= 1.0
+    assert run.evaluate("supervised", "linear_probe")["key"] == default["key"]  # Table 1's probe untouched
