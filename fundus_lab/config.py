@@ -7,6 +7,8 @@ A run's config is built in layers, each one a plain dict of sections:
 
 Every key is checked against the dataclass fields, so a typo is an error that names
 the key, where it came from, and the close matches, never a silently ignored setting.
+The checking (:func:`coerce`, :func:`build_dataclass`) is shared with the dataset
+manifests (``fundus_lab.data.manifest``), which is why it lives in this leaf module.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import yaml
 
@@ -253,6 +255,222 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------
+# the schema coercer: YAML values -> typed dataclasses, shared with data/manifest.py
+#
+# It lives in this leaf module (no imports from the package) so configs and manifests check
+# values with one piece of code. It raises SchemaError, whose parts (where, what was
+# expected, what came) each caller turns into its own message: ConfigError below,
+# ManifestError in fundus_lab.data.manifest.
+
+# metadata of a dataclass field that a file may not set (e.g. Manifest.path, filled in by the loader)
+NOT_FROM_FILE = {"from_file": False}
+
+
+class SchemaError(ValueError):
+    """A value that does not fit its dataclass schema, with where and why kept as data.
+
+    ``problem`` is ``"type"`` (a wrong type or value; ``expected`` is the annotation),
+    ``"length"`` (a fixed-size tuple of the wrong size), ``"unknown"`` (a key the
+    dataclass ``expected`` lacks; ``known`` lists its fields) or ``"missing"`` (required
+    fields ``missing``). ``path`` locates the value from the root: field names and list
+    indices, ``("sources", 0, "label", "column")``. The text is built only when shown, so
+    the failed tries of a ``Union`` cost nothing.
+    """
+
+    def __init__(self, problem: str, path: tuple = (), expected: Any = None, value: Any = None, *,
+                 key: Any = None, known: tuple = (), missing: tuple = ()):
+        super().__init__(problem)
+        self.problem, self.path, self.expected, self.value = problem, tuple(path), expected, value
+        self.key, self.known, self.missing = key, tuple(known), tuple(missing)
+
+    @property
+    def field(self) -> str:
+        """The path as written in a file: ``sources[0].label.column``."""
+        return field_path(self.path)
+
+    def reason(self) -> str:
+        if self.problem == "unknown":
+            if isinstance(self.key, bool):
+                hint = "; YAML reads on/off/yes/no as booleans: quote the key"
+            else:
+                hint = did_you_mean(difflib.get_close_matches(str(self.key), list(self.known), n=3, cutoff=0.6))
+            return f"unknown field{hint} (known: {', '.join(self.known)})"
+        if self.problem == "missing":
+            return f"missing required field(s) {list(self.missing)}"
+        if self.problem == "length":
+            return f"expected {len(typing.get_args(self.expected))} values, got {short_repr(self.value)}"
+        return f"expected {describe_type(self.expected)}, got {short_repr(self.value)}"
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.reason()}" if self.path else self.reason()
+
+
+def field_path(path: Sequence) -> str:
+    """``("sources", 0, "label")`` -> ``"sources[0].label"``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int) and not isinstance(part, bool):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def did_you_mean(close: Sequence[str]) -> str:
+    """``"; did you mean 'a', 'b'?"`` for close matches, ``""`` for none."""
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def describe_type(tp: Any) -> str:
+    """An annotation in words, for "expected ..." messages."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"a list of {describe_type(typing.get_args(tp)[0])}" if typing.get_args(tp) else "a list"
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} values ({', '.join(describe_type(a) for a in args)})"
+        return f"a list of {describe_type(args[0])}" if args else "a list"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
+    return getattr(tp, "__name__", str(tp))
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr of ``value`` cut at ``limit`` characters without building the whole repr of a
+    huge nested value (a hostile file must not make an error message cost seconds)."""
+    if isinstance(value, (dict, list)):
+        if isinstance(value, dict):
+            inner = ", ".join(f"{short_repr(k, 20)}: {short_repr(v, 20)}" for k, v in list(value.items())[:4])
+        else:
+            inner = ", ".join(short_repr(x, 20) for x in list(value)[:4])
+        more = ", ..." if len(value) > 4 else ""
+        text = ("{" + inner + more + "}") if isinstance(value, dict) else ("[" + inner + more + "]")
+    else:
+        text = repr(value) if not isinstance(value, str) else repr(value[: limit + 2])
+    return text[:limit]
+
+
+def _comma_item(text: str, tp: Any) -> Any:
+    """One item of a comma list typed on the command line: a number where a number is wanted."""
+    if tp in (int, float):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError:
+            return text
+    return text
+
+
+def coerce(value: Any, tp: Any, path: tuple = (), *, lenient: bool = False) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it typed; :class:`SchemaError` if it does not fit.
+
+    Strict by default (what YAML gives must already be the type: manifests). ``lenient``
+    adds the lossless conversions a ``key=value`` command line needs (configs): ``"1,2,4"``
+    for a list, ``"1e-3"`` for a float, ``3.0`` for an int, a number for a str.
+    Handles Any, Optional/Union, Literal, nested dataclasses (from mappings), list, tuple
+    (fixed size or ``...``), dict, bool, int, float, str; other annotations pass through.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise SchemaError("type", path, tp, value)
+        options = [a for a in args if a is not type(None)]
+        # a mapping for a dataclass option: its own error (naming the inner field) is the useful one
+        for arg in options:
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return coerce(value, arg, path, lenient=lenient)
+        if len(options) == 1:
+            return coerce(value, options[0], path, lenient=lenient)
+        for arg in options:
+            try:
+                return coerce(value, arg, path, lenient=lenient)
+            except SchemaError:
+                continue
+        raise SchemaError("type", path, tp, value)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise SchemaError("type", path, tp, value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise SchemaError("type", path, tp, value)
+        return build_dataclass(tp, value, path, lenient=lenient)
+    if origin in (list, tuple):
+        if lenient and isinstance(value, str):  # "a,b,c" from the command line (eval.shots=1,2,4)
+            value = [_comma_item(v.strip(), args[0] if args else Any) for v in value.split(",") if v.strip()]
+        if not (isinstance(value, list) or (isinstance(value, tuple) and (lenient or origin is tuple))):
+            raise SchemaError("type", path, tp, value)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise SchemaError("length", path, tp, value)
+            return tuple(coerce(v, a, (*path, i), lenient=lenient) for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [coerce(v, item, (*path, i), lenient=lenient) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise SchemaError("type", path, tp, value)
+        if len(args) != 2:
+            return dict(value)
+        return {str(k): coerce(v, args[1], (*path, str(k)), lenient=lenient) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise SchemaError("type", path, tp, value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if lenient and isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise SchemaError("type", path, tp, value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if lenient and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise SchemaError("type", path, tp, value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if lenient and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise SchemaError("type", path, tp, value)
+    return value
+
+
+def build_dataclass(cls: type, data: Mapping, path: tuple = (), *, lenient: bool = False):
+    """Dataclass ``cls`` from the mapping ``data``: every key a field, every value its type,
+    every field without a default present (:class:`SchemaError` otherwise)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("from_file", True)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise SchemaError("unknown", (*path, str(key)), cls, value, key=key, known=tuple(fields))
+        kwargs[key] = coerce(value, hints[key], (*path, key), lenient=lenient)
+    missing = [n for n, f in fields.items()
+               if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise SchemaError("missing", path, cls, data, missing=tuple(missing))
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------
 # dict <-> dataclass
 
 
@@ -278,114 +496,39 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key_error(key: str, cls: type, prefix: str, source: str) -> ConfigError:
-    # nested sections are always parts of a whole Config: suggest across all its sections
-    known = _all_keys(Config) if prefix else _all_keys(cls)
-    # a right name under the wrong section first, then spelling neighbours
-    same_name = [k for k in known if k.rsplit(".", 1)[-1] == key]
-    spelled = difflib.get_close_matches(prefix + key, known, n=3, cutoff=0.6)
-    close = list(dict.fromkeys(same_name + spelled))[:3]
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return ConfigError(f"{source}: unknown config key {prefix + key!r}{hint}")
-
-
-def _scalar(text: str, tp: Any) -> Any:
-    """One item of a comma list typed on the command line: a number where a number is wanted."""
-    if tp in (int, float):
-        try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError:
-            return text
-    return text
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; allow only lossless conversions."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    bad = ConfigError(f"{source}: {key} = {value!r} is not a valid {getattr(tp, '__name__', tp)}")
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key, source)
-            except ConfigError as err:
-                errors.append(err)
-        raise bad
-    if origin is Literal:
-        if value in args:
-            return value
-        raise ConfigError(f"{source}: {key} = {value!r}; expected one of {list(args)}")
+def _config_error(err: SchemaError, cls: type, source: str) -> ConfigError:
+    """A :class:`SchemaError` in the words of config files: ``source: train.steps = 'x' is not a valid int``."""
+    key, value, tp = err.field, err.value, err.expected
+    if err.problem == "unknown":
+        # nested sections are always parts of a whole Config: suggest across all its sections
+        known = _all_keys(Config) if len(err.path) > 1 else _all_keys(cls)
+        name = str(err.key)
+        # a right name under the wrong section first, then spelling neighbours
+        same_name = [k for k in known if k.rsplit(".", 1)[-1] == name]
+        spelled = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        close = list(dict.fromkeys(same_name + spelled))[:3]
+        return ConfigError(f"{source}: unknown config key {key!r}{did_you_mean(close)}")
+    if err.problem == "missing":
+        return ConfigError(f"{source}: {key + ': ' if key else ''}missing required field(s) {list(err.missing)}")
+    if err.problem == "length":
+        return ConfigError(f"{source}: {key} needs {len(typing.get_args(tp))} values, got {value!r}")
+    if typing.get_origin(tp) is Literal:
+        return ConfigError(f"{source}: {key} = {value!r}; expected one of {list(typing.get_args(tp))}")
     if dataclasses.is_dataclass(tp):
-        if isinstance(tp, type) and isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key} must be a mapping of {tp.__name__} fields, got {value!r}")
-        return from_dict(tp, value, source, prefix=key + ".")
-    if origin in (list, tuple):
-        if isinstance(value, str):  # "a,b,c" from the command line (eval.shots=1,2,4)
-            value = [_scalar(v.strip(), args[0] if args else Any) for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{source}: {key} needs {len(args)} values, got {value!r}")
-            return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
-        item = args[0] if args else Any
-        items = [_coerce(v, item, key, source) for v in value]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    return value
+        return ConfigError(f"{source}: {key} must be a mapping of {tp.__name__} fields, got {value!r}")
+    return ConfigError(f"{source}: {key} = {value!r} is not a valid {getattr(tp, '__name__', tp)}")
 
 
 def from_dict(cls: type, data: dict, source: str = "<dict>", prefix: str = ""):
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are errors."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in (data or {}).items():
-        if key not in names:
-            raise _unknown_key_error(key, cls, prefix, source)
-        kwargs[key] = _coerce(value, hints[key], prefix + key, source)
-    return cls(**kwargs)
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are errors.
+
+    ``prefix`` (``"model."``) is where ``data`` sits in a whole config, for the messages.
+    """
+    path = tuple(p for p in prefix.split(".") if p)
+    try:
+        return build_dataclass(cls, data or {}, path, lenient=True)
+    except SchemaError as err:
+        raise _config_error(err, cls, source) from None
 
 
 def merge(base: dict, update: dict) -> dict:

@@ -10,15 +10,14 @@ documents every field; this module parses and validates them.
 Validation is strict on purpose: an unknown key or a wrong type is an error naming the
 manifest file and the field (``odir5k.yaml: sources[0].label.keyword.rules[3].labl:
 unknown field; did you mean 'label'?``) instead of a setting that silently does nothing.
+The type checking is the one configs use (:func:`fundus_lab.config.coerce`, strict mode).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 import fundus_lab
+from fundus_lab.config import NOT_FROM_FILE, SchemaError, build_dataclass, coerce, short_repr
 
 PACKAGE_ROOT = Path(fundus_lab.__file__).resolve().parent
 # the checkout (editable install) or site-packages (plain install): only a fallback for data/synth
@@ -263,7 +263,7 @@ class Manifest:
     # annotation and image paths must resolve (symlinks followed) inside the dataset root;
     # true allows a dataset whose files are symlinked from elsewhere
     allow_outside_root: bool = False
-    path: Optional[Path] = None
+    path: Optional[Path] = field(default=None, metadata=NOT_FROM_FILE)
 
     @property
     def class_names(self) -> list[str]:
@@ -291,130 +291,12 @@ class Manifest:
 
 
 # ---------------------------------------------------------------------------------------
-# dataclass checking
+# dataclass checking: the shared schema coercer of fundus_lab.config, in manifest words
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "a mapping"
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping of {tp.__name__} fields"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _short_repr(value: Any, limit: int = 80) -> str:
-    """repr of ``value`` cut at ``limit`` characters without building the whole repr of a
-    huge nested value (a hostile manifest must not make an error message cost seconds)."""
-    if isinstance(value, (dict, list)):
-        items = list(value.items())[:4] if isinstance(value, dict) else list(value)[:4]
-        inner = ", ".join(
-            (f"{_short_repr(k, 20)}: {_short_repr(v, 20)}" if isinstance(value, dict) else _short_repr(k, 20))
-            for k, v in (items if isinstance(value, dict) else [(x, None) for x in items])
-        )
-        more = ", ..." if len(value) > 4 else ""
-        text = ("{" + inner + more + "}") if isinstance(value, dict) else ("[" + inner + more + "]")
-    else:
-        text = repr(value) if not isinstance(value, str) else repr(value[: limit + 2])
-    return text[:limit]
-
-
-class _LazyBad(ManifestError):
-    """The "expected X, got Y" error, its message built only when it is shown."""
-
-    def __init__(self, where: str, tp: Any, value: Any):
-        super().__init__(where)
-        self.where, self.tp, self.value = where, tp, value
-
-    def __str__(self) -> str:
-        return f"{self.where}: expected {_type_name(self.tp)}, got {_short_repr(self.value)}"
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    bad = _LazyBad(where, tp, value)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad
-        options = [a for a in args if a is not type(None)]
-        # a mapping for a dataclass option: its own error (naming the inner field) is the useful one
-        for arg in options:
-            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
-                return _coerce(value, arg, where)
-        if len(options) == 1:
-            return _coerce(value, options[0], where)
-        for arg in options:
-            try:
-                return _coerce(value, arg, where)
-            except ManifestError:
-                continue
-        raise bad
-    if origin is Literal:
-        if value in args:
-            return value
-        raise bad
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise bad
-        return build(tp, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    return value
-
-
-def build(cls: type, data: dict, where: str, top: bool = False):
-    """Dataclass ``cls`` from ``data``; unknown fields and wrong types name ``where``."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            if isinstance(key, bool):
-                hint = "; YAML reads on/off/yes/no as booleans: quote the key"
-            at = f"{where}: {key}" if top else f"{where}.{key}"
-            raise ManifestError(f"{at}: unknown field{hint} (known: {', '.join(fields)})")
-        kwargs[key] = _coerce(value, hints[key], f"{where}: {key}" if top else f"{where}.{key}")
-    missing = [
-        n for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ManifestError(f"{where}: missing required field(s) {missing}")
-    return cls(**kwargs)
+def _schema_error(err: SchemaError, where: str) -> ManifestError:
+    """``where: sources[0].label.colum: unknown field; did you mean 'column'? (known: ...)``."""
+    return ManifestError(f"{where}: {err}")
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -469,18 +351,24 @@ def parse_manifest(data: Any, path: Union[str, Path] = "<manifest>") -> Manifest
     defaults = {k: data.pop(k) for k in SOURCE_DEFAULTS if k in data}
     # validate the defaults on their own first, so an error names the top-level field
     hints = typing.get_type_hints(SourceSpec)
-    for key, value in defaults.items():
-        _coerce(value, hints[key], f"{where}: {key}")
+    try:
+        for key, value in defaults.items():
+            coerce(value, hints[key], (key,))
+    except SchemaError as err:
+        raise _schema_error(err, where) from None
     sources = data.get("sources")
     if not isinstance(sources, list) or not sources:
         raise ManifestError(f"{where}: sources: expected a non-empty list of annotation sources")
     merged = []
     for i, src in enumerate(sources):
         if not isinstance(src, dict):
-            raise ManifestError(f"{where}: sources[{i}]: expected a mapping, got {_short_repr(src)}")
+            raise ManifestError(f"{where}: sources[{i}]: expected a mapping, got {short_repr(src)}")
         merged.append(_merge(defaults, src))
     data["sources"] = merged
-    manifest = build(Manifest, data, where, top=True)
+    try:
+        manifest = build_dataclass(Manifest, data)
+    except SchemaError as err:
+        raise _schema_error(err, where) from None
     manifest.path = Path(path) if path != "<manifest>" else None
     _check_semantics(manifest, where)
     return manifest

@@ -6,13 +6,14 @@
     fl.eval.linear_probe(model, train_ds, test_ds, val_ds)
     fl.eval.fine_tune(model, train_ds, val_ds, test_ds)
     fl.eval.metrics.quadratic_weighted_kappa(y_true, y_pred)
+    fl.eval.explain.lesion_attention_summary({"ours": model}, ds)   # attention vs lesion masks
     fl.eval.compare(fl.experiment.Run("default", "runs/x"), ["clip", "ours"])   # Table 1
 
 (``fl.eval.compare`` is the function; the module of the same name holds the CLI's
 ``main`` and ``evaluate_main``.)
 """
 
-from fundus_lab.eval import metrics
+from fundus_lab.eval import explain, metrics
 from fundus_lab.eval.config import EvalConfig
 from fundus_lab.eval.features import extract_features
 from fundus_lab.eval.few_shot import few_shot, sample_few_shot
@@ -27,6 +28,6 @@ from fundus_lab.experiment import evaluate_model as evaluate  # noqa: E402
 
 __all__ = [
     "EvalConfig", "LeakageError", "ZeroShotUnavailable", "assert_disjoint", "bootstrap_ci", "class_embeddings",
-    "compare", "compute_metrics", "evaluate", "extract_features", "few_shot", "fine_tune", "linear_probe",
+    "compare", "compute_metrics", "evaluate", "explain", "extract_features", "few_shot", "fine_tune", "linear_probe",
     "metrics", "quadratic_weighted_kappa", "sample_few_shot", "write_split_file", "write_table", "zero_shot",
 ]
