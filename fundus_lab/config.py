@@ -210,6 +210,7 @@ class EvalConfig:
     # bookkeeping
     output_dir: str = "runs/compare/{preset}"  # {preset} filled in: presets never share run folders
     cache_features: bool = True
+    progress: bool = True  # tqdm bars (feature batches, few-shot seeds, fine-tune epochs) on the main process
 
 
 @dataclass

@@ -6,14 +6,18 @@
     run.checkpoint("eva")                 # pretrains the clip teacher first, then eva; cached
     run.evaluate("ours", "few_shot")      # every test column at once; cached by key
     run.table(["clip", "ours"])           # Table 1: methods + reference rows x protocol x column
+    run.add_external("biomedclip", "ckpt/")  # an outside model (fl.load_model reads it) joins the table
 
 Adding a protocol or a reference row touches one place: :data:`PROTOCOLS` or :data:`REFERENCES`.
+An outside model is registered on the run, not in a registry: it is evaluated like a method,
+once (it is not pretrained here), keyed by a hash of its files.
 
 Layout of ``run_dir``::
 
     pretrain/<method>/seed<s>/             pretraining run (config.yaml, split.csv, checkpoint-last/),
                               cache_key.json  hash of its inputs; an unchanged run is not redone
     eval/<method>/seed<s>/<protocol>.json  metrics, test predictions, key, config, split files
+                                           (an outside model: eval/<name>/seed<first seed>/)
     eval/<method>/seed<s>/splits/          the exact samples each evaluation saw
     splits/<dataset>.json                  one split assignment per dataset, shared by every method
     table1.{csv,md,tex}, few_shot.{csv,md,tex}, results.json
@@ -25,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from dataclasses import replace as dataclasses_replace  # noqa: F401  (tests swap a protocol's function)
@@ -98,7 +103,7 @@ def _jsonable(obj):
 def write_json(path: Path, data) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")  # processes of one launch may write the same file
     tmp.write_text(json.dumps(_jsonable(data), indent=1))
     tmp.replace(path)
 
@@ -264,7 +269,8 @@ def _zero_shot(model, sets, cfg, cache_dir) -> Fit:
     fit = Fit()
     for column, test in sets["tests"].items():
         try:
-            r = zero_shot(model, test, batch_size=cfg.eval.batch_size, bootstrap=0, cache_dir=cache_dir)
+            r = zero_shot(model, test, batch_size=cfg.eval.batch_size, bootstrap=0, cache_dir=cache_dir,
+                          progress=cfg.eval.progress)
         except ZeroShotUnavailable as err:
             return Fit(available=False, result={"reason": str(err)})
         fit.predictions[column], fit.labels[column] = [r["probs"]], r["labels"]
@@ -286,8 +292,9 @@ def _few_shot(model, sets, cfg, cache_dir) -> Fit:
     train, val, task = sets["train"], sets["val"], sets["task"]
     curves = few_shot(model, train, sets["tests"]["in_domain"], shots=ecfg.shots, seeds=ecfg.seeds, val_ds=val,
                       features=ecfg.few_shot_features, head_steps=ecfg.few_shot_head_steps,
-                      prompt_head=_has_text(model), batch_size=ecfg.batch_size, cache_dir=cache_dir)
-    kw = dict(kind=ecfg.few_shot_features, batch_size=ecfg.batch_size, cache_dir=cache_dir)
+                      prompt_head=_has_text(model), batch_size=ecfg.batch_size, cache_dir=cache_dir,
+                      progress=ecfg.progress)
+    kw = dict(kind=ecfg.few_shot_features, batch_size=ecfg.batch_size, cache_dir=cache_dir, progress=ecfg.progress)
     tx, ty = extract_features(model, train, **kw)
     vx, vy = extract_features(model, val, **kw)
     tests = {c: extract_features(model, t, **kw) for c, t in sets["tests"].items()}
@@ -307,7 +314,8 @@ def _linear_probe(model, sets, cfg, cache_dir) -> Fit:
     from fundus_lab.eval.features import extract_features
     from fundus_lab.eval.probe import fit_logistic, fit_probe
 
-    kw = dict(kind=cfg.eval.few_shot_features, batch_size=cfg.eval.batch_size, cache_dir=cache_dir)
+    kw = dict(kind=cfg.eval.few_shot_features, batch_size=cfg.eval.batch_size, cache_dir=cache_dir,
+              progress=cfg.eval.progress)
     tx, ty = extract_features(model, sets["train"], **kw)
     vx, vy = extract_features(model, sets["val"], **kw)
     n_classes = len(sets["classes"])
@@ -324,6 +332,9 @@ def _fine_tune(model, sets, cfg, cache_dir) -> Fit:
     from fundus_lab.eval.fine_tune import fine_tune, predict
 
     ecfg = cfg.eval
+    if not hasattr(getattr(model, "image_encoder", None), "blocks"):  # layer-wise lr decay needs the ViT blocks
+        return Fit(available=False, result={"reason": f"{type(model).__name__}: the image tower has no "
+                                                      "transformer blocks to fine-tune with layer-wise lr decay"})
     train_aug = sets["train"].subset(range(len(sets["train"])))
     train_aug.augment = ecfg.fine_tune_augment
     fit, runs = Fit(), []
@@ -332,7 +343,7 @@ def _fine_tune(model, sets, cfg, cache_dir) -> Fit:
                       lr=ecfg.fine_tune_lr, layer_decay=ecfg.fine_tune_layer_decay,
                       weight_decay=ecfg.fine_tune_weight_decay, batch_size=ecfg.fine_tune_batch_size,
                       class_balanced=ecfg.fine_tune_class_balanced, patience=ecfg.fine_tune_patience, seed=seed,
-                      bootstrap=0, return_model=True)
+                      bootstrap=0, return_model=True, progress=ecfg.progress)
         classifier = r.pop("model")
         for column, test in sets["tests"].items():
             probs, labels = (r["probs"], r["labels"]) if column == "in_domain" else \
@@ -474,6 +485,27 @@ REFERENCES: dict[str, Reference] = {r.name: r for r in (
 
 
 # ---------------------------------------------------------------------------------------
+# outside models: rows of the table that this run does not pretrain
+
+EXTERNAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def external_fingerprint(path: str | Path) -> str:
+    """SHA-256 over the files an outside model is read from, by name and content: every file
+    of its folder (hidden ones aside), or a weights file and the JSON configs beside it.
+    A changed file changes the key, so its evaluations are redone."""
+    path = Path(path)
+    root = path if path.is_dir() else path.parent
+    files = ([f for f in sorted(path.rglob("*")) if f.is_file() and not any(
+        part.startswith(".") for part in f.relative_to(root).parts)] if path.is_dir()
+        else [path, *sorted(f for f in root.glob("*.json") if f.is_file())])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(root)}\0{sha256_file(f)}\0".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
 # the experiment
 
 
@@ -503,11 +535,46 @@ class Run:
         apply_runtime(base)  # notebooks' own inference (attention, embeddings) runs under the same settings
         self._models: dict = {}
         self._checkpoints: dict = {}
+        self.externals: dict[str, Path] = {}  # outside models: name -> path (add_external)
+
+    # outside models ----------------------------------------------------------------------
+
+    def add_external(self, name: str, path: str | Path) -> Path:
+        """Register an outside model as the table row ``name``: anything ``fl.load_model``
+        reads (a Hugging Face CLIP folder, an open_clip checkpoint, another run's checkpoint).
+
+        It is evaluated by the same protocols, splits and cache layout as a method, once
+        (``eval/<name>/seed<first pretraining seed>/``): it is not pretrained here. The name
+        must not be a method's or a reference row's; the path must exist. Returns the path.
+        """
+        name = str(name)
+        if not EXTERNAL_NAME.fullmatch(name):
+            raise C.ConfigError(f"external model name {name!r}: use letters, digits, '.', '_' and '-' "
+                                "(it names the folder eval/<name>/)")
+        taken = "method" if name in C.available_methods() else "reference row" if name in REFERENCES else None
+        if taken:
+            raise C.ConfigError(f"external model name {name!r} is the name of a {taken}; give the outside model "
+                                "another name")
+        path = Path(path).expanduser().absolute()
+        if not path.exists():
+            raise C.ConfigError(f"external model {name!r}: {path} does not exist")
+        if self.externals.get(name, path) != path:
+            raise C.ConfigError(f"external model {name!r} is already {self.externals[name]}; not also {path}")
+        self.externals[name] = path
+        return path
+
+    def seeds_of(self, method: str) -> list[int]:
+        """The pretraining seeds ``method`` is evaluated for: all of them, or the first for an
+        outside model (one set of weights, not pretrained here)."""
+        seeds = self.seeds()
+        return seeds[:1] if method in self.externals else seeds
 
     # configs -----------------------------------------------------------------------------
 
     def config(self, method: str | None = None, seed: int | None = None) -> "C.Config":
         """The run's config (for ``method`` and pretraining ``seed``): :func:`fundus_lab.config.resolve_config`."""
+        if method in self.externals:  # evaluated under the run's settings; no pretraining config
+            return self.config(None, seed)
         ref = REFERENCES.get(method) if method else None
         arch = ref.architecture if ref else method
         cfg = C.resolve_config(self.preset, arch, self.overrides, path=self.path, seed=seed,
@@ -533,7 +600,9 @@ class Run:
         seed = self.seeds()[0] if seed is None else int(seed)
         if (method, seed) in self._checkpoints and not callbacks:  # already made (or checked) in this Run
             return self._checkpoints[(method, seed)]
-        if method in REFERENCES:
+        if method in self.externals:
+            path = self.externals[method]
+        elif method in REFERENCES:
             path = self._reference_checkpoint(method, seed)
         else:
             path = self._pretrained_checkpoint(method, seed, callbacks)
@@ -588,6 +657,10 @@ class Run:
         self._checkpoints = {k: v for k, v in self._checkpoints.items() if method is not None and k[0] != method}
 
     def provenance(self, method: str, seed: int) -> dict:
+        if method in self.externals:
+            path = str(self.externals[method])
+            return {"method": method, "pretrain_seed": None, "external": path, "run_dir": path, "config": None,
+                    "checkpoint": path, "pretrain_split": None}
         run = self.run_dir / "pretrain" / method / f"seed{seed}"
         return {"method": method, "pretrain_seed": seed, "run_dir": str(run), "config": str(run / "config.yaml"),
                 "checkpoint": str(run / "checkpoint-last"), "pretrain_split": str(run / "split.csv")}
@@ -637,21 +710,32 @@ class Run:
                    "columns": {c: None for c, _, _ in COLUMNS}, **provenance}
             write_json(path, out)
             return read_json(path)
-        pretrain_ds = None
-        if method not in REFERENCES or REFERENCES[method].build is not None:
+        pretrain_ds, weights = None, None
+        if method in self.externals:  # its pretraining data is unknown here: no overlap check
+            weights = external_fingerprint(self.externals[method])
+        elif method not in REFERENCES or REFERENCES[method].build is not None:
             self.checkpoint(method, seed)
             pretrain_ds = open_split(cfg, cfg.data.dataset, "train", cfg.model.img_size,
                                      cfg.data.root or self.data_root)
         return evaluate_model(lambda: self.model(method, seed), protocol, cfg, out_dir, self.data_root,
-                              self.run_dir / "splits", pretrain_ds, provenance, self.force, json_name=name)
+                              self.run_dir / "splits", pretrain_ds, provenance, self.force, weights=weights,
+                              json_name=name)
 
     # Table 1 -----------------------------------------------------------------------------
 
     def table(self, methods: Sequence[str], protocols: Sequence[str] = DEFAULT_PROTOCOLS,
-              references: Sequence[str] = tuple(REFERENCES)) -> dict[str, Path]:
-        """Evaluate ``methods`` and ``references`` over every pretraining seed; write Table 1."""
-        if not methods:
-            raise ValueError("compare: no methods given")
+              references: Sequence[str] = tuple(REFERENCES),
+              external: Mapping[str, str | Path] | None = None) -> dict[str, Path]:
+        """Evaluate ``methods`` and ``references`` over every pretraining seed, and every outside
+        model (those of ``external`` = {name: path} are registered first, see
+        :meth:`add_external`) once; write Table 1 (rows: methods, outside models, references).
+
+        Outside models are evaluated first, so a checkpoint that does not load fails before
+        any pretraining."""
+        for name, path in (external or {}).items():
+            self.add_external(name, path)
+        if not methods and not self.externals:
+            raise ValueError("compare: no methods given (nor outside models)")
         known = C.available_methods()
         unknown = [m for m in methods if m not in known]
         if unknown:  # before anything trains: a typo must not cost the methods listed before it
@@ -666,10 +750,11 @@ class Run:
         unknown = [r for r in references if r not in REFERENCES]
         if unknown:
             raise C.ConfigError(f"references: unknown {unknown}; expected some of {list(REFERENCES)}")
+        rows = list(dict.fromkeys([*methods, *self.externals, *references]))
         results: dict[str, dict[str, list]] = {}
-        for method in list(dict.fromkeys([*methods, *references])):
+        for method in sorted(rows, key=lambda m: m not in self.externals):  # stable: outside models first
             results[method] = {p: [] for p in protocols}
-            for seed in self.seeds():
+            for seed in self.seeds_of(method):
                 for protocol in protocols:
                     res = self.evaluate(method, protocol, seed=seed)
                     res["json"] = str(self.run_dir / "eval" / method / f"seed{seed}" / f"{protocol}.json")
@@ -677,18 +762,20 @@ class Run:
                 self.forget(method)
         from fundus_lab.eval.compare import write_results
 
-        return write_results(results, self.config(), self.run_dir, protocols)
+        return write_results({m: results[m] for m in rows}, self.config(), self.run_dir, protocols)
 
 
 def evaluate_model(model, protocol: "Protocol | str", cfg: "C.Config", out_dir: str | Path,
                    data_root: str | None = None, split_dir: str | Path | None = None, pretrain_ds=None,
                    provenance: Mapping | None = None, force: bool = False, image_size: int | None = None,
-                   json_name: str | None = None) -> dict:
+                   weights: str | None = None, json_name: str | None = None) -> dict:
     """Run ``protocol`` on the dataset the config names for it, score every test column,
     write ``out_dir/<json_name or protocol>.json`` (cached by key) and return it.
 
     ``model`` may be a callable that returns the model (loaded only when needed);
-    ``pretrain_ds`` (the data the model was pretrained on) must share no patient with a test split.
+    ``pretrain_ds`` (the data the model was pretrained on) must share no patient with a test split;
+    ``weights``: the caller's fingerprint of the weights (an outside model's files), in the key
+    instead of a hash of the loaded parameters, so a cached result needs no loading.
     """
     from fundus_lab.eval.features import model_fingerprint
     from fundus_lab.eval.honesty import assert_disjoint
@@ -723,8 +810,10 @@ def evaluate_model(model, protocol: "Protocol | str", cfg: "C.Config", out_dir: 
     test0 = sets["tests"]["in_domain"]
     sets["task"], sets["classes"] = test0.task, list(test0.classes)
     split_info = record_splits(named, out_dir / "splits", Path(dataset).stem)
-    model = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
-    weights = model_fingerprint(model)
+    load = callable(model) and not isinstance(model, torch.nn.Module)
+    if weights is None:
+        model = model() if load else model
+        weights, load = model_fingerprint(model), False
     settings = {k: C.to_dict(getattr(ecfg, k)) for k in protocol.settings}
     key = sha256_json({"protocol": protocol.name, "weights": weights, "settings": settings,
                        "manifest": manifest_hash(test0), "image_size": image_size,
@@ -733,6 +822,7 @@ def evaluate_model(model, protocol: "Protocol | str", cfg: "C.Config", out_dir: 
     saved = read_json(path)
     if not force and saved and saved.get("key") == key:
         return saved
+    model = model() if load else model
 
     start = time.time()
     task, metric = sets["task"], table_metric(sets["task"], protocol.name)
@@ -842,7 +932,7 @@ def _pretrain_inputs(mcfg: "C.Config") -> dict:
     d = C.to_dict(mcfg)
     d.pop("eval", None)  # evaluation settings do not change what pretraining learns
     d["data"].pop("synth_root", None)  # where the data lives is not what it is (manifest hash below)
-    for k in ("output_dir", "progress", "tensorboard", "log_every", "save_every", "keep_checkpoints"):
+    for k in ("output_dir", "progress", "tensorboard", "log_with", "log_every", "save_every", "keep_checkpoints"):
         d["train"].pop(k, None)
     return d
 
@@ -883,4 +973,4 @@ def pretrain_cached(mcfg: "C.Config", force: bool = False, callbacks=()) -> Path
 
 
 __all__ = ["COLUMNS", "PROTOCOLS", "REFERENCES", "PixelFeatures", "Protocol", "Reference", "Run", "apply_runtime",
-           "bootstrap_cell", "chance_level", "evaluate_model", "write_explanation_scores", "metric_fn", "normalise_overrides", "pretrain_cached", "table_metric"]
+           "bootstrap_cell", "chance_level", "evaluate_model", "external_fingerprint", "write_explanation_scores", "metric_fn", "normalise_overrides", "pretrain_cached", "table_metric"]

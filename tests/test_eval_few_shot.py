@@ -118,3 +118,14 @@ def test_shared_patient_is_refused(tmp_path):
     lines = (tmp_path / "train.csv").read_text().splitlines()
     assert lines[0] == "index,image,patient_id,eye,split,label" and len(lines) == 5
     assert digest == write_split_file(train, tmp_path / "again.csv")
+
+
+def test_few_shot_progress_bar_counts_seed_runs_and_can_be_switched_off(capsys):
+    train, val, test = _splits()
+    few_shot(PlantedModel(E, VECTORS), train, test, shots=(1, 2), seeds=2, val_ds=val, head_steps=2, progress=False)
+    assert "few-shot seeds" not in capsys.readouterr().err
+    features.clear_cache()
+    few_shot(PlantedModel(E, VECTORS), train, test, shots=(1, 2), seeds=2, val_ds=val, head_steps=2)
+    err = capsys.readouterr().err
+    assert "few-shot seeds" in err and "0/4 [" in err  # 2 shot counts x 2 seeds
+    assert "features train" in err  # the extraction bars, passed on

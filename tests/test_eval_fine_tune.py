@@ -74,3 +74,12 @@ def test_class_balanced_weights_by_hand():
     assert w[2] == 0
     ml = class_balanced_weights(np.array([[1, 0], [1, 1], [0, 0], [1, 0]]), 2).numpy()
     np.testing.assert_allclose(ml, [1 / 3, 3.0])
+
+
+def test_fine_tune_progress_bar_over_epochs_and_can_be_switched_off(capsys):
+    train, val, test = _splits(n=(12, 6, 6))
+    fine_tune(ToyViT(), train, val, test, epochs=2, batch_size=6, patience=2, progress=False)
+    assert "fine-tune epochs" not in capsys.readouterr().err
+    fine_tune(ToyViT(), train, val, test, epochs=2, batch_size=6, patience=2)
+    err = capsys.readouterr().err
+    assert "fine-tune epochs" in err and "0/2 [" in err

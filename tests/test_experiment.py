@@ -77,3 +77,15 @@ def test_table_cells_show_ci_and_seed_spread(tmp_path):
     long = long_format(paths["csv"], {"p_in": "P, in-domain"})
     assert list(long["column"][:2]) == ["P, in-domain", "p_out"]
     assert long["ci_low"][0] == pytest.approx(0.42) and math.isnan(long["mean"][1])
+
+
+def test_fine_tune_is_na_for_an_image_tower_without_blocks():
+    """An outside model whose tower has no transformer blocks (a ResNet open_clip) gets n/a,
+    not a crash in the layer-wise lr decay."""
+    from fundus_lab import config as C
+    from test_eval_doubles import PlantedModel, ToyDataset
+
+    ds = ToyDataset(np.array([0, 1, 2]), ["r", "g", "b"])
+    fit = ex._fine_tune(PlantedModel(np.eye(3), {}), {"train": ds, "val": ds, "tests": {"in_domain": ds}},
+                        C.load_config(), None)
+    assert not fit.available and "no transformer blocks" in fit.result["reason"]

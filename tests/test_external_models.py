@@ -27,19 +27,25 @@ def _normalise(x, mean=MEAN, std=STD):
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-@pytest.fixture(scope="module")
-def open_clip_file(tmp_path_factory):
-    """A random open_clip CLIP saved as safetensors with its hub-style config beside it."""
+def save_tiny_open_clip(folder, seed: int = 0):
+    """A random open_clip CLIP saved in ``folder`` as safetensors with its hub-style config
+    beside it (other test modules build their outside models with it). Returns the model."""
     from open_clip.model import CLIP
     from safetensors.torch import save_file
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     src = CLIP(**OPEN_CLIP_CFG).eval()
-    folder = tmp_path_factory.mktemp("open_clip")
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
     (folder / "open_clip_config.json").write_text(json.dumps(
         {"model_cfg": OPEN_CLIP_CFG, "preprocess_cfg": {"mean": list(MEAN), "std": list(STD)}}))
-    return src, folder
+    return src
+
+
+@pytest.fixture(scope="module")
+def open_clip_file(tmp_path_factory):
+    """A random open_clip CLIP saved as safetensors with its hub-style config beside it."""
+    folder = tmp_path_factory.mktemp("open_clip")
+    return save_tiny_open_clip(folder), folder
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import argparse
 import copy
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -33,10 +33,12 @@ def compare(
     methods: Sequence[str],
     protocols: Sequence[str] = DEFAULT_PROTOCOLS,
     references: Sequence[str] = tuple(REFERENCES),
+    external: Mapping[str, str | Path] | None = None,
     **run_kwargs,
 ) -> dict[str, Path]:
     """Table 1 of ``run`` (a :class:`Run`, or a preset name with ``Run``'s keyword arguments:
-    ``run_dir``, ``data_root``, ``overrides``, ``force``) for ``methods`` + ``references``.
+    ``run_dir``, ``data_root``, ``overrides``, ``force``) for ``methods`` + ``references``,
+    and the outside models ``external`` = {name: path} (:meth:`Run.add_external`).
 
     Returns {"csv", "md", "tex", "json", "few_shot_*"} paths.
     """
@@ -44,7 +46,7 @@ def compare(
         run = Run(run, **run_kwargs)
     elif run_kwargs:
         raise TypeError(f"compare: {sorted(run_kwargs)} are Run arguments; pass them to Run, not with a Run")
-    return run.table(methods, protocols, references)
+    return run.table(methods, protocols, references, external=external)
 
 
 def _cell(runs: list[dict], column: str, bootstrap: int) -> dict | None:
@@ -113,6 +115,12 @@ def write_results(results: dict, cfg: "C.Config", out_dir: Path, protocols: Sequ
                + ("" if held else "; held-out camera n/a: the datasets have no test_camera split") + ".")
     notes = ["Chance level per protocol (both columns): " + "; ".join(chance) + ".",
              "Reference rows: " + "; ".join(f"{n}: {r.note}" for n, r in REFERENCES.items() if n in results) + "."]
+    outside = {m: r["external"] for m, per_protocol in results.items() for p in protocols for r in per_protocol[p]
+               if r.get("external")}
+    if outside:
+        notes.append("Outside models (not pretrained here: one evaluation each, no spread over pretraining seeds; "
+                     "zero-shot only with a text tower): " + "; ".join(f"{m}: {path}" for m, path in outside.items())
+                     + ".")
     paths = write_table(rows, out_dir, columns, name="table1", caption=caption, notes=notes,
                         extra=[f"{p}_json" for p in protocols] + ["run_dirs"])
     write_json(out_dir / "results.json", {"preset": cfg.preset, "rows": rows, "headers": dict(columns),
@@ -152,7 +160,8 @@ def write_few_shot_curves(results: dict, cfg: "C.Config", out_dir: Path) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``fundus-lab compare --preset P --methods clip,coca,eva,ours [--data-root DIR] [key=value ...]``"""
+    """``fundus-lab compare --preset P --methods clip,coca,eva,ours [--external NAME=PATH ...]
+    [--data-root DIR] [key=value ...]``"""
     parser = argparse.ArgumentParser(prog="fundus-lab compare",
                                      description="Pretrain methods under one budget and write Table 1.")
     parser.add_argument("--preset", default=None, help="smoke | default | paper")
@@ -165,13 +174,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="run folder (default eval.output_dir)")
     parser.add_argument("--protocols", nargs="+", default=[",".join(DEFAULT_PROTOCOLS)], help="like --methods")
     parser.add_argument("--force", action="store_true", help="redo cached pretraining and evaluations")
+    parser.add_argument("--external", action="append", default=[], metavar="NAME=PATH",
+                        help="an outside model as a row (Hugging Face CLIP folder, open_clip checkpoint, or "
+                             "any checkpoint fl.load_model reads); repeat for several")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=50 eval.seeds=2")
     args = parser.parse_args(argv)
     split = C.split_names
+    external = {}
+    for item in args.external:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"--external {item!r}: expected NAME=PATH")
+        if name in external:
+            parser.error(f"--external {name!r} is given twice")
+        external[name] = path
+    from fundus_lab.models import CheckpointError
+    from fundus_lab.models.external import ExternalModelError
+
     try:
         run = Run(args.preset, args.out, args.data_root, args.overrides, args.force, path=args.config)
-        paths = run.table(split(args.methods), split(args.protocols), split(args.references))
-    except C.ConfigError as err:
+        paths = run.table(split(args.methods), split(args.protocols), split(args.references), external=external)
+    except (C.ConfigError, CheckpointError, ExternalModelError) as err:
         print(f"fundus-lab compare: {err}", file=sys.stderr)
         return 2
     print(Path(paths["md"]).read_text())

@@ -5,17 +5,23 @@ counts, linear probe) reads the same features; extracting them is the expensive 
 they are cached: in memory by a fingerprint of the weights and the dataset, and on disk
 under ``cache_dir`` when one is given (keyed by the same fingerprints, so a changed
 checkpoint or split never reuses stale features).
+
+Launched with several processes (``accelerate launch`` / ``torchrun``), extraction is
+sharded: each rank encodes one contiguous block of the dataset and the blocks are gathered
+(padded to one length, then trimmed) so every rank holds all features in dataset order,
+the same array one process computes. One process never touches torch.distributed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 FEATURE_KINDS = ("embed", "cls")
 _MEMORY: "OrderedDict[str, tuple[np.ndarray, np.ndarray]]" = OrderedDict()
@@ -97,6 +103,67 @@ def encode_images(model, images: torch.Tensor, kind: str = "embed") -> torch.Ten
     raise ValueError(f"feature kind {kind!r}; expected one of {FEATURE_KINDS}")
 
 
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of this evaluation: an initialised process group (the trainer's
+    Accelerator), else accelerate's state when a launcher started several processes
+    (``WORLD_SIZE`` > 1), else (0, 1) without importing torch.distributed's machinery."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
+
+        # initialises the process group the launcher describes (gloo on CPUs, as AcceleratorState does)
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+        return state.process_index, state.num_processes
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a single process): where progress bars and prints belong."""
+    return process_group()[0] == 0
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of ``rank``'s contiguous block of ``n`` samples: blocks of ceil(n / world),
+    the last ones shorter (or empty) so that the blocks in rank order are the dataset in order."""
+    per = -(-n // world)
+    return min(n, rank * per), min(n, (rank + 1) * per)
+
+
+def _gather_rows(local: np.ndarray, n_total: int, world: int, device: torch.device) -> np.ndarray:
+    """Every rank's ``local`` rows (contiguous blocks, in rank order) on every rank: padded to
+    the longest block for ``all_gather``, then trimmed back to ``n_total`` rows."""
+    import torch.distributed as dist
+
+    per = -(-n_total // world)
+    t = torch.as_tensor(local).to(device)
+    padded = torch.zeros((per, *t.shape[1:]), dtype=t.dtype, device=device)
+    padded[: len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    rows = [p[: max(0, min(per, n_total - r * per))] for r, p in enumerate(parts)]
+    return torch.cat(rows).cpu().numpy()
+
+
+@torch.no_grad()
+def _encode_all(model, ds, kind: str, batch_size: int, num_workers: int, progress: bool,
+                desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of ``ds`` in order, one batch at a time (rank-local)."""
+    from tqdm.auto import tqdm
+
+    device = model_device(model)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_image_label_collate)
+    feats, labels = [], []
+    for images, y in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+        feats.append(encode_images(model, images.to(device), kind).float().cpu().numpy())
+        labels.append(y.numpy())
+    return np.concatenate(feats).astype(np.float32), np.concatenate(labels)
+
+
 @torch.no_grad()
 def extract_features(
     model,
@@ -106,12 +173,15 @@ def extract_features(
     num_workers: int = 0,
     cache: bool = True,
     cache_dir: str | Path | None = None,
+    progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image features and labels of every sample of ``ds``, in dataset order.
 
     Returns:
         features: float32 [N, D]; labels: int64 [N] (or float32 [N, C] multi-hot).
     The model runs in eval mode without gradients and is put back in its previous mode.
+    Under several processes each rank encodes its shard and every rank gets the whole
+    array (see the module docstring). ``progress``: a per-batch bar on the main process.
     """
     if kind not in FEATURE_KINDS:
         raise ValueError(f"feature kind {kind!r}; expected one of {FEATURE_KINDS}")
@@ -132,30 +202,55 @@ def extract_features(
                 _remember(key, feats, labels)
                 return feats.copy(), labels.copy()
 
-    device = model_device(model)
+    rank, world = process_group()
+    desc = f"features {getattr(ds, 'split', None) or type(ds).__name__}"
     was_training = model.training
     model.eval()
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_image_label_collate)
-    feats, labels = [], []
     try:
-        for images, y in loader:
-            feats.append(encode_images(model, images.to(device), kind).float().cpu().numpy())
-            labels.append(y.numpy())
+        if world == 1:
+            feats, labels = _encode_all(model, ds, kind, batch_size, num_workers, progress, desc)
+        else:
+            feats, labels = _extract_sharded(model, ds, kind, batch_size, num_workers, progress and rank == 0,
+                                             desc, rank, world)
     finally:
         model.train(was_training)
-    feats = np.concatenate(feats).astype(np.float32)
-    labels = np.concatenate(labels)
     labels = labels.astype(np.float32) if labels.ndim == 2 else labels.astype(np.int64)
 
     if key is not None:
         _remember(key, feats, labels)
-        if cache_dir is not None:
+        if cache_dir is not None and rank == 0:  # every rank holds the same array; one writes it
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             tmp = Path(cache_dir) / f"features-{key[:20]}.tmp.npz"
             np.savez(tmp, features=feats, labels=labels)
             tmp.replace(Path(cache_dir) / f"features-{key[:20]}.npz")
     return feats.copy(), labels.copy()
+
+
+def _extract_sharded(model, ds, kind, batch_size, num_workers, progress, desc, rank, world):
+    """This rank's contiguous block encoded, then all blocks gathered in rank (= dataset) order.
+
+    A rank whose block is empty (fewer samples than ranks) encodes nothing but still joins
+    the gathers; the feature width and label shape come from the ranks that encoded."""
+    import torch.distributed as dist
+
+    n = len(ds)
+    start, stop = shard_bounds(n, rank, world)
+    device = model_device(model) if dist.get_backend() == "nccl" else torch.device("cpu")
+    feats = labels = None
+    if stop > start:
+        feats, labels = _encode_all(model, Subset(ds, range(start, stop)), kind, batch_size, num_workers,
+                                    progress, f"{desc} [rank {rank}: {start}-{stop}]")
+    # shapes of the first non-empty block: width, label columns (0 = class indices)
+    shape = torch.tensor([feats.shape[1], labels.shape[1] if labels.ndim == 2 else 0] if feats is not None
+                         else [-1, -1], device=device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    width, label_cols = next(s.tolist() for s in shapes if s[0] >= 0)
+    if feats is None:
+        feats = np.zeros((0, width), np.float32)
+        labels = np.zeros((0, label_cols), np.float32) if label_cols else np.zeros(0, np.int64)
+    labels = labels.astype(np.float32) if labels.ndim == 2 else labels.astype(np.int64)
+    return _gather_rows(feats, n, world, device), _gather_rows(labels, n, world, device)
 
 
 def _remember(key: str, feats: np.ndarray, labels: np.ndarray) -> None:

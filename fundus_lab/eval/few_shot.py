@@ -149,6 +149,7 @@ def few_shot(
     head_steps: int = 100,
     batch_size: int = 64,
     cache_dir=None,
+    progress: bool = True,
 ) -> dict:
     """k-shot probes (and prompt-initialised heads) for each k in ``shots`` over seeds.
 
@@ -157,11 +158,15 @@ def few_shot(
         val_ds: where the validation subset comes from (default: ``train_ds`` minus shots).
         features: ``cls`` (ViT class token, every method has one) or ``embed`` for the probe;
             the prompt head always uses ``embed`` (the space the prompts live in).
+        progress: bars for feature extraction and one over the (k, seed) runs, on the main process.
     Returns:
         {"shots": {k: {"probe": {"mean", "std", "n_seeds", "runs"}, "prompt_head": same | None}},
          "task", "classes", "features"}; each run records its seed, shot and validation
         indices into the training/validation set, and the chosen C or lambda.
     """
+    from tqdm.auto import tqdm
+
+    from fundus_lab.eval.features import is_main_process
     from fundus_lab.eval.honesty import assert_disjoint
 
     assert_disjoint(train_ds, test_ds, "few-shot train", "test")
@@ -169,11 +174,12 @@ def few_shot(
         assert_disjoint(val_ds, test_ds, "few-shot validation", "test")
     task, n_classes = test_ds.task, len(test_ds.classes)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    tx, ty = extract_features(model, train_ds, kind=features, batch_size=batch_size, cache_dir=cache_dir)
-    sx, sy = extract_features(model, test_ds, kind=features, batch_size=batch_size, cache_dir=cache_dir)
+    kw = dict(batch_size=batch_size, cache_dir=cache_dir, progress=progress)
+    tx, ty = extract_features(model, train_ds, kind=features, **kw)
+    sx, sy = extract_features(model, test_ds, kind=features, **kw)
     vx, vy = (None, None)
     if val_ds is not None:
-        vx, vy = extract_features(model, val_ds, kind=features, batch_size=batch_size, cache_dir=cache_dir)
+        vx, vy = extract_features(model, val_ds, kind=features, **kw)
 
     use_head = prompt_head and has_text_encoder(model)
     if use_head:
@@ -181,14 +187,17 @@ def few_shot(
         text = class_embeddings(model, class_prompts).cpu()
         negative = class_embeddings(model, negative_prompts(test_ds, class_prompts)).cpu() if task == "multilabel" else None
         scale = logit_scale(model)
-        tz, _ = extract_features(model, train_ds, kind="embed", batch_size=batch_size, cache_dir=cache_dir)
-        sz, _ = extract_features(model, test_ds, kind="embed", batch_size=batch_size, cache_dir=cache_dir)
-        vz = extract_features(model, val_ds, kind="embed", batch_size=batch_size, cache_dir=cache_dir)[0] if val_ds is not None else None
+        tz, _ = extract_features(model, train_ds, kind="embed", **kw)
+        sz, _ = extract_features(model, test_ds, kind="embed", **kw)
+        vz = extract_features(model, val_ds, kind="embed", **kw)[0] if val_ds is not None else None
 
     results = {}
+    bar = tqdm(total=len(shots) * len(seed_list), desc="few-shot seeds", unit="seed",
+               disable=not (progress and is_main_process()), leave=False)
     for k in shots:
         probe_runs, head_runs = [], []
         for seed in seed_list:
+            bar.set_postfix(k=k, seed=seed)
             idx = sample_few_shot(ty, k, seed)
             k_val = max(k, 4)
             if val_ds is None:
@@ -215,7 +224,9 @@ def few_shot(
                     "seed": seed, "shots": idx.tolist(), "val": val_idx.tolist(), "lambda": best_lam,
                     "metrics": compute_metrics(task, sy, _head_probs(best, sz)),
                 })
+            bar.update()
         results[int(k)] = {"probe": _aggregate(probe_runs), "prompt_head": _aggregate(head_runs) if use_head else None}
+    bar.close()
     return {"shots": results, "task": task, "classes": list(test_ds.classes), "features": features}
 
 

@@ -147,14 +147,20 @@ def fine_tune(
     bootstrap: int = 0,
     num_workers: int = 0,
     return_model: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Fine-tune a copy of ``model``'s image encoder + a linear head on ``train_ds``.
+
+    ``progress``: a bar over epochs (train loss, validation metric) on the main process.
 
     Returns:
         {"metrics": test metrics of the best-on-validation state, "probs", "labels",
          "best_epoch", "best_val": the selection metric there, "selection_metric",
          "history": [{"epoch", "train_loss", "val": {...}}], "model" if return_model}
     """
+    from tqdm.auto import tqdm
+
+    from fundus_lab.eval.features import is_main_process
     from fundus_lab.eval.honesty import assert_disjoint
 
     assert_disjoint(train_ds, test_ds, "fine-tune train", "test")
@@ -190,6 +196,8 @@ def fine_tune(
 
     selection = primary_metric(task)
     best_val, best_state, best_epoch, history, stale = -math.inf, None, -1, [], 0
+    bar = tqdm(total=epochs, desc="fine-tune epochs", unit="epoch", disable=not (progress and is_main_process()),
+               leave=False)
     for epoch in range(epochs):
         classifier.train()
         losses = []
@@ -208,6 +216,8 @@ def fine_tune(
         val = compute_metrics(task, labels, probs)
         score = val[selection] if np.isfinite(val[selection]) else -math.inf
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val": val})
+        bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", **{selection: f"{val[selection]:.3f}"})
+        bar.update()
         if score > best_val or best_state is None:
             best_val, best_epoch, stale = score, epoch, 0
             best_state = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
@@ -215,6 +225,7 @@ def fine_tune(
             stale += 1
             if stale >= patience:
                 break
+    bar.close()
     classifier.load_state_dict(best_state)
     probs, labels = predict(classifier, test_ds, task, batch_size, num_workers)
     out = {

@@ -132,8 +132,10 @@ def linear_probe(
     bootstrap: int = 0,
     seed: int = 0,
     cache_dir=None,
+    progress: bool = True,
 ) -> dict:
-    """Logistic regression on frozen features of the whole training split.
+    """Logistic regression on frozen features of the whole training split
+    (``progress``: the feature-extraction bars).
 
     C is chosen on ``val_ds`` if given, else on a patient-grouped 20 % holdout of
     ``train_ds``; the final probe is refitted on all of ``train_ds``. ``test_ds`` is only
@@ -145,16 +147,17 @@ def linear_probe(
 
     assert_disjoint(train_ds, test_ds, "linear probe train", "test")
     task, n_classes = test_ds.task, len(test_ds.classes)
-    tx, ty = extract_features(model, train_ds, kind=features, batch_size=batch_size, cache_dir=cache_dir)
+    kw = dict(kind=features, batch_size=batch_size, cache_dir=cache_dir, progress=progress)
+    tx, ty = extract_features(model, train_ds, **kw)
     if val_ds is not None:
         assert_disjoint(val_ds, test_ds, "linear probe validation", "test")
-        vx, vy = extract_features(model, val_ds, kind=features, batch_size=batch_size, cache_dir=cache_dir)
+        vx, vy = extract_features(model, val_ds, **kw)
         _, info = fit_probe(tx, ty, vx, vy, task, n_classes, C_grid)
     else:
         fit, val = holdout_indices(train_ds, seed=seed)
         _, info = fit_probe(tx[fit], ty[fit], tx[val], ty[val], task, n_classes, C_grid)
     probe = fit_logistic(tx, ty, task, n_classes, info["C"])
-    x, y = extract_features(model, test_ds, kind=features, batch_size=batch_size, cache_dir=cache_dir)
+    x, y = extract_features(model, test_ds, **kw)
     probs = probe.predict_proba(x)
     return {
         "metrics": compute_metrics(task, y, probs, bootstrap=bootstrap, seed=seed),

@@ -158,8 +158,9 @@ def zero_shot(
     seed: int = 0,
     cache_dir=None,
     multilabel_scoring: str = "softmax",
+    progress: bool = True,
 ) -> dict:
-    """Classify ``ds`` from class prompts alone.
+    """Classify ``ds`` from class prompts alone (``progress``: the feature-extraction bar).
 
     Multi-label sets are scored per class by the softmax over the class prompts
     (``multilabel_scoring="softmax"``, as CLIP and FLAIR score categories). The
@@ -179,7 +180,8 @@ def zero_shot(
         raise ZeroShotUnavailable(f"{type(model).__name__} has no text encoder; zero-shot needs one")
     class_prompts = resolve_prompts(ds, prompts)
     text = class_embeddings(model, class_prompts, batch_size)
-    image, labels = extract_features(model, ds, kind="embed", batch_size=batch_size, cache_dir=cache_dir)
+    image, labels = extract_features(model, ds, kind="embed", batch_size=batch_size, cache_dir=cache_dir,
+                                     progress=progress)
     scale = logit_scale(model)
     logits = zero_shot_logits(image, text.cpu(), scale)
     softmax = torch.softmax(torch.as_tensor(logits), dim=-1).numpy()

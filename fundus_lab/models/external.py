@@ -66,7 +66,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as err:  # truncated or not safetensors at all
+            raise ExternalModelError(f"{path}: not a readable safetensors file ({err})") from None
     elif path.suffix in WEIGHT_SUFFIXES:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
