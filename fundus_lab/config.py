@@ -213,6 +213,29 @@ class EvalConfig:
     progress: bool = True  # tqdm bars (feature batches, few-shot seeds, fine-tune epochs) on the main process
 
 
+def log_with_from_alias(tensorboard: Optional[bool], log_with: Optional[str]) -> str:
+    """``train.log_with`` given the deprecated ``train.tensorboard`` beside it: false always
+    means no tracker, true keeps ``log_with`` (tensorboard unless set); ``None`` (``log_with=none``
+    typed on the command line parses as null) is ``"none"``."""
+    if tensorboard is False or log_with is None:
+        return "none"
+    return log_with
+
+
+def _fold_deprecated(layer: dict) -> dict:
+    """One config layer with ``train.tensorboard`` rewritten as ``train.log_with``, so a later
+    layer's alias overrides an earlier layer's ``log_with`` (``train.tensorboard=true`` on the
+    smoke preset turns TensorBoard back on)."""
+    train = layer.get("train")
+    if not isinstance(train, dict) or "tensorboard" not in train:
+        return layer
+    train = dict(train)
+    alias = train.pop("tensorboard")
+    if alias is not None:
+        train["log_with"] = log_with_from_alias(alias, train.get("log_with", "tensorboard"))
+    return {**layer, "train": train}
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and bookkeeping for ``fundus_lab.train.pretrain``."""
@@ -232,12 +255,22 @@ class TrainConfig:
     save_every: int = 200
     keep_checkpoints: int = 2
     output_dir: str = "runs/pretrain"
-    tensorboard: bool = True
+    # experiment tracker, through accelerate: tensorboard writes <run>/tensorboard/; wandb and
+    # mlflow need their own package installed (pip install wandb / pip install mlflow); null = none
+    log_with: Optional[Literal["tensorboard", "wandb", "mlflow", "none"]] = "tensorboard"
+    # deprecated alias of log_with, kept so old configs and the configs saved in old checkpoints
+    # load: true -> log_with tensorboard (unless log_with is set), false -> log_with none
+    tensorboard: Optional[bool] = None
     progress: bool = True
     # run-to-run repeatability: float sums depend on how work is split over threads, so the
     # thread count is part of the config (not the machine's default); 0 = leave torch's choice
     num_threads: int = 2
     deterministic: bool = True  # torch.use_deterministic_algorithms (warn-only where none exists)
+
+    def __post_init__(self):
+        # the alias is folded into log_with at once, so nothing downstream reads two keys
+        self.log_with = log_with_from_alias(self.tensorboard, self.log_with)
+        self.tensorboard = None
 
 
 @dataclass
@@ -660,7 +693,7 @@ def load_config(
     for src, layer in layers:
         layer = {k: v for k, v in layer.items() if k != "preset"}
         from_dict(Config, layer, src)  # validate each layer against the schema, naming its file
-        merged = merge(merged, layer)
+        merged = merge(merged, _fold_deprecated(layer))
     cfg = from_dict(Config, merged, source)
     cfg.preset = preset
     if method:

@@ -26,7 +26,6 @@ against the project root so a notebook behaves the same from JupyterLab, papermi
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import sys
 import time
@@ -223,8 +222,12 @@ def _notebook_parameters(path: Path) -> set[str]:
     return set(papermill.inspect_notebook(str(path)).keys())
 
 
-def run_notebook(path: Path, out_path: Path, parameters: Mapping[str, Any], log_path: Path, cwd: Path, kernel_name: str | None = None) -> None:
-    """Execute one notebook with papermill; raise :class:`NotebookFailed` naming the failing cell."""
+def run_notebook(path: Path, out_path: Path, parameters: Mapping[str, Any], log_path: Path, cwd: Path,
+                 kernel_name: str | None = None, progress: str | None = None) -> None:
+    """Execute one notebook with papermill; raise :class:`NotebookFailed` naming the failing cell.
+
+    ``progress`` labels papermill's per-cell bar on stderr (``notebook 2/8 01_pretrain: 3/9 cells``);
+    None runs quietly."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -235,7 +238,8 @@ def run_notebook(path: Path, out_path: Path, parameters: Mapping[str, Any], log_
         try:
             papermill.execute_notebook(
                 str(path), str(out_path), parameters=params, cwd=str(cwd), kernel_name=kernel_name,
-                progress_bar=False, log_output=False, stdout_file=log, stderr_file=log,
+                progress_bar={"desc": progress} if progress else False, log_output=False,
+                stdout_file=log, stderr_file=log,
             )
         except PapermillExecutionError as err:
             raise NotebookFailed(path, _code_cell_number(out_path, err.cell_index), err.source, f"{err.ename}: {err.evalue}", out_path) from None
@@ -271,6 +275,7 @@ def reproduce(
     log: Callable[[str], None] = print,
     overrides: Sequence[str] | None = None,
     command: str | None = None,
+    progress: bool = True,
 ) -> Path:
     """Run the notebooks in order into ``runs_dir/<run_name>`` and write its index; returns the run folder.
 
@@ -286,6 +291,8 @@ def reproduce(
         overrides: ``key=value`` config overrides passed to every notebook.
         command: the command line as typed, recorded in ``results/`` (default: rebuilt
             from these arguments).
+        progress: a bar per notebook on stderr, counting its cells (notebook i/N, cell j/M);
+            False keeps stderr quiet (``log`` still gets one line per notebook).
 
     Raises:
         NotebookFailed: after writing the index, which shows what finished.
@@ -315,7 +322,8 @@ def reproduce(
         log(f"[{i}/{len(paths)}] {path.stem} ...")
         start = time.perf_counter()
         try:
-            run_notebook(path, out, parameters, run_dir / "logs" / f"{path.stem}.log", project_root(), kernel_name)
+            run_notebook(path, out, parameters, run_dir / "logs" / f"{path.stem}.log", project_root(), kernel_name,
+                         progress=f"notebook {i}/{len(paths)} {path.stem}" if progress else None)
         except NotebookFailed as err:
             status[path.stem] = {"state": "failed", "seconds": round(time.perf_counter() - start, 1), "error": str(err)}
             failure = err
@@ -436,75 +444,93 @@ def _figures(run_dir: Path, name: str) -> list[Path]:
     return sorted(folder.glob("*.png")) if folder.is_dir() else []
 
 
-def write_index(run_dir: Path, status: Mapping[str, Mapping[str, Any]], parameters: Mapping[str, Any]) -> tuple[Path, Path]:
-    """``index.html`` and ``README.md``: per notebook its state, tables, figures and links."""
+def _index_entries(run_dir: Path, status: Mapping[str, Mapping[str, Any]]) -> list[dict]:
+    """Per notebook what the index shows (state, links, tables, figures): one list that
+    ``index.html`` and ``README.md`` both render, so the two never disagree."""
     import pandas as pd
 
-    run_dir = Path(run_dir)
-    title = f"fundus_lab run {run_dir.name}"
-    params = ", ".join(f"{k}={v}" for k, v in parameters.items() if k != "run_dir")
-    h = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
-        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}"
-        "img{max-width:100%;border:1px solid #eee;margin:4px 0}.failed{color:#b00020}.ok{color:#1b7f3b}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1><p>{html.escape(params)}</p>",
-    ]
-    md = [f"# {title}", "", f"Parameters: {params}", "", "| notebook | state | seconds |", "|---|---|---|"]
-    md += [f"| [{n}](notebooks/{n}.ipynb) | {s['state']} | {s.get('seconds') or ''} |" for n, s in status.items()]
-    md.append("")
+    def rel(path: Path) -> str:
+        return str(path.relative_to(run_dir))
+
+    entries = []
     for name, st in status.items():
         executed = run_dir / "notebooks" / f"{name}.ipynb"
         links = []
         if executed.is_file():
-            links.append(f"<a href='notebooks/{name}.ipynb'>notebook</a>")
+            links.append(("notebook", f"notebooks/{name}.ipynb"))
             rendered = _render_notebook_html(executed)
             if rendered is not None:
-                links.append(f"<a href='notebooks/{rendered.name}'>html</a>")
-        h.append(f"<h2 id='{html.escape(name)}'>{html.escape(name)} <span class='{'ok' if st['state'] == 'ok' else 'failed'}'>"
-                 f"[{html.escape(st['state'])}]</span> {' · '.join(links)}</h2>")
-        md.append(f"## {name} ({st['state']})")
-        md.append("")
-        if st.get("error"):
-            h.append(f"<pre class='failed'>{html.escape(st['error'])}</pre>")
-            md += ["```", st["error"], "```", ""]
+                links.append(("html", f"notebooks/{rendered.name}"))
+        tables = []
         for table in _tables(run_dir, name):
-            rel = table.relative_to(run_dir)
-            links = " · ".join(f"<a href='{p.relative_to(run_dir)}'>{p.suffix[1:]}</a>" for p in sorted(table.parent.glob(f"{table.stem}.*")))
+            entry = {"stem": table.stem, "path": rel(table), "text": None, "frame": None, "unreadable": None,
+                     "links": [(p.suffix[1:], rel(p)) for p in sorted(table.parent.glob(f"{table.stem}.*"))]}
             written_md = table.with_suffix(".md")
             if written_md.is_file():  # the notebook's own rendering (e.g. Table 1: mean ± std, best in bold)
-                text = written_md.read_text()
-                h.append(f"<h3>{html.escape(table.stem)}</h3><pre>{html.escape(text)}</pre><p>{links}</p>")
-                md += [f"### {table.stem}", "", text.strip(), "", f"[{rel}]({rel})", ""]
+                entry["text"] = written_md.read_text()
+            else:
+                try:
+                    entry["frame"] = pd.read_csv(table)
+                except Exception as err:  # noqa: BLE001 - shown, not fatal
+                    entry["unreadable"] = str(err)
+            if entry["frame"] is not None:
+                entry["columns"] = [_cell(c) for c in entry["frame"].columns]
+                entry["rows"] = [[_cell(v) for v in row] for row in entry["frame"].itertuples(index=False)]
+            tables.append(entry)
+        figures = [{"stem": fig.stem, "path": rel(fig),
+                    "svg": rel(fig.with_suffix(".svg")) if fig.with_suffix(".svg").is_file() else None}
+                   for fig in _figures(run_dir, name)]
+        entries.append({"name": name, "state": st["state"], "seconds": st.get("seconds"), "error": st.get("error"),
+                        "links": links, "tables": tables, "figures": figures})
+    return entries
+
+
+def render_index_html(title: str, params: str, notebooks: list[dict]) -> str:
+    """``templates/index.html.j2`` (package data) with autoescape on: a notebook name or a
+    table cell holding ``<`` shows as text and cannot inject markup into the page."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(PACKAGE_DIR / "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined)
+    return env.get_template("index.html.j2").render(title=title, params=params, notebooks=notebooks)
+
+
+def write_index(run_dir: Path, status: Mapping[str, Mapping[str, Any]], parameters: Mapping[str, Any]) -> tuple[Path, Path]:
+    """``index.html`` and ``README.md``: per notebook its state, tables, figures and links."""
+    run_dir = Path(run_dir)
+    title = f"fundus_lab run {run_dir.name}"
+    params = ", ".join(f"{k}={v}" for k, v in parameters.items() if k != "run_dir")
+    entries = _index_entries(run_dir, status)
+    md = [f"# {title}", "", f"Parameters: {params}", "", "| notebook | state | seconds |", "|---|---|---|"]
+    md += [f"| [{n}](notebooks/{n}.ipynb) | {s['state']} | {s.get('seconds') or ''} |" for n, s in status.items()]
+    md.append("")
+    for nb in entries:
+        md += [f"## {nb['name']} ({nb['state']})", ""]
+        if nb["error"]:
+            md += ["```", nb["error"], "```", ""]
+        for table in nb["tables"]:
+            if table["unreadable"]:
                 continue
-            try:
-                df = pd.read_csv(table)
-            except Exception as err:  # noqa: BLE001 - shown, not fatal
-                h.append(f"<p class='failed'>{html.escape(str(rel))}: unreadable ({html.escape(str(err))})</p>")
-                continue
-            h.append(f"<h3>{html.escape(table.stem)}</h3>" + df.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
-            h.append(f"<p>{links}</p>")
-            md += [f"### {table.stem}", "", markdown_table(df), "", f"[{rel}]({rel})", ""]
-        for fig in _figures(run_dir, name):
-            rel = fig.relative_to(run_dir)
-            svg = fig.with_suffix(".svg")
-            h.append(f"<figure><img src='{rel}' alt='{html.escape(fig.stem)}'><figcaption>{html.escape(fig.stem)}"
-                     + (f" (<a href='{svg.relative_to(run_dir)}'>svg</a>)" if svg.is_file() else "") + "</figcaption></figure>")
-            md += [f"![{fig.stem}]({rel})", ""]
-    h.append("</body></html>")
+            body = table["text"].strip() if table["text"] is not None else markdown_table(table["frame"])
+            md += [f"### {table['stem']}", "", body, "", f"[{table['path']}]({table['path']})", ""]
+        md += [line for fig in nb["figures"] for line in (f"![{fig['stem']}]({fig['path']})", "")]
     index, readme = run_dir / "index.html", run_dir / "README.md"
-    index.write_text("\n".join(h))
+    index.write_text(render_index_html(title, params, entries))
     readme.write_text("\n".join(md) + "\n")
     return index, readme
+
+
+def _cell(v) -> str:
+    """A table value as text: floats to 4 significant digits, missing values empty."""
+    if isinstance(v, float):
+        return "" if v != v else f"{v:.4g}"
+    return str(v)
 
 
 def markdown_table(df) -> str:
     """A DataFrame as a GitHub Markdown table (numbers to 4 significant digits; no tabulate needed)."""
     def cell(v):
-        if isinstance(v, float):
-            return "" if v != v else f"{v:.4g}"
-        return str(v).replace("|", "\\|")
+        return _cell(v).replace("|", "\\|")
 
     head = "| " + " | ".join(cell(c) for c in df.columns) + " |"
     rule = "|" + "---|" * len(df.columns)
@@ -528,6 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="run folder name under runs/ (default <preset>-<time>)")
     parser.add_argument("--notebooks", nargs="+", default=None, help="run only these (names or numbers, e.g. 00 04)")
     parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--no-progress", action="store_true", help="no per-cell progress bars on stderr")
     parser.add_argument("overrides", nargs="*", default=[],
                         help="config overrides for every notebook, e.g. eval.zero_shot_dataset=odir5k eval.seeds=3")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -546,7 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         command = "fundus-lab reproduce " + shlex.join(list(sys.argv[1:] if argv is None else argv))
         run_dir = reproduce(args.preset, args.data_root, methods, args.name, args.notebooks, args.runs_dir,
-                            overrides=args.overrides, command=command)
+                            overrides=args.overrides, command=command, progress=not args.no_progress)
     except NotebookFailed as err:
         print(f"fundus-lab reproduce: {err}", file=sys.stderr)
         return 1

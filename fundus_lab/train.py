@@ -196,6 +196,22 @@ def resolve_mixed_precision(choice: str) -> str:
     return choice
 
 
+# the package each tracker of ``train.log_with`` needs (tensorboard is a fundus_lab dependency)
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_tracker(log_with: str) -> None:
+    """An uninstalled tracker is an error here: accelerate would silently log to nothing."""
+    import importlib.util
+
+    package = TRACKER_PACKAGES.get(log_with)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ConfigError(
+            f"train.log_with = {log_with!r} needs the {package!r} package, which is not installed: "
+            f"pip install {package} (or choose train.log_with=tensorboard or none)"
+        )
+
+
 def check_train_config(train: TrainConfig) -> None:
     """Reject settings the loop cannot honour, naming the field."""
     checks = [
@@ -212,6 +228,7 @@ def check_train_config(train: TrainConfig) -> None:
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"{key} = {getattr(train, key.split('.')[1])!r}; expected {expected}")
+    check_tracker(train.log_with)
 
 
 # ---------------------------------------------------------------------------------------
@@ -400,7 +417,8 @@ def save_split(dataset, path: Path) -> None:
 _RESUME_SECTIONS = ("preset", "method", "model", "data", "train")
 # change nothing that is learnt: always free on resume
 _RESUME_FREE = {"data.num_workers", "data.skip_bad_images", "train.log_every", "train.save_every",
-                "train.keep_checkpoints", "train.tensorboard", "train.progress", "train.output_dir"}
+                "train.keep_checkpoints", "train.log_with", "train.tensorboard", "train.progress",
+                "train.output_dir"}
 # free only when named in allow_changes (--allow-change): the run stays sound, but is no
 # longer the run the config describes (more steps change the cosine schedule's end)
 RESUME_OVERRIDABLE = ("train.steps", "train.mixed_precision", "data.synth_root", "data.root")
@@ -474,21 +492,42 @@ def restore_trainer_state(last: Path, optimizer, scheduler, accelerator) -> tupl
 # logging
 
 
+TRACKER_PROJECT = "fundus_lab"  # the wandb project / mlflow experiment; tensorboard/<this>/ in a run
+
+
+def flat_config(cfg: Config) -> dict:
+    """The run config as ``{"train.lr": 0.0005, ...}`` of scalars (lists as text), the shape
+    every tracker takes as hyperparameters (TensorBoard's hparams refuse lists)."""
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, sub)
+        else:
+            flat[prefix] = str(value) if isinstance(value, (list, tuple)) else value
+
+    walk("", to_dict(cfg))
+    return flat
+
+
 class MetricsLog:
-    """``metrics.csv`` (one row per log step), TensorBoard scalars, and the callbacks.
+    """``metrics.csv`` (one row per log step), the experiment tracker (``train.log_with``,
+    through accelerate: ``init_trackers`` / ``log`` / each tracker's ``finish``), and the callbacks.
 
     On resume, rows written after the checkpoint (by the run that was killed) are dropped
-    so the file reads as one uninterrupted run.
+    so the file reads as one uninterrupted run; TensorBoard purges its later events the same way.
     """
 
-    def __init__(self, run_dir: Path, start_step: int, tensorboard: bool, callbacks: Sequence[Callback], is_main: bool):
+    def __init__(self, run_dir: Path, start_step: int, callbacks: Sequence[Callback], accelerator,
+                 cfg: Config):
         self.path = run_dir / "metrics.csv"
         self.callbacks = list(callbacks)
-        self.is_main = is_main
+        self.accelerator = accelerator
+        self.is_main = accelerator.is_main_process
         self.fields: list[str] = []
         self.rows: list[dict] = []
-        self.writer = None
-        if not is_main:
+        if not self.is_main:
             return
         if self.path.is_file() and start_step > 0:
             with open(self.path, newline="") as f:
@@ -498,10 +537,13 @@ class MetricsLog:
             self._rewrite()
         elif self.path.is_file():
             self.path.unlink()
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        if cfg.train.log_with != "none":
+            name = f"{cfg.method.name}-{cfg.preset}-seed{cfg.train.seed}"
+            accelerator.init_trackers(TRACKER_PROJECT, config=flat_config(cfg), init_kwargs={
+                "tensorboard": {"purge_step": start_step + 1 if start_step else None},
+                "wandb": {"name": name, "dir": str(run_dir)},
+                "mlflow": {"run_name": name},
+            })
 
     def _rewrite(self) -> None:
         with open(self.path, "w", newline="") as f:
@@ -520,18 +562,18 @@ class MetricsLog:
             else:
                 with open(self.path, "a", newline="") as f:
                     csv.DictWriter(f, fieldnames=self.fields, restval="").writerow(row)
-            if self.writer is not None:
-                for key, value in logs.items():
-                    if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                        self.writer.add_scalar(f"train/{key}", value, step)
-                self.writer.flush()
+            if self.accelerator.trackers:
+                self.accelerator.log({f"train/{k}": v for k, v in logs.items()
+                                      if k not in ("step", "epoch") and isinstance(v, (int, float))}, step=step)
         for cb in self.callbacks:
             cb(step, dict(logs))
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        """``accelerator.end_training()`` without its ``destroy_process_group``: compare and the
+        notebooks pretrain several methods in one process, each on the same process group."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers = []
 
 
 def loss_terms(out: dict) -> dict[str, torch.Tensor]:
@@ -627,8 +669,9 @@ def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = Tru
 
     The folder (``train.output_dir``, with ``{method}``/``{preset}``/``{seed}`` filled in)
     holds ``config.yaml``, ``split.csv`` (the training records), ``tokenizer/``,
-    ``metrics.csv``, ``tensorboard/`` and ``checkpoint-<step>/`` folders with
-    ``checkpoint-last`` pointing at the newest (``fl.load_model`` reads any of them).
+    ``metrics.csv``, ``tensorboard/`` (``train.log_with=tensorboard``, the default) and
+    ``checkpoint-<step>/`` folders with ``checkpoint-last`` pointing at the newest
+    (``fl.load_model`` reads any of them). wandb and mlflow log where they are configured to.
 
     Args:
         cfg: the whole run config (``fundus_lab.config.load_config``).
@@ -648,15 +691,19 @@ def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = Tru
     import shutil
 
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
     train = cfg.train
     check_train_config(train)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(train.mixed_precision))
+    run_dir = run_dir_for(cfg)
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(train.mixed_precision),
+        log_with=None if train.log_with == "none" else train.log_with,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
+    )
     is_main = accelerator.is_main_process
     wait = accelerator.wait_for_everyone
-    run_dir = run_dir_for(cfg)
 
     # where to start
     last = ckpt.last_checkpoint(run_dir) if resume else None
@@ -736,7 +783,7 @@ def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = Tru
         wait()
 
     global_batch = train.batch_size * train.grad_accum_steps * accelerator.num_processes
-    logger = MetricsLog(run_dir, step, train.tensorboard, tuple(callbacks), is_main)
+    logger = MetricsLog(run_dir, step, tuple(callbacks), accelerator, cfg)
     bar = tqdm(total=train.steps, initial=step, disable=not (is_main and train.progress),
                desc=f"pretrain {cfg.method.name}", dynamic_ncols=True)
     data = batches()

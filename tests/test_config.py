@@ -142,3 +142,32 @@ def test_an_override_reaches_every_notebook_and_table1_identically(tmp_path):
             assert cfg.eval.seeds == 2
             if method is not None:
                 assert cfg.method.mask_ratio == 0.5, (nb.stem, method)
+
+
+def test_log_with_defaults_to_tensorboard_and_rejects_unknown_trackers(config_dir):
+    assert C.TrainConfig().log_with == "tensorboard"
+    assert C.load_config(preset="tiny").train.log_with == "tensorboard"
+    # `none` typed on the command line parses as null: it still means no tracker
+    assert C.load_config(preset="tiny", overrides=["train.log_with=none"]).train.log_with == "none"
+    with pytest.raises(C.ConfigError, match=r"train.log_with = 'comet'; expected one of \['tensorboard', 'wandb'"):
+        C.load_config(preset="tiny", overrides=["train.log_with=comet"])
+
+
+def test_deprecated_tensorboard_key_maps_onto_log_with(config_dir, tmp_path):
+    assert C.TrainConfig(tensorboard=False).log_with == "none"
+    assert C.TrainConfig(tensorboard=True).log_with == "tensorboard"
+    assert C.TrainConfig(tensorboard=True, log_with="wandb").log_with == "wandb"  # log_with set: it wins
+    assert C.TrainConfig(tensorboard=False, log_with="wandb").log_with == "none"
+    # the config.yaml of a run saved before log_with existed
+    old = C.from_dict(C.Config, {"train": {"tensorboard": False, "steps": 4}}, "old/config.yaml")
+    assert old.train.log_with == "none" and old.train.tensorboard is None
+    assert C.to_dict(old)["train"]["log_with"] == "none"
+    # a later layer's alias beats an earlier layer's log_with, and the other way round
+    (config_dir / "presets" / "quiet.yaml").write_text("train:\n  log_with: none\n")
+    assert C.load_config(preset="quiet", overrides=["train.tensorboard=true"]).train.log_with == "tensorboard"
+    assert C.load_config(preset="tiny", overrides=["train.tensorboard=false"]).train.log_with == "none"
+    user = tmp_path / "old.yaml"
+    user.write_text("train:\n  tensorboard: false\n")
+    assert C.load_config(user, preset="tiny", overrides=["train.log_with=tensorboard"]).train.log_with == "tensorboard"
+    with pytest.raises(C.ConfigError, match="train.tensorboard"):
+        C.load_config(preset="tiny", overrides=["train.tensorboard=maybe"])

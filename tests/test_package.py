@@ -42,7 +42,8 @@ def test_wheel_installs_and_pretrains_outside_the_checkout(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("fundus_lab/configs/presets/smoke.yaml", "fundus_lab/configs/methods/ours.yaml",
                    "fundus_lab/data_manifests/refuge.yaml", "fundus_lab/data_manifests/synth-pretrain.yaml",
-                   "fundus_lab/data/knowledge.yaml", "fundus_lab/notebooks/01_pretrain.ipynb"):
+                   "fundus_lab/data/knowledge.yaml", "fundus_lab/notebooks/01_pretrain.ipynb",
+                   "fundus_lab/templates/index.html.j2"):
         assert needed in names, f"{needed} missing from {wheel.name}"
 
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

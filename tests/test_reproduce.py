@@ -45,7 +45,7 @@ def notebooks(tmp_path):
 def test_reproduce_runs_in_order_and_writes_index(notebooks, tmp_path):
     lines = []
     run = rp.reproduce("smoke", methods=["clip", "ours"], run_name="r1", runs_dir=tmp_path / "runs",
-                       notebooks=["00", "01_read"], notebook_dir=notebooks, log=lines.append)
+                       notebooks=["00", "01_read"], notebook_dir=notebooks, log=lines.append, progress=False)
     assert run == tmp_path / "runs" / "r1"
     assert (run / "seen.txt").read_text() == "smoke|['clip', 'ours']|None"
     status = json.loads((run / "status.json").read_text())
@@ -64,7 +64,7 @@ def test_reproduce_runs_in_order_and_writes_index(notebooks, tmp_path):
 def test_failure_names_notebook_and_cell_and_keeps_what_finished(notebooks, tmp_path):
     with pytest.raises(rp.NotebookFailed) as info:
         rp.reproduce("smoke", run_name="r2", runs_dir=tmp_path / "runs", notebook_dir=notebooks,
-                     notebooks=["00", "02", "03"], log=lambda _: None)
+                     notebooks=["00", "02", "03"], log=lambda _: None, progress=False)
     err = info.value
     assert err.notebook.name == "02_fail.ipynb"
     assert err.cell_index == 4  # markdown 1, parameters 2, "x = 1" 3, the raise 4 (as committed)
@@ -79,10 +79,34 @@ def test_failure_names_notebook_and_cell_and_keeps_what_finished(notebooks, tmp_
 
 def test_main_returns_nonzero_on_failure(notebooks, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(rp, "list_notebooks", lambda _dir=None, select=None: [notebooks / "02_fail.ipynb"])
-    assert rp.main(["--preset", "smoke", "--name", "r3", "--runs-dir", str(tmp_path / "runs")]) == 1
+    assert rp.main(["--preset", "smoke", "--name", "r3", "--runs-dir", str(tmp_path / "runs"), "--no-progress"]) == 1
     assert "02_fail.ipynb failed in cell 4" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         rp.main(["--preset", "huge"])
+
+
+def _two_cells(folder: Path, name: str) -> None:
+    """A notebook of exactly two code cells and no parameters cell (papermill injects none)."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("print(x + 1)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, folder / f"{name}.ipynb")
+
+
+def test_progress_shows_notebook_i_of_n_and_cell_j_of_m_unless_switched_off(tmp_path, capsys):
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    _two_cells(folder, "00_one")
+    _two_cells(folder, "01_two")
+    rp.reproduce("smoke", run_name="p", runs_dir=tmp_path / "runs", notebook_dir=folder, log=lambda _: None)
+    err = capsys.readouterr().err
+    for i, name in ((1, "00_one"), (2, "01_two")):
+        bar = [ln for ln in err.replace("\r", "\n").splitlines() if f"notebook {i}/2 {name}" in ln]
+        # the start and the end of the cell count (steps between depend on tqdm's refresh interval)
+        assert any("| 0/2 [" in ln for ln in bar) and any("| 2/2 [" in ln for ln in bar), err
+    rp.reproduce("smoke", run_name="q", runs_dir=tmp_path / "runs", notebook_dir=folder, log=lambda _: None,
+                 progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_list_notebooks_selects_by_number_or_name(notebooks):
@@ -100,6 +124,43 @@ def test_paths_resolve_against_the_project_root(tmp_path, monkeypatch):
     assert rp.resolve_path(tmp_path / "abs") == tmp_path / "abs"
 
 
+def test_index_html_escapes_names_and_table_cells(tmp_path):
+    """The index comes from the packaged jinja2 template with autoescape on."""
+    run = tmp_path / "run"
+    name = "00_<b>bold</b>"
+    (run / "tables" / name).mkdir(parents=True)
+    (run / "tables" / name / "scores.csv").write_text('method,note\nclip,"<script>alert(1)</script>"\nours,a & b\n')
+    (run / "tables" / name / "table1.csv").write_text("method,x\nclip,1\n")
+    (run / "tables" / name / "table1.md").write_text("| method | x |\n|---|---|\n| <i>clip</i> | 1 |\n")
+    (run / "figures" / name).mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (2, 2)).save(run / "figures" / name / "roc #1.png")
+    status = {name: {"state": "failed", "seconds": 1.0, "error": "ValueError: <bad>"}}
+    index, readme = rp.write_index(run, status, {"preset": "smoke", "methods": ["<m>"]})
+    page = index.read_text()
+    for raw in ("<b>bold</b>", "<script>", "<i>clip</i>", "<bad>", "<m>"):
+        assert raw not in page, raw
+    assert "00_&lt;b&gt;bold&lt;/b&gt; <span class='failed'>[failed]</span>" in page
+    assert "<td>&lt;script&gt;alert(1)&lt;/script&gt;</td>" in page and "<td>a &amp; b</td>" in page
+    assert "<pre>| method | x |" in page and "&lt;i&gt;clip&lt;/i&gt;" in page  # the notebook's own .md table
+    assert "<pre class='failed'>ValueError: &lt;bad&gt;</pre>" in page
+    assert "<img src='figures/00_%3Cb%3Ebold%3C/b%3E/roc%20%231.png' alt='roc #1'>" in page
+    assert "methods=[&#39;&lt;m&gt;&#39;]" in page
+    text = readme.read_text()  # README.md beside it: the same content, as Markdown
+    assert "## 00_<b>bold</b> (failed)" in text and "| clip | <script>alert(1)</script> |" in text
+
+
+def test_index_template_ships_as_package_data():
+    import tomllib
+
+    pyproject = tomllib.loads((rp.project_root() / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["fundus_lab"]
+    assert (rp.PACKAGE_DIR / "templates" / "index.html.j2").is_file()
+    assert any(rp.PACKAGE_DIR.joinpath("templates", "index.html.j2").match(f"fundus_lab/{p}") for p in patterns)
+    assert any(d.replace(" ", "").startswith("jinja2") for d in pyproject["project"]["dependencies"])
+
+
 def test_markdown_table():
     import pandas as pd
 
@@ -110,7 +171,7 @@ def test_markdown_table():
 def _smoke_reproduction(folder: Path, overrides=()) -> Path:
     """`fundus-lab reproduce --preset smoke` over notebooks/ into ``folder`` (its own data too)."""
     code = rp.main(["--preset", "smoke", "--name", "e2e", "--runs-dir", str(folder / "runs"),
-                    "--data-root", str(folder / "synth"), *overrides])
+                    "--data-root", str(folder / "synth"), "--no-progress", *overrides])
     assert code == 0
     return folder / "runs" / "e2e"
 

@@ -103,7 +103,7 @@ def doubles(monkeypatch):
 
 def make_cfg(run_dir, **train):
     base = dict(steps=8, batch_size=4, lr=0.05, min_lr=0.0, warmup_steps=2, log_every=1, save_every=2,
-                keep_checkpoints=2, output_dir=str(run_dir), tensorboard=False, progress=False, mixed_precision="no")
+                keep_checkpoints=2, output_dir=str(run_dir), log_with="none", progress=False, mixed_precision="no")
     base.update(train)
     return Config(train=TrainConfig(**base))
 
@@ -203,7 +203,7 @@ def test_nan_loss_stops_naming_step_and_term(doubles, tmp_path, monkeypatch):
 
 def test_csv_has_every_term_and_callbacks_see_them(doubles, tmp_path):
     seen = []
-    cfg = make_cfg(tmp_path / "run", steps=6, log_every=3, grad_accum_steps=2, tensorboard=True)
+    cfg = make_cfg(tmp_path / "run", steps=6, log_every=3, grad_accum_steps=2, log_with="tensorboard")
     run = T.pretrain(cfg, callbacks=[lambda step, logs: seen.append((step, logs))])
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == [3, 6] == [s for s, _ in seen]
@@ -229,3 +229,73 @@ def test_bad_settings_name_the_field(doubles, tmp_path):
     changed.data.augment = not changed.data.augment
     with pytest.raises(ConfigError, match="data.augment"):
         T.pretrain(changed)
+
+
+# ---------------------------------------------------------------------------------------
+# experiment trackers (train.log_with, through accelerate)
+
+
+def tensorboard_scalars(run_dir, tag):
+    """(step, value) of one scalar as TensorBoard shows it (restart purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(run_dir) / "tensorboard" / T.TRACKER_PROJECT))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_tensorboard_through_accelerate_reads_as_one_run_after_a_resume(doubles, tmp_path):
+    def kill(step, logs):
+        if step == 5:  # the killed run already logged step 5; the resumed one logs it again
+            raise KeyboardInterrupt("killed")
+
+    cfg = make_cfg(tmp_path / "run", log_with="tensorboard")
+    with pytest.raises(KeyboardInterrupt):
+        T.pretrain(cfg, callbacks=[kill])
+    run = T.pretrain(cfg, resume=True)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    for key in ("loss", "image_gen_loss", "class_loss", "lr"):
+        scalars = tensorboard_scalars(run, f"train/{key}")
+        assert [s for s, _ in scalars] == list(range(1, 9)), key  # purge_step dropped the killed run's step 5
+        assert [v for _, v in scalars] == pytest.approx([float(r[key]) for r in rows], rel=1e-6), key
+    # the run config went to the tracker as flat hyperparameters
+    hparams = [yaml_file.read_text() for yaml_file in (run / "tensorboard").rglob("hparams.yml")]
+    assert hparams and all("train.lr: 0.05" in h and "model.image_mean: '[" in h for h in hparams)
+
+
+def test_log_with_none_writes_no_tracker_files(doubles, tmp_path, monkeypatch):
+    import accelerate
+
+    calls = []
+    monkeypatch.setattr(accelerate.Accelerator, "log", lambda self, values, step=None, **kw: calls.append(step))
+    run = T.pretrain(make_cfg(tmp_path / "run", steps=2, log_with="none"))
+    assert (run / "metrics.csv").is_file()
+    assert not (run / "tensorboard").exists() and not list(run.rglob("events.out.tfevents*"))
+    assert calls == []
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
+def test_a_tracker_that_is_not_installed_is_a_config_error(doubles, tmp_path, monkeypatch, tracker):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == tracker else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=rf"train.log_with = '{tracker}' needs .*pip install {tracker}"):
+        T.pretrain(make_cfg(tmp_path / "run", log_with=tracker))
+    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before the run started
+
+
+def test_old_runs_without_log_with_resume(doubles, tmp_path):
+    """A run folder whose config.yaml predates ``train.log_with`` (only ``tensorboard: false``)."""
+    import yaml
+
+    cfg = make_cfg(tmp_path / "run", steps=2)
+    run = T.pretrain(cfg)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["train"]["log_with"]
+    saved["train"]["tensorboard"] = False
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    T.check_resumable(run / "config.yaml", make_cfg(tmp_path / "run", steps=2, log_with="tensorboard"))
+    resumed = make_cfg(tmp_path / "run", steps=2)
+    resumed.train.log_with = "tensorboard"
+    assert T.pretrain(resumed, resume=True) == run

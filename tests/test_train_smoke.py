@@ -71,6 +71,31 @@ def test_smoke_preset_trains_end_to_end(synth_root, tmp_path):
     assert model.encode_text(["optic disc cupping"]).shape == (1, cfg.model.embed_dim)
 
 
+def test_smoke_run_logs_its_losses_to_tensorboard_through_accelerate(synth_root, tmp_path, monkeypatch):
+    import accelerate
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged, log = [], accelerate.Accelerator.log
+
+    def spy(self, values, step=None, **kwargs):
+        logged.append((step, dict(values)))
+        return log(self, values, step=step, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "log", spy)
+    cfg = smoke_cfg(synth_root, tmp_path / "run", **{"train.steps": 3, "train.log_with": "tensorboard"})
+    run = T.pretrain(cfg)
+    rows = read_csv(run / "metrics.csv")
+    assert [s for s, _ in logged] == [1, 2, 3]
+    assert logged[-1][1]["train/loss"] == pytest.approx(float(rows[-1]["loss"]))
+
+    events = EventAccumulator(str(run / "tensorboard" / T.TRACKER_PROJECT))
+    events.Reload()
+    for key in ("loss", "contrastive_loss", "image_gen_loss", "caption_loss"):
+        scalars = events.Scalars(f"train/{key}")
+        assert [e.step for e in scalars] == [1, 2, 3], key
+        assert [e.value for e in scalars] == pytest.approx([float(r[key]) for r in rows], rel=1e-6), key
+
+
 @pytest.mark.parametrize("method", ["ours", "vilref"])  # vilref: momentum encoders and a queue too
 def test_exact_resume_real_model(synth_root, tokenizer_dir, tmp_path, method):
     over = {"train.steps": 6, "train.save_every": 2, "train.keep_checkpoints": 2, "model.tokenizer": str(tokenizer_dir)}
