@@ -49,11 +49,11 @@ def line(name: str, value: tuple | None, threshold: float, pct: bool = True) -> 
     if value is None:
         return f"| {name} | n/a | {threshold:g} | not measured |", None
     mean, lo, hi = value
-    scale = 100 if pct else 1
-    ci = f" [{scale * lo:.1f}, {scale * hi:.1f}]" if lo == lo else ""
+    scale, digits = (100, 1) if pct else (1, 2)
+    ci = f" [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]" if lo == lo else ""
     ok = mean >= threshold
     shown = f"{scale * threshold:g}"
-    return f"| {name} | {scale * mean:.1f}{ci} | >= {shown} | {'met' if ok else 'MISSED'} |", ok
+    return f"| {name} | {scale * mean:.{digits}f}{ci} | >= {shown} | {'met' if ok else 'MISSED'} |", ok
 
 
 def ranking_pairs(table, protocols) -> list[str]:

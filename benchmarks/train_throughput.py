@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py --preset smoke --steps 3 --methods clip,ours,mae
     python benchmarks/train_throughput.py --preset paper train.batch_size=64   # on a GPU
     python benchmarks/train_throughput.py --methods clip,coca,ours-flip,open_clip:clip,open_clip:coca
+    python benchmarks/train_throughput.py --methods clip,ours,ours+compile --warmup 2 --steps 20   # torch.compile
 
 With ``open_clip`` installed (``pip install -e .[bench]``) the run adds open_clip's own
 CLIP and CoCa (``open_clip:clip``, ``open_clip:coca``) built at the same sizes as ours
@@ -89,12 +90,15 @@ def measure(preset: str, method: str, steps: int, warmup: int, overrides: list[s
     from fundus_lab.data.tokenizer import default_corpus, train_tokenizer
     from fundus_lab.models import build_model
 
-    cfg = load_config(preset=preset, method=method, overrides=overrides)
+    name, _, variant = method.partition("+")
+    if variant not in ("", "compile"):
+        raise SystemExit(f"--methods: {method!r}: the only variant is '+compile' (train.compile=true)")
+    cfg = load_config(preset=preset, method=name, overrides=[*overrides, *(["train.compile=true"] if variant else [])])
     torch.manual_seed(cfg.train.seed)
     accelerator = Accelerator(mixed_precision=T.resolve_mixed_precision(cfg.train.mixed_precision))
     tokenizer = train_tokenizer(default_corpus(), vocab_size=cfg.model.vocab_size,
                                 model_max_length=cfg.model.text_max_length)
-    model = build_model(cfg.model, cfg.method, tokenizer).train()
+    model = T.compile_model(build_model(cfg.model, cfg.method, tokenizer).train(), cfg.train)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = T.build_optimizer(model, cfg.train)
     scheduler = T.build_scheduler(optimizer, cfg.train)
@@ -113,9 +117,11 @@ def measure(preset: str, method: str, steps: int, warmup: int, overrides: list[s
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
-    for i in range(warmup):
+    warm_start = time.perf_counter()
+    for i in range(warmup):  # with +compile this includes compiling
         T.train_step(accelerator, model, optimizer, scheduler, data, cfg.train, i + 1)
     sync()
+    warmup_s = time.perf_counter() - warm_start
     start = time.perf_counter()
     for i in range(steps):
         T.train_step(accelerator, model, optimizer, scheduler, data, cfg.train, warmup + i + 1)
@@ -142,7 +148,7 @@ def measure(preset: str, method: str, steps: int, warmup: int, overrides: list[s
         "method": method, "preset": preset, "device": str(accelerator.device),
         "precision": accelerator.mixed_precision, "params_m": params / 1e6,
         "batch_size": cfg.train.batch_size, "img_size": cfg.model.img_size, "steps": steps,
-        "step_s": elapsed / steps, "images_per_s": images / elapsed,
+        "step_s": elapsed / steps, "images_per_s": images / elapsed, "warmup_s": warmup_s,
         "peak_mem_mib": peak, "peak_kind": peak_kind, "step_extra_mib": step_extra,
         "gflops_per_image": flops / cfg.train.batch_size / 1e9,
         "achieved_tflops": flops * steps / elapsed / 1e12,
@@ -282,7 +288,8 @@ def run_child(args, method: str) -> dict:
 
 def table(results: list[dict]) -> str:
     clip = next((r for r in results if r["method"] == "clip" and "error" not in r), None)
-    head = f"{'method':<16}{'params M':>9}{'img/s':>9}{'vs clip':>9}{'step s':>9}{'peak MiB':>10}{'step +MiB':>10}{'GFLOP/img':>10}{'MFU':>7}"
+    head = (f"{'method':<16}{'params M':>9}{'img/s':>9}{'vs clip':>9}{'step s':>9}{'warm-up s':>10}{'peak MiB':>10}"
+            f"{'step +MiB':>10}{'GFLOP/img':>10}{'MFU':>7}")
     lines = [head, "-" * len(head)]
     for r in results:
         if "error" in r:
@@ -292,6 +299,7 @@ def table(results: list[dict]) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         lines.append(
             f"{r['method']:<16}{r['params_m']:>9.2f}{r['images_per_s']:>9.1f}{ratio:>9}{r['step_s']:>9.3f}"
+            f"{r.get('warmup_s', float('nan')):>10.1f}"
             f"{r['peak_mem_mib']:>10.0f}{r['step_extra_mib']:>10.0f}{r['gflops_per_image']:>10.2f}{mfu:>7}"
         )
     return "\n".join(lines)

@@ -266,6 +266,10 @@ class TrainConfig:
     # thread count is part of the config (not the machine's default); 0 = leave torch's choice
     num_threads: int = 2
     deterministic: bool = True  # torch.use_deterministic_algorithms (warn-only where none exists)
+    # torch.compile the image encoder in place (state-dict keys unchanged). Off by default: its
+    # kernels round differently from eager (not bit-identical to a run without it) and on the
+    # 2-core CPU the compile time is not won back at the default budget (benchmarks/train_throughput.py)
+    compile: bool = False
 
     def __post_init__(self):
         # the alias is folded into log_with at once, so nothing downstream reads two keys

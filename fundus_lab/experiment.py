@@ -934,6 +934,8 @@ def _pretrain_inputs(mcfg: "C.Config") -> dict:
     d["data"].pop("synth_root", None)  # where the data lives is not what it is (manifest hash below)
     for k in ("output_dir", "progress", "tensorboard", "log_with", "log_every", "save_every", "keep_checkpoints"):
         d["train"].pop(k, None)
+    if not d["train"].get("compile"):  # eager runs keep the keys they had before the switch existed
+        d["train"].pop("compile", None)
     return d
 
 

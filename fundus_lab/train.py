@@ -393,6 +393,14 @@ def prepare_tokenizer(cfg: Config, dataset, run_dir: Path, is_main: bool = True,
     return load_tokenizer(out)
 
 
+def compile_model(model: torch.nn.Module, train: TrainConfig) -> torch.nn.Module:
+    """``train.compile``: compile the image encoder in place (``nn.Module.compile``), where the
+    measured win is; the rest stays eager (whole-model compilation measured slower)."""
+    if train.compile:
+        model.image_encoder.compile()
+    return model
+
+
 def build_run_model(cfg: Config, tokenizer):
     from fundus_lab.models import build_model
 
@@ -732,6 +740,7 @@ def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = Tru
         set_seed(train.seed)  # the same initial weights whatever the tokenizer consumed
         model = build_run_model(cfg, tokenizer)
     model.train()
+    compile_model(model, train)
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train)
     model, optimizer = accelerator.prepare(model, optimizer)
