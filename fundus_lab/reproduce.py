@@ -372,18 +372,24 @@ def machine() -> dict:
 
     import torch
 
-    model = platform.processor() or "unknown"
-    try:
+    model, ident = platform.processor() or "unknown", {}
+    try:  # "AMD EPYC" alone does not say which generation, and generations round differently
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "cpu model", "hardware")):
-                model = line.split(":", 1)[1].strip()
-                break
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key.lower() in ("model name", "cpu model", "hardware") and model == (platform.processor() or "unknown"):
+                model = value
+            elif key in ("cpu family", "model", "stepping") and key not in ident:
+                ident[key] = value
     except OSError:
         pass
+    if ident:
+        model += " (family {}, model {}, stepping {})".format(*(ident.get(k, "?") for k in ("cpu family", "model", "stepping")))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cores": cores, "cpu_count": os.cpu_count(), "cpu_model": model, "machine": platform.machine(),
             "system": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
+            # the SIMD kernels torch dispatches to: runs on different ISAs need not agree bit for bit
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
@@ -406,7 +412,8 @@ def write_summary(run_dir: Path, status: Mapping[str, Mapping[str, Any]], comman
     md = ["# Run record", "", "```", command, "```", "",
           f"- commit: `{info['commit']}`",
           f"- machine: {m['cores']} cores ({m['cpu_count']} CPUs), {m['cpu_model']}, {m['machine']}; "
-          f"torch {m['torch']} with {m['torch_threads']} threads; Python {m['python']}" + (f"; GPU {m['gpu']}" if m["gpu"] else ""),
+          f"torch {m['torch']} with {m['torch_threads']} threads, {m.get('cpu_capability', '?')} kernels; Python {m['python']}"
+          + (f"; GPU {m['gpu']}" if m["gpu"] else ""),
           f"- finished: {info['finished_utc']} UTC", f"- wall time: {info['total_seconds'] / 60:.1f} min in total", "",
           "| notebook | state | seconds |", "|---|---|---:|"]
     md += [f"| {n} | {s['state']} | {s['seconds'] if s['seconds'] is not None else ''} |" for n, s in info["notebooks"].items()]

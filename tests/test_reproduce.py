@@ -239,7 +239,11 @@ def test_write_summary_records_command_commit_machine_and_times(tmp_path):
     assert record["notebooks"]["01_b"] == {"state": "failed", "seconds": 2.0}
     assert len(record["commit"].split("+")[0]) == 40  # this checkout is a git repository
     assert record["machine"]["cores"] >= 1
+    import torch  # the kernels a rerun must share to agree bit for bit
+
+    assert record["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     md = (out / "run.md").read_text()
+    assert f"{record['machine']['cpu_capability']} kernels" in md
     assert "| 00_a | ok | 1.5 |" in md and "## Table 1" in md and (out / "table1.csv").is_file()
 
 
