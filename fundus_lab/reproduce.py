@@ -316,6 +316,7 @@ def reproduce(
     (run_dir / "parameters.json").write_text(json.dumps(parameters, indent=2))
     failure: NotebookFailed | None = None
     started = time.perf_counter()
+    commit_at_start = git_commit()  # the code the notebooks run, even if HEAD moves during the run
     log(f"fundus-lab reproduce: preset={preset}, {len(paths)} notebooks -> {run_dir}")
     for i, path in enumerate(paths, 1):
         out = run_dir / "notebooks" / path.name
@@ -339,7 +340,7 @@ def reproduce(
                            + (["--data-root", str(data_root)] if data_root is not None else [])
                            + (["--methods", *methods] if methods else []) + ["--name", run_name]
                            + (["--notebooks", *notebooks] if notebooks else []) + list(overrides or []))
-    write_summary(run_dir, status, command, time.perf_counter() - started)
+    write_summary(run_dir, status, command, time.perf_counter() - started, commit=commit_at_start)
     log(f"index: {run_dir / 'index.html'}; summary: {run_dir / 'results'}")
     if failure is not None:
         raise failure
@@ -393,7 +394,8 @@ def machine() -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def write_summary(run_dir: Path, status: Mapping[str, Mapping[str, Any]], command: str, total_seconds: float) -> Path:
+def write_summary(run_dir: Path, status: Mapping[str, Mapping[str, Any]], command: str, total_seconds: float,
+                  commit: str | None = None) -> Path:
     """``run_dir/results/``: table1.md/.csv, and ``run.md`` + ``run.json`` with the exact
     command, the git commit, the machine and the wall time per notebook and in total."""
     import shutil
@@ -403,14 +405,15 @@ def write_summary(run_dir: Path, status: Mapping[str, Mapping[str, Any]], comman
     for name in ("table1.md", "table1.csv", "few_shot.md", "explanation_scores.txt", "explanation_scores.csv"):
         if (Path(run_dir) / name).is_file():
             shutil.copy(Path(run_dir) / name, out / name)
-    info = {"command": command, "commit": git_commit(), "machine": machine(),
+    at_end = git_commit()
+    info = {"command": command, "commit": commit or at_end, "machine": machine(),
             "finished_utc": f"{datetime.utcnow():%Y-%m-%d %H:%M:%S}",
             "notebooks": {n: {"state": s["state"], "seconds": s.get("seconds")} for n, s in status.items()},
             "total_seconds": round(total_seconds, 1)}
     (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")
     m = info["machine"]
     md = ["# Run record", "", "```", command, "```", "",
-          f"- commit: `{info['commit']}`",
+          f"- commit: `{info['commit']}`" + (f" (HEAD moved to `{at_end}` during the run)" if at_end != info["commit"] else ""),
           f"- machine: {m['cores']} cores ({m['cpu_count']} CPUs), {m['cpu_model']}, {m['machine']}; "
           f"torch {m['torch']} with {m['torch_threads']} threads, {m.get('cpu_capability', '?')} kernels; Python {m['python']}"
           + (f"; GPU {m['gpu']}" if m["gpu"] else ""),

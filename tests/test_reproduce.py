@@ -244,6 +244,9 @@ def test_write_summary_records_command_commit_machine_and_times(tmp_path):
     assert record["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     md = (out / "run.md").read_text()
     assert f"{record['machine']['cpu_capability']} kernels" in md
+    moved = json.loads((rp.write_summary(tmp_path, status, "x", 1.0, commit="0" * 40) / "run.json").read_text())
+    assert moved["commit"] == "0" * 40  # the commit the run started on, not HEAD at its end
+    assert "HEAD moved to" in (tmp_path / "results" / "run.md").read_text()
     assert "| 00_a | ok | 1.5 |" in md and "## Table 1" in md and (out / "table1.csv").is_file()
 
 
