@@ -11,18 +11,12 @@ from pathlib import Path
 import pytest
 
 from fundus_lab import config as C
+from test_eval_compare import MODEL_TINY
 from test_external_models import save_tiny_open_clip
 
 pytestmark = pytest.mark.filterwarnings("ignore:fewer than k")  # tiny data: validation draws fall short
 
-TINY = [
-    "model.img_size=32", "model.patch_size=16", "model.vision_width=32", "model.vision_depth=2",
-    "model.vision_heads=2", "model.text_width=32", "model.text_depth=1", "model.text_heads=2",
-    "model.embed_dim=32", "model.fusion_heads=2", "model.decoder_width=32", "model.decoder_depth=1",
-    "model.decoder_heads=2", "model.caption_depth=1", "model.vocab_size=500",
-    "data.image_size=32", "data.synth_n=64", "data.synth_eval_n=60", "data.synth_image_size=32",
-    "data.augment=false", "train.steps=2", "train.batch_size=8", "train.warmup_steps=1", "train.log_every=1",
-    "train.tensorboard=false", "train.progress=false",
+TINY = MODEL_TINY + [
     "eval.shots=[1,2]", "eval.seeds=2", "eval.bootstrap=20", "eval.batch_size=16", "eval.progress=false",
 ]
 PROTOCOLS = ["zero_shot", "few_shot"]
