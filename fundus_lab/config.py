@@ -268,7 +268,7 @@ class TrainConfig:
     deterministic: bool = True  # torch.use_deterministic_algorithms (warn-only where none exists)
     # torch.compile the image encoder in place (state-dict keys unchanged). Off by default: its
     # kernels round differently from eager (not bit-identical to a run without it) and on the
-    # 2-core CPU the compile time is not won back at the default budget (benchmarks/train_throughput.py)
+    # 2-core CPU the compiled step measured 11 % slower (results/benchmarks/compile.md)
     compile: bool = False
 
     def __post_init__(self):

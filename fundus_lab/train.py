@@ -394,8 +394,9 @@ def prepare_tokenizer(cfg: Config, dataset, run_dir: Path, is_main: bool = True,
 
 
 def compile_model(model: torch.nn.Module, train: TrainConfig) -> torch.nn.Module:
-    """``train.compile``: compile the image encoder in place (``nn.Module.compile``), where the
-    measured win is; the rest stays eager (whole-model compilation measured slower)."""
+    """``train.compile``: compile the image encoder in place (``nn.Module.compile``, so the
+    state-dict keys stay those of the eager model). Compiling every submodule measured slower
+    still; on the 2-core CPU even this one is (results/benchmarks/compile.md), hence off by default."""
     if train.compile:
         model.image_encoder.compile()
     return model
