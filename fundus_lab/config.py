@@ -65,6 +65,9 @@ class ModelConfig:
     text_max_length: int = 192  # fits the longest synthetic "both" text (definitions + report, 154 tokens measured)
     text_pretrained: Optional[str] = None
     tokenizer: Optional[str] = None
+    # the text feature the contrastive projection reads: "cls" (the [CLS] token, BERT-style)
+    # or "mean" (the mean of the non-padding tokens, as FLAIR pools its BERT)
+    text_pooling: Literal["cls", "mean"] = "cls"
     vocab_size: int = 4000
     embed_dim: int = 256
     fusion_depth: int = 1
@@ -113,6 +116,8 @@ class MethodConfig:
     - ``labels_from``: which labels the label-aware losses read: ``ground_truth`` (the
       dataset's) or ``report_keywords`` (ViLReF: extracted from each report by the
       knowledge base's keyword rules).
+    - ``text_init``: where the text tower (encoder and projection) starts: ``random`` or
+      ``teacher`` (EVA-CLIP: copied from the CLIP ``teacher_checkpoint``'s text tower).
     """
 
     name: str = "ours"
@@ -141,6 +146,7 @@ class MethodConfig:
     num_labels: int = 8
     labels_from: Literal["ground_truth", "report_keywords"] = "ground_truth"
     coca_pool_queries: int = 16
+    text_init: Literal["random", "teacher"] = "random"
 
 
 @dataclass

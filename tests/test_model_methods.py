@@ -108,9 +108,11 @@ def test_one_step_moves_exactly_the_right_parameters(case, tokenizer):
     roots = MOVES[case]
     idle = IDLE.get(case, set())
     if name == "visionclip":
-        # timm's ResNet zero-initialises each bottleneck's last BN (zero_init_last): at the
-        # first step no gradient reaches the layers before it inside the residual branch
-        idle = idle | {n for n in before if re.match(r"image_encoder\.trunk\.layer\d\.\d+\.(conv[123]|bn[12])\.", n)}
+        # timm's CLIP ResNet (ByobNet) zero-initialises each bottleneck's last BN
+        # (zero_init_last): at the first step no gradient reaches the layers before it
+        # inside the residual branch
+        idle = idle | {n for n in before
+                       if re.match(r"image_encoder\.trunk\.stages\.\d\.\d+\.(conv1_1x1|conv2_kxk|conv3_1x1\.conv)\.", n)}
     should = {n for n in before if n.split(".")[0] in roots and n not in idle}
     assert not should - moved, f"{case}: parameters that did not train: {sorted(should - moved)[:8]}"
     assert not moved - should, f"{case}: parameters that should not move: {sorted(moved - should)[:8]}"
@@ -165,7 +167,8 @@ def test_encoders_give_normalised_embeddings(name, tokenizer):
     width = 16 if model.use_contrastive else 32
     assert z.shape == (4, width) and torch.allclose(z.norm(dim=-1), torch.ones(4))
     tower = model.image_encoder  # the preset ViT: width 32; ResNet-50: width 2048
-    assert feats["cls"].shape == (4, tower.width) and feats["tokens"].shape == (4, tower.num_patches, tower.width)
+    pooled_width = 16 if model.coca else tower.width  # CoCa: the attentional pool, projected (open_clip's encode_image)
+    assert feats["cls"].shape == (4, pooled_width) and feats["tokens"].shape == (4, tower.num_patches, tower.width)
     if model.use_contrastive:
         zt = model.encode_text(TEXTS)
         assert zt.shape == (4, 16) and torch.allclose(zt.norm(dim=-1), torch.ones(4), atol=1e-6)
@@ -205,9 +208,9 @@ def test_unused_modules_are_not_built(name, tokenizer):
 
 
 def test_visionclip_resnet50_trains_and_evaluates_zero_shot(tokenizer):
-    """VisionCLIP: CLIP with timm's ResNet-50 image tower, one step and zero-shot scores."""
+    """VisionCLIP: CLIP with timm's CLIP ResNet-50 image tower, one step and zero-shot scores."""
     model = tiny_model("visionclip", tokenizer).train()
-    assert model.model_cfg.image_encoder == "resnet50"
+    assert model.model_cfg.image_encoder == "resnet50_clip"
     out = model(batch())
     out["loss"].backward()
     assert all(p.grad is not None for n, p in model.image_encoder.named_parameters() if p.requires_grad)

@@ -60,8 +60,10 @@ def layer_id(name: str, n_blocks: int) -> int:
 def param_groups(classifier: FineTuneClassifier, lr: float, layer_decay: float, weight_decay: float) -> list[dict]:
     """AdamW groups with lr * layer_decay^(L + 1 - layer) and no decay on 1-d params / tokens.
 
-    Only the image encoder and the head are trained; other parts of the backbone (text
-    branch, decoders) are frozen because the classifier never uses them.
+    Only the image encoder, the modules its pooled feature passes through
+    (``backbone.image_feature_modules``: CoCa's attentional pooler and projection, at the
+    head's lr) and the head are trained; other parts of the backbone (text branch,
+    decoders) are frozen because the classifier never uses them.
     """
     from fundus_lab.train import no_weight_decay  # train imports config, which imports eval
 
@@ -85,6 +87,9 @@ def param_groups(classifier: FineTuneClassifier, lr: float, layer_decay: float, 
 
     for name, p in encoder.named_parameters():
         add(name, p, layer_id(name, n_blocks))
+    for module_name in getattr(classifier.backbone, "image_feature_modules", ()):
+        for name, p in getattr(classifier.backbone, module_name).named_parameters():
+            add(f"{module_name}.{name}", p, n_blocks + 1)
     for name, p in classifier.head.named_parameters():
         add(name, p, n_blocks + 1)
     return [groups[k] for k in sorted(groups)]
@@ -108,9 +113,10 @@ def class_balanced_weights(labels: np.ndarray, n_classes: int, beta: float = 0.9
 
 def _width(model: nn.Module, sample: torch.Tensor) -> int:
     encoder = model.image_encoder
-    for attr in ("num_features", "embed_dim"):
-        if isinstance(getattr(encoder, attr, None), int):
-            return getattr(encoder, attr)
+    if not getattr(model, "image_feature_modules", ()):  # else the pooled feature is not the encoder's width (CoCa)
+        for attr in ("num_features", "embed_dim"):
+            if isinstance(getattr(encoder, attr, None), int):
+                return getattr(encoder, attr)
     with torch.no_grad():
         return int(model.image_features(sample[None], mask_ratio=0.0)["cls"].shape[-1])
 

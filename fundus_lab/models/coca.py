@@ -36,6 +36,15 @@ def causal_mask(attention_mask: torch.Tensor, extra: int = 0) -> torch.Tensor:
 class CoCaTextEncoder(nn.Module):
     """CoCa's unimodal text layers: ``forward(ids, mask) -> dict(tokens, cls, attention_mask)``.
 
+    A text's CLS embedding does not depend on its batch-mates. open_clip pads every text to
+    a fixed ``context_length`` and appends the CLS after it (position ``context_length``);
+    the CLS attends to the real tokens only (its padding mask), and the causal mask keeps
+    real tokens from seeing the padding after them. We pad to the batch's longest text
+    instead (cheaper) and give the CLS the same fixed slot, position ``max_length``, so the
+    CLS reads exactly what open_clip's reads: the text's own tokens at positions 0..len-1
+    and itself at the end of the context. (Appending it at the batch's padded length, as
+    before, made its position, hence its embedding, change with the other texts.)
+
     Args:
         vocab_size, max_length: tokenizer size and longest text (the CLS takes one more position).
         width, depth, num_heads, mlp_ratio: the unimodal layers.
@@ -61,7 +70,11 @@ class CoCaTextEncoder(nn.Module):
         if t > self.max_length:
             raise ValueError(f"text of {t} tokens is longer than model.text_max_length={self.max_length}")
         x = self.token_embed(input_ids)
-        x = torch.cat([x, self.cls_token.to(x.dtype).expand(n, -1, -1)], dim=1) + self.pos_embed[:, : t + 1].to(x.dtype)
+        x = x + self.pos_embed[:, :t].to(x.dtype)
+        # the CLS sits at the fixed-context slot (position max_length) whatever the batch's
+        # padded length t, as open_clip's CLS after its fixed context_length
+        cls = self.cls_token + self.pos_embed[:, self.max_length : self.max_length + 1]
+        x = torch.cat([x, cls.to(x.dtype).expand(n, -1, -1)], dim=1)
         mask = causal_mask(attention_mask, extra=1)
         for blk in self.blocks:
             x = blk(x, attn_mask=mask)

@@ -111,6 +111,9 @@ def validate_method(m: MethodConfig) -> None:
         raise ValueError("method.caption_mode='autoregressive' (CoCa) cross-attends inside its decoder; set method.cross_attention=false")
     if m.caption_mode == "autoregressive" and m.caption_weight > 0 and m.coca_pool_queries < 1:
         raise ValueError(f"method.coca_pool_queries={m.coca_pool_queries}: expected >= 1")
+    if m.text_init == "teacher" and not (m.image_gen_weight > 0 and m.image_gen_target == "teacher" and m.contrastive_weight > 0):
+        raise ValueError("method.text_init='teacher' copies the text tower of the teacher (EVA-CLIP); it needs "
+                         "image_gen_target='teacher', image_gen_weight > 0 and contrastive_weight > 0")
 
 
 def stage1_steps(fraction: float, total_steps: int) -> int:
@@ -166,6 +169,9 @@ class FundusVLM(nn.Module):
             if tokenizer is None:
                 raise ValueError(f"method {m.name!r} has a text branch: build_model needs a tokenizer")
             if self.coca:  # CoCa: one causal stack; these are its unimodal layers
+                if model_cfg.text_pooling != "cls":
+                    raise ValueError(f"model.text_pooling={model_cfg.text_pooling!r}: CoCa's contrastive text feature is "
+                                     "its appended CLS token (method.caption_mode='autoregressive'); set model.text_pooling='cls'")
                 self.text_encoder = CoCaTextEncoder(
                     vocab, model_cfg.text_max_length, model_cfg.text_width, model_cfg.text_depth,
                     model_cfg.text_heads, model_cfg.mlp_ratio,
@@ -349,10 +355,31 @@ class FundusVLM(nn.Module):
 
     # ------------------------------------------------------------------ encoders (inference API)
     def image_features(self, images: torch.Tensor, mask_ratio: float = 0.0) -> dict:
-        """ViT features for probes / fine-tuning: dict(cls ``[N, W]``, tokens ``[N, L', W]`` (patches
-        only), mask ``[N, L]``, ids_restore ``[N, L]``)."""
+        """Features for probes / fine-tuning: dict(cls ``[N, W]``, tokens ``[N, L', W]`` (patches
+        only), mask ``[N, L]``, ids_restore ``[N, L]``).
+
+        ``cls`` is the pooled image feature: the tower's CLS (or a CNN's pool), except for
+        CoCa, whose image feature is its attentional pool through the image projection,
+        what open_clip's ``CoCa.encode_image(normalize=False)`` returns (open_clip's
+        visual tower projects the pooled token; there is no other pooled output).
+        """
         out = self.image_encoder(images, mask_ratio)
-        return {"cls": out["cls"], "tokens": out["tokens"][:, 1:], "mask": out["mask"], "ids_restore": out["ids_restore"]}
+        pooled = self.image_proj(self.image_embedding_input(out)) if self.coca and self.use_contrastive else out["cls"]
+        return {"cls": pooled, "tokens": out["tokens"][:, 1:], "mask": out["mask"], "ids_restore": out["ids_restore"]}
+
+    @property
+    def image_feature_modules(self) -> tuple[str, ...]:
+        """Top-level modules besides ``image_encoder`` that ``image_features`` reads, which
+        fine-tuning trains with the encoder (CoCa: its contrastive pooler and projection)."""
+        return ("contrastive_pooler", "image_proj") if self.coca and self.use_contrastive else ()
+
+    def text_embedding_input(self, text: dict) -> torch.Tensor:
+        """The pooled text feature the contrastive projection reads (``model.text_pooling``):
+        the [CLS] / CoCa CLS token, or the mean of the non-padding tokens (FLAIR)."""
+        if self.model_cfg.text_pooling == "mean" and not self.coca:
+            keep = text["attention_mask"].unsqueeze(-1).to(text["tokens"].dtype)  # [N, T, 1]
+            return (text["tokens"] * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        return text["cls"]
 
     def image_embedding_input(self, enc: dict) -> torch.Tensor:
         """The pooled image feature the contrastive projection reads: the CLS token, or
@@ -371,7 +398,7 @@ class FundusVLM(nn.Module):
         """list[str] -> ``[N, D]`` L2-normalised."""
         self._require("text embedding", self.use_contrastive, "it learns no image-text alignment (contrastive_weight is 0)")
         ids, attn = self.tokenize(texts)
-        return F.normalize(self.text_proj(self.text_encoder(ids, attn)["cls"]), dim=-1)
+        return F.normalize(self.text_proj(self.text_embedding_input(self.text_encoder(ids, attn))), dim=-1)
 
     def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
         """Patch tokens through the CLS projection, ``[N, L, D]`` L2-normalised.
@@ -481,14 +508,18 @@ class FundusVLM(nn.Module):
                 raise KeyError(f"method {m.name!r} needs batch['text'] (one text per image)")
             ids, attn = self.tokenize(batch["text"])
             targets = None
-            if self.coca:  # teacher forcing: the stack reads ids[:-1] and predicts ids[1:]
-                ids, attn, targets = ids[:, :-1], attn[:, :-1], ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
+            if self.coca:  # as open_clip's CoCa.forward: the CLS reads the whole text, the
+                # captioner the unimodal tokens of ids[:-1] predicting ids[1:] (teacher forcing)
+                full = self.text_encoder(ids, attn)
+                targets = ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
+                ids, attn = ids[:, :-1], attn[:, :-1]
+                enc[("text", "full")] = {**full, "tokens": full["tokens"][:, :-1], "attention_mask": attn}
             if "masked" in plan["text"]:
                 masked_ids, masked_targets = mask_tokens(ids, attn, m.text_mask_ratio, self.tokenizer.mask_token_id, self._special_ids())
                 # eq. 6 sums over all T tokens; "masked" scores only the masked ones (MLM)
                 targets = masked_targets if m.caption_targets == "masked" else ids.masked_fill(attn == 0, -100)
                 enc[("text", "masked")] = self.text_encoder(masked_ids, attn)
-            if "full" in plan["text"]:
+            if "full" in plan["text"] and not self.coca:
                 enc[("text", "full")] = self.text_encoder(ids, attn)
             enc.update(input_ids=ids, attention_mask=attn, text_targets=targets)
         return enc
@@ -501,7 +532,7 @@ class FundusVLM(nn.Module):
         if k == 0:
             return
         zi = F.normalize(self.momentum_image_proj(self.momentum_image_encoder(images)["cls"]), dim=-1)
-        zt = F.normalize(self.momentum_text_proj(self.momentum_text_encoder(ids, attn)["cls"]), dim=-1)
+        zt = F.normalize(self.momentum_text_proj(self.text_embedding_input(self.momentum_text_encoder(ids, attn))), dim=-1)
         y = L._labels_as_matrix(torch.as_tensor(labels).to(self.device), self.method_cfg.num_labels)
         zi, zt, y = L.gather_no_grad(zi), L.gather_no_grad(zt), L.gather_no_grad(y)
         n = zi.shape[0]
@@ -667,10 +698,12 @@ def build_model(model_cfg: ModelConfig, method_cfg: MethodConfig, tokenizer=None
       else one trained on the knowledge base.
     - ``model.text_pretrained``: a local HF checkpoint directory (safetensors) for ``E_text``.
     - ``method.teacher_checkpoint``: a ``save_pretrained`` directory (a trained CLIP) whose
-      image encoder becomes EVA's frozen teacher. Without one the teacher is a frozen,
-      randomly initialised copy of the student's ViT: a runnable stand-in, not the EVA
-      recipe, which needs a trained CLIP teacher (``fundus-lab compare`` trains ``clip``
-      first and passes its checkpoint).
+      image encoder becomes EVA's frozen teacher and, with ``method.text_init: teacher``,
+      whose text tower (encoder and projection) is where EVA's text tower starts (EVA-CLIP
+      starts from a pretrained CLIP text encoder). Without one the teacher is a frozen,
+      randomly initialised copy of the student's ViT and the text tower is random: a
+      runnable stand-in, not the EVA recipe, and a loud warning says so
+      (``fundus-lab compare`` trains ``clip`` first and passes its checkpoint).
     """
     has_text = method_cfg.contrastive_weight > 0 or method_cfg.caption_weight > 0
     if has_text and tokenizer is None:
@@ -697,9 +730,37 @@ def build_model(model_cfg: ModelConfig, method_cfg: MethodConfig, tokenizer=None
         model.text_encoder.load_state_dict(text_encoder.state_dict(), strict=True)
     if uses_teacher and method_cfg.teacher_checkpoint:
         _load_weights(model.teacher, Path(method_cfg.teacher_checkpoint) / WEIGHTS_NAME, prefix="image_encoder.")
+        if method_cfg.text_init == "teacher":
+            load_teacher_text_tower(model, Path(method_cfg.teacher_checkpoint))
+    elif uses_teacher:
+        warnings.warn(
+            f"method {method_cfg.name!r} has no method.teacher_checkpoint: its teacher is a FROZEN RANDOM ViT"
+            + (" and its text tower starts RANDOM instead of from the teacher's (method.text_init='teacher')"
+               if method_cfg.text_init == "teacher" else "")
+            + ". This runs, but it is not the EVA-CLIP recipe; pass a trained CLIP checkpoint as "
+            "method.teacher_checkpoint (fundus-lab compare trains clip first and does so).",
+            UserWarning, stacklevel=2)
     if model.use_momentum:  # momentum encoders start equal to the online ones
         model.momentum_text_encoder.load_state_dict(model.text_encoder.state_dict())
     return model
+
+
+def load_teacher_text_tower(model: FundusVLM, teacher: Path) -> None:
+    """EVA-CLIP's text initialisation: copy the CLIP teacher checkpoint's text encoder and
+    text projection into ``model`` (the teacher must share the model's tokenizer and text sizes)."""
+    data = _read_checkpoint_config(teacher)
+    if (teacher / TOKENIZER_DIR).is_dir() and model.tokenizer is not None:
+        from fundus_lab.data.tokenizer import load_tokenizer
+
+        if load_tokenizer(teacher / TOKENIZER_DIR).get_vocab() != model.tokenizer.get_vocab():
+            raise CheckpointError(f"method.teacher_checkpoint={str(teacher)!r}: its tokenizer differs from the model's; "
+                                  "method.text_init='teacher' needs the same tokenizer (train the teacher with the same model.* settings)")
+    if data.get("method", {}).get("contrastive_weight", 0) <= 0:
+        raise CheckpointError(f"method.teacher_checkpoint={str(teacher)!r} has no contrastive text tower to start from "
+                              "(contrastive_weight is 0); method.text_init='teacher' needs a CLIP-like teacher")
+    weights = teacher / WEIGHTS_NAME
+    _load_weights(model.text_encoder, weights, prefix="text_encoder.")
+    _load_weights(model.text_proj, weights, prefix="text_proj.")
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> FundusVLM:

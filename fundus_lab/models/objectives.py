@@ -55,7 +55,7 @@ class Contrastive(Objective):
     def __call__(self, model, enc, batch):
         image = enc[("image", model.context_image_ratio())]
         text = enc[("text", model.context_text_view())]
-        return model.forward_contrastive(model.image_embedding_input(image), text["cls"], batch.get("label"))
+        return model.forward_contrastive(model.image_embedding_input(image), model.text_embedding_input(text), batch.get("label"))
 
 
 class ImageGeneration(Objective):
