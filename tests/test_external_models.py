@@ -48,9 +48,9 @@ def open_clip_file(tmp_path_factory):
     return save_tiny_open_clip(folder), folder
 
 
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
-    """A random transformers CLIPModel folder with a tokenizer and preprocessor config."""
+def save_tiny_hf_clip(folder):
+    """A random transformers CLIPModel saved in ``folder`` with a tokenizer and preprocessor
+    config (other test modules build their outside models with it). Returns (model, tokenizer)."""
     from transformers import CLIPConfig, CLIPModel
 
     from fundus_lab.data.tokenizer import default_corpus, train_tokenizer
@@ -66,11 +66,17 @@ def hf_folder(tmp_path_factory):
     )
     torch.manual_seed(1)
     src = CLIPModel(cfg).eval()
-    folder = tmp_path_factory.mktemp("hf_clip")
     src.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": list(MEAN), "image_std": list(STD)}))
-    return src, tok, folder
+    return src, tok
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A random transformers CLIPModel folder with a tokenizer and preprocessor config."""
+    folder = tmp_path_factory.mktemp("hf_clip")
+    return (*save_tiny_hf_clip(folder), folder)
 
 
 def _features(out):
