@@ -936,6 +936,17 @@ def _pretrain_inputs(mcfg: "C.Config") -> dict:
         d["train"].pop(k, None)
     if not d["train"].get("compile"):  # eager runs keep the keys they had before the switch existed
         d["train"].pop("compile", None)
+    # switches added for issue 17 enter a key only when set away from their default (eva,
+    # flair), so the methods they do not touch keep their cached runs
+    if d["model"].get("text_pooling") == "cls":
+        d["model"].pop("text_pooling")
+    if d["method"].get("text_init") == "random":
+        d["method"].pop("text_init")
+    from fundus_lab.models.model import code_revision
+
+    revision = code_revision(mcfg.method)
+    if revision is not None:  # a code change the config does not show (CoCa's CLS position): old runs retrain
+        d["code_revision"] = revision
     return d
 
 

@@ -169,3 +169,20 @@ def test_flair_config_mean_pools_and_coca_refuses_mean(tokenizer):
 def test_vilref_trains_on_reports():
     cfg = C.load_config(preset="smoke", method="vilref")
     assert cfg.data.text_source == "report" and cfg.method.labels_from == "report_keywords"
+
+
+# ---------------------------------------------------------------------- pretraining cache keys
+
+
+def test_coca_code_revision_enters_its_cache_key_only():
+    """The changed baselines get new pretraining keys (their configs, or CoCa's code revision);
+    the methods this issue does not touch keep the keys of their cached runs."""
+    from fundus_lab.experiment import _pretrain_inputs
+
+    inputs = {m: _pretrain_inputs(C.load_config(preset="smoke", method=m)) for m in ("clip", "ours", "coca", "flair", "eva")}
+    for m in ("clip", "ours"):
+        assert "code_revision" not in inputs[m]
+        assert "text_pooling" not in inputs[m]["model"] and "text_init" not in inputs[m]["method"]
+    assert inputs["coca"]["code_revision"] == 2
+    assert inputs["flair"]["model"]["text_pooling"] == "mean"
+    assert inputs["eva"]["method"]["text_init"] == "teacher"

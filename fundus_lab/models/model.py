@@ -116,6 +116,20 @@ def validate_method(m: MethodConfig) -> None:
                          "image_gen_target='teacher', image_gen_weight > 0 and contrastive_weight > 0")
 
 
+def code_revision(m: MethodConfig) -> int | None:
+    """A revision of a method's code that changes what its pretraining learns where its config
+    does not show it, or None. Part of the pretraining cache key
+    (``experiment._pretrain_inputs``), so runs cached before the change retrain; methods
+    without one keep the keys they had.
+
+    CoCa 2: the text CLS at the fixed-context position (issue 17); before, at the batch's
+    padded length, a position the CLS of a new checkpoint is never trained at.
+    """
+    if m.caption_weight > 0 and m.caption_mode == "autoregressive":
+        return 2
+    return None
+
+
 def stage1_steps(fraction: float, total_steps: int) -> int:
     """Steps of stage 1 in a two-stage run of ``total_steps`` (EVA-CLIP); stage 2 takes the
     rest, so the images seen over both stages are exactly the run's budget."""
