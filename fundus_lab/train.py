@@ -375,7 +375,8 @@ def collate(items: list[dict]) -> dict:
 
 
 def prepare_tokenizer(cfg: Config, dataset, run_dir: Path, is_main: bool = True, wait: Callable[[], None] = lambda: None):
-    """``cfg.model.tokenizer`` if given, else the run's own (trained once, kept in ``run_dir/tokenizer``)."""
+    """``cfg.model.tokenizer`` if given, else the teacher's where the text tower starts from it
+    (``method.text_init: teacher``), else the run's own (trained once, kept in ``run_dir/tokenizer``)."""
     from fundus_lab.data.tokenizer import load_tokenizer, train_tokenizer
 
     if cfg.model.tokenizer:
@@ -384,6 +385,9 @@ def prepare_tokenizer(cfg: Config, dataset, run_dir: Path, is_main: bool = True,
         return load_tokenizer(cfg.model.text_pretrained)
     if cfg.method.contrastive_weight <= 0 and cfg.method.caption_weight <= 0:
         return None  # image-only (MAE): no text branch
+    teacher = Path(cfg.method.teacher_checkpoint or "") / "tokenizer"
+    if cfg.method.text_init == "teacher" and cfg.method.teacher_checkpoint and teacher.is_dir():
+        return load_tokenizer(teacher)  # EVA-CLIP: the text tower starts from the teacher's, with its vocabulary
     out = run_dir / "tokenizer"
     if not out.is_dir():
         if is_main:

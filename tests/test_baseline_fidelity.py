@@ -186,3 +186,13 @@ def test_coca_code_revision_enters_its_cache_key_only():
     assert inputs["coca"]["code_revision"] == 2
     assert inputs["flair"]["model"]["text_pooling"] == "mean"
     assert inputs["eva"]["method"]["text_init"] == "teacher"
+
+
+def test_eva_run_takes_the_teachers_tokenizer(clip_teacher, tmp_path):
+    """The text tower starts from the teacher's, so the run reads text with its vocabulary."""
+    from fundus_lab.train import prepare_tokenizer
+
+    clip, folder = clip_teacher
+    cfg = C.load_config(preset="smoke", method="eva", overrides={"method.teacher_checkpoint": str(folder)})
+    assert prepare_tokenizer(cfg, None, tmp_path).get_vocab() == clip.tokenizer.get_vocab()
+    assert not (tmp_path / "tokenizer").exists()  # no vocabulary of its own
