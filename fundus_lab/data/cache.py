@@ -170,7 +170,7 @@ def _write(path: Path, ds, records: Sequence, fov: bool, progress: bool) -> np.n
         for i in it:
             try:
                 source = ds._source(records[i])
-                rgb = img.as_rgb8(source) if isinstance(source, np.ndarray) else img.read_image(source, draft_size=2 * s)
+                rgb = img.as_rgb8(source, record_id(records[i])) if isinstance(source, np.ndarray) else img.read_image(source, draft_size=2 * s)
                 out[i] = img.prepare(rgb, s, fov_crop=fov)
             except ImageError:
                 ok[i] = False
