@@ -9,6 +9,7 @@ before decoding, so one image stays under 1 GB of peak memory.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -129,3 +130,37 @@ def test_opaque_palette_image_reads_as_before(tmp_path):
     im.save(tmp_path / "p.png")
     want = np.asarray(im.convert("RGB"))
     np.testing.assert_array_equal(I.read_image(tmp_path / "p.png"), want)
+
+
+def test_a_palette_upload_with_transparency_is_reduced_before_conversion():
+    """The prompt playground's upload path (widgets.load_image_bytes) with a 6000 x 6000
+    palette PNG with a transparent entry: it used to go through the RGBA float conversion
+    at full size (1.9 GB above baseline, measured); the palette is now expanded and reduced first."""
+    script = textwrap.dedent("""
+        import io, json, resource
+        import numpy as np
+        from PIL import Image
+        from fundus_lab import widgets
+        arr = np.zeros((6000, 6000), np.uint8)
+        arr[2000:4000, 2000:4000] = 1
+        im = Image.fromarray(arr, "P")
+        im.putpalette([0, 0, 0, 180, 60, 20] + [0] * 762)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", transparency=0)
+        del arr, im
+        data = buf.getvalue()
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        img = widgets.load_image_bytes(data, "pal.png")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        centre = np.asarray(img)[img.size[1] // 2, img.size[0] // 2].tolist()
+        print(json.dumps({"bytes": len(data), "side": max(img.size), "centre": centre, "extra_mb": (peak - base) // 1024}))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    from fundus_lab import widgets
+
+    assert got["bytes"] < 200_000 and got["side"] <= 2 * widgets.MAX_SIDE
+    assert got["centre"] == [180, 60, 20]  # the opaque centre keeps its colour
+    assert got["extra_mb"] < 1000, got  # was 1944 MB
