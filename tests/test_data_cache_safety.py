@@ -72,6 +72,39 @@ def test_full_disk_at_allocation_is_a_cache_write_error_without_temp_file(manife
     assert _leftovers(tmp_path / "c") == []
 
 
+class _FullAfter:
+    """A file whose disk fills after ``limit`` bytes: ``write`` raises ENOSPC, as a real one does."""
+
+    def __init__(self, f, limit: int):
+        self.f, self.left = f, limit
+
+    def write(self, data) -> int:
+        if len(data) > self.left:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.left -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_full_disk_during_ordinary_writes_is_a_cache_write_error_without_temp_file(manifest, tmp_path, monkeypatch):
+    real_fdopen = os.fdopen
+    monkeypatch.delattr(os, "posix_fallocate")  # a filesystem without it: the writes must fail cleanly
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: _FullAfter(real_fdopen(fd, mode, *a, **k), 700_000)
+                        if mode == "wb" else real_fdopen(fd, mode, *a, **k))
+    with pytest.raises(C.CacheWriteError, match=r"synth-fives-all-300-.*\.u8\.npy: No space left on device \(the disk "
+                       r"is full: it needs 216\d{4} bytes"):
+        open_dataset(manifest, split=None, image_size=300, image_cache=True, image_cache_dir=tmp_path / "c")
+    assert _leftovers(tmp_path / "c") == []
+
+
 PROBE = textwrap.dedent("""
     import os, sys
     if sys.argv[3] == "no-fallocate":
