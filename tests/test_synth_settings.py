@@ -62,3 +62,18 @@ def test_matching_or_empty_folders_and_overwrite_still_generate(tmp_path):
     assert snapshot(out) == before
     synth.generate(out, "pretrain", n=6, seed=0, image_size=32, workers=1, overwrite=True)  # asked for
     assert len((out / "labels.csv").read_text().splitlines()) == 7
+
+
+def test_cli_synth_refuses_other_settings_and_overwrites_on_request(tmp_path, capsys):
+    from fundus_lab.cli import main
+
+    args = ["synth", "--out", str(tmp_path), "--task", "fives", "--n", "4", "--image-size", "32", "--workers", "1"]
+    assert main(args) == 0
+    before = snapshot(tmp_path / "synth-fives")
+    capsys.readouterr()
+    assert main(args[:-4] + ["--image-size", "48", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "image_size 32 on disk, 48 asked" in err and "--overwrite" in err
+    assert snapshot(tmp_path / "synth-fives") == before
+    assert main(args[:-4] + ["--image-size", "48", "--workers", "1", "--overwrite"]) == 0
+    assert '"image_size": 48' in (tmp_path / "synth-fives" / "synth.json").read_text()

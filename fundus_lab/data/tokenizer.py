@@ -120,8 +120,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     except Exception as err:  # noqa: BLE001 -- the tokenizers library raises bare Exceptions on bad files
         from fundus_lab.checkpoint import CheckpointError
 
-        raise CheckpointError(f"tokenizer {path} cannot be loaded ({type(err).__name__}: {err}); its files are "
-                              "damaged: restore the folder from a good copy of the checkpoint") from None
+        raise CheckpointError(f"tokenizer {path} cannot be loaded ({type(err).__name__}: {err}); if one of its "
+                              "files is damaged, restore the folder from a good copy of the checkpoint") from None
     missing = [name for name in ("pad_token", "cls_token", "mask_token") if getattr(tok, name) is None]
     if missing:
         raise ValueError(f"tokenizer {path}: no {', '.join(missing)}; fundus_lab needs [PAD], [CLS] and [MASK]")
