@@ -21,6 +21,7 @@ reachable until the new one is.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -288,6 +289,23 @@ def read_json_file(path: Path, missing_hint: str = "") -> dict:
     return data
 
 
+def _disk_full(err: BaseException) -> bool:
+    """ENOSPC/EDQUOT, whether raised as an OSError or inside safetensors' own SafetensorError
+    (which carries the OS error only in its message)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return type(err).__name__ == "SafetensorError" and any(
+        s in text for s in ("No space left on device", "Disk quota exceeded", f"os error {errno.ENOSPC}"))
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free} bytes are free in {folder}"
+    except OSError:
+        return f"the free space in {folder} is unknown"
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -306,7 +324,9 @@ def save_checkpoint(
             RNG, scheduler state, ...; tensors in it go to ``optimizer.safetensors`` too.
         keep: keep only the newest ``keep`` checkpoints (None or <= 0 keeps all).
 
-    Returns the final checkpoint folder. Call on the main process only.
+    Returns the final checkpoint folder. Call on the main process only. A full disk while
+    writing is a :class:`CheckpointError` saying so; the temp folder is removed and the
+    previous checkpoint is left as it was.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -315,16 +335,25 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an earlier crash
     tmp.mkdir()
 
-    save_model(tmp)
-    tensors: dict[str, torch.Tensor] = {}
-    state = {"format_version": FORMAT_VERSION, "step": int(step)}
-    if optimizer is not None:
-        state["optimizer"] = flatten_state(optimizer.state_dict(), tensors, "optimizer")
-    state["trainer"] = flatten_state(trainer_state or {}, tensors, "trainer")
-    save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
-    # the state file last: a folder without it is never taken for a checkpoint
-    write_json(tmp / STATE_FILE, state)
-    fsync_tree(tmp)
+    try:
+        save_model(tmp)
+        tensors: dict[str, torch.Tensor] = {}
+        state = {"format_version": FORMAT_VERSION, "step": int(step)}
+        if optimizer is not None:
+            state["optimizer"] = flatten_state(optimizer.state_dict(), tensors, "optimizer")
+        state["trainer"] = flatten_state(trainer_state or {}, tensors, "trainer")
+        save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
+        # the state file last: a folder without it is never taken for a checkpoint
+        write_json(tmp / STATE_FILE, state)
+        fsync_tree(tmp)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # the half-written folder would only fill the disk further
+        if _disk_full(err):
+            raise CheckpointError(
+                f"{final}: cannot save the checkpoint, the disk is full ({type(err).__name__}: {err}); "
+                f"{_free_space(run_dir)}; the previous checkpoint ({LAST}) is intact: free space and resume "
+                "from it") from None
+        raise
 
     replace_dir(tmp, final)
     _fsync_path(run_dir)

@@ -51,22 +51,28 @@ def synth_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="re-render a folder that holds a dataset generated with other settings")
     args = parser.parse_args(argv)
-    if args.task == "all":
-        manifests = synth.generate_benchmark(
-            args.out, n_pretrain=args.n, n_eval=args.n_eval, seed=args.seed,
-            image_size=args.image_size, workers=args.workers,
-        )
-        for task, path in manifests.items():
-            print(f"{task}: {path}")
-    else:
-        from pathlib import Path
+    try:
+        if args.task == "all":
+            manifests = synth.generate_benchmark(
+                args.out, n_pretrain=args.n, n_eval=args.n_eval, seed=args.seed,
+                image_size=args.image_size, workers=args.workers, overwrite=args.overwrite,
+            )
+            for task, path in manifests.items():
+                print(f"{task}: {path}")
+        else:
+            from pathlib import Path
 
-        path = synth.generate(
-            Path(args.out) / f"synth-{args.task}", task=args.task, n=args.n, seed=args.seed,
-            image_size=args.image_size, workers=args.workers,
-        )
-        print(path)
+            path = synth.generate(
+                Path(args.out) / f"synth-{args.task}", task=args.task, n=args.n, seed=args.seed,
+                image_size=args.image_size, workers=args.workers, overwrite=args.overwrite,
+            )
+            print(path)
+    except synth.SynthSettingsError as err:
+        print(f"fundus-lab synth: {err} (here: --out another folder, or --overwrite)", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -24,6 +24,9 @@ import torch
 FORMAT = "fundus_lab-classifier"
 FORMAT_VERSION = 1
 TASKS = ("multiclass", "multilabel", "ordinal", "binary")
+# the input sides a saved classifier may declare: every preset trains at 224 px or less; larger
+# would make predict allocate [3, S, S] tensors of gigabytes for a tampered file
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
 
 
 class ClassifierError(ValueError):
@@ -86,6 +89,17 @@ def load_classifier(path: Union[str, Path], map_location: str = "cpu"):
     for key, kind in (("classes", list), ("task", str), ("preprocessing", dict), ("width", int)):
         if not isinstance(info.get(key), kind):
             raise ClassifierError(f"{meta_path}: field {key!r} is missing or not a {kind.__name__}")
+    if info["task"] not in TASKS:
+        raise ClassifierError(f"{meta_path}: field 'task' is {info['task']!r}; expected one of {TASKS}")
+    size = info["preprocessing"].get("image_size")
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise ClassifierError(
+            f"{meta_path}: field 'preprocessing.image_size' is {size!r}; expected an integer from {MIN_IMAGE_SIZE} to "
+            f"{MAX_IMAGE_SIZE} (the side the classifier was trained at); the file was edited or damaged: save the "
+            "classifier again with save_classifier")
+    if not isinstance(info["preprocessing"].get("fov_crop", True), bool):
+        raise ClassifierError(f"{meta_path}: field 'preprocessing.fov_crop' is "
+                              f"{info['preprocessing']['fov_crop']!r}; expected true or false")
     if not (path / "head.safetensors").is_file():
         raise ClassifierError(f"{path}: head.safetensors is missing")
     backbone = load_model(path / "backbone", map_location=map_location)

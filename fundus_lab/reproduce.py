@@ -47,6 +47,23 @@ DEFAULT_METHODS = {
 }
 
 
+def read_status(path: Path) -> dict:
+    """A reused run folder's ``status.json`` ({notebook: {state, seconds}}), {} when absent; a
+    damaged one is a ValueError naming it, before any notebook runs."""
+    if not path.is_file():
+        return {}
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        status, why = None, f"not valid JSON ({err})"
+    else:
+        why = "expected a JSON object of {notebook: {\"state\": ..., \"seconds\": ...}}"
+    if isinstance(status, dict) and all(isinstance(v, dict) for v in status.values()):
+        return status
+    raise ValueError(f"{path}: {why}; it records which notebooks of this run ran: delete it (the notebooks not "
+                     "run now then show as 'not run') or reproduce into a new --name")
+
+
 class NotebookFailed(RuntimeError):
     """A notebook raised: carries the notebook, the failing cell (1-based, as in the committed file) and the error."""
 
@@ -311,7 +328,7 @@ def reproduce(
         "overrides": list(overrides or []),
     }
     # a reused run folder keeps the status of notebooks not run this time
-    previous = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").is_file() else {}
+    previous = read_status(run_dir / "status.json")
     status = {p.stem: {"state": "not run", "seconds": None} for p in paths}
     (run_dir / "parameters.json").write_text(json.dumps(parameters, indent=2))
     failure: NotebookFailed | None = None

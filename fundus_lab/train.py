@@ -456,6 +456,11 @@ def check_resumable(saved_config: Path, cfg: Config, allow_changes: Sequence[str
         saved = yaml.safe_load(saved_config.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"{saved_config}: cannot be read to check the resumed run ({err})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(
+            f"{saved_config}: expected a mapping of config sections, got a YAML {type(saved).__name__}, so nothing "
+            "shows the checkpoints belong to this config; restore the file, or pass resume=False (--no-resume) to "
+            "start over or set another train.output_dir")
     now = to_dict(cfg)
     diffs = []
     for section in _RESUME_SECTIONS:
@@ -546,7 +551,7 @@ class MetricsLog:
             with open(self.path, newline="") as f:
                 reader = csv.DictReader(f)
                 self.fields = list(reader.fieldnames or [])
-                self.rows = [r for r in reader if r.get("step") and int(r["step"]) <= start_step]
+                self.rows = [r for r in reader if r.get("step") and self._step(r, reader.line_num) <= start_step]
             self._rewrite()
         elif self.path.is_file():
             self.path.unlink()
@@ -557,6 +562,16 @@ class MetricsLog:
                 "wandb": {"name": name, "dir": str(run_dir)},
                 "mlflow": {"run_name": name},
             })
+
+    def _step(self, row: dict, line: int) -> int:
+        """A kept row's step; a damaged one is a CheckpointError naming the file and line."""
+        try:
+            return int(row["step"])
+        except (TypeError, ValueError):
+            raise ckpt.CheckpointError(
+                f"{self.path} line {line}: step {row['step']!r} is not an integer, so the rows to keep on resume "
+                "cannot be told; fix or delete that line and resume, or start over with resume=False "
+                "(--no-resume)") from None
 
     def _rewrite(self) -> None:
         with open(self.path, "w", newline="") as f:

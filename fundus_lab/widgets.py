@@ -118,6 +118,8 @@ def load_image_bytes(data: bytes, name: str = "upload", max_side: int = MAX_SIDE
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ImageInputError(f"{name}: the image could not be decoded ({err})") from None
     factor = max(img.size) // max_side
+    if factor >= 2 and img.mode in ("P", "PA"):  # reduce() takes no palette: expand it first (issue 16, item 11)
+        img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
     if factor >= 2 and img.mode in ("L", "RGB", "RGBA", "LA", "I", "F"):
         img = img.reduce(factor)  # before the conversion: it works on the smaller image
         factor = 1

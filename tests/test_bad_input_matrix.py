@@ -10,10 +10,13 @@ outcome, one of
     read    read correctly (an input that used to be misread)
 
 A kind counts as handled when its row passes; ``test_matrix_counts`` states the totals.
+``DERIVED`` lists the damaged derived files and run folders of issue 16 (caches, run files,
+dataset folders), each handled by the test it names; ``test_derived_counts`` counts them.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from dataclasses import dataclass
@@ -100,6 +103,7 @@ class Kind:
     match: str
     exc: type = DataError
     when: str = "open"  # open | item
+    split_file: bool = False  # opened with split_file=<root>/split.json (written by ``breaks``)
 
 
 def _outside(c: Case):
@@ -177,6 +181,36 @@ def _not_utf8(c: Case) -> Path:
     return path
 
 
+def _nan_npz(c: Case):
+    images = np.full((4, 8, 8, 3), 0.5, np.float32)
+    images[1, 2, 2, 0] = np.nan
+    _npz(c, train_images=images)
+
+
+def _inf_float_tiff(c: Case):
+    arr = np.full((12, 12), 0.5, np.float32)
+    arr[4, 4] = np.inf
+    Image.fromarray(arr, mode="F").save(c.root / "img" / "a1.png", format="TIFF")  # content decides, not the name
+
+
+def _palette_8000(c: Case):
+    arr = np.zeros((8000, 8000), np.uint8)
+    arr[4000, 4000] = 1
+    im = Image.fromarray(arr, "P")
+    im.putpalette([0, 0, 0, 200, 80, 40] + [0] * 762)
+    im.save(c.root / "img" / "a1.png", optimize=True)
+
+
+def _split_file_list_value(c: Case) -> Path:
+    path = c.write()
+    split_file = c.root / "split.json"
+    open_dataset(path, split=None, image_size=8, split_file=split_file)
+    payload = json.loads(split_file.read_text())
+    payload["splits"]["img/a2.png"] = ["train", "test"]
+    split_file.write_text(json.dumps(payload))
+    return path
+
+
 ALIAS_BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"] + [
     f"{k}: &{k} [{', '.join(['*' + p] * 9)}]" for p, k in zip("abcdefg", "bcdefgh")
 ]) + "\nname: tiny\n"
@@ -236,6 +270,34 @@ MATRIX = [
     Kind("npz non-integer labels", lambda c: _npz(c, train_labels=np.array([0.0, 1.7, 1.0, 0.0])), "error", r"data.npz train_labels\[1\]: unknown label code 1.7"),
     Kind("npz not an npz file", lambda c: (_npz(c), (c.root / "data.npz").write_bytes(b"not a zip")), "error", r"data.npz: cannot be read as npz"),
     Kind("npz labels out of range", lambda c: _npz(c, train_labels=np.array([0, 1, 5, 0])), "error", r"data.npz train_labels\[2\]: unknown label code 5"),
+    # issue 16: pixels that blank an image, decode memory, a damaged split file
+    Kind("NaN pixel in a float npz image", _nan_npz, "error", r"data.npz\[train_images\]\[1\]: 1 of 192 pixel value\(s\) are NaN or Inf", ImageError, "item"),
+    Kind("Inf pixel in a float (mode F) image", _inf_float_tiff, "error", r"a1.png: 1 of 144 pixel value\(s\) are NaN or Inf", ImageError, "item"),
+    Kind("8000x8000 palette PNG (decode memory)", _palette_8000, "error", r"a1.png: 8000 x 8000 P would take about \d+ MiB .*MAX_DECODE_BYTES", ImageError, "item"),
+    Kind("split file with a list value", _split_file_list_value, "error", r"split.json: field 'splits' has 1 value\(s\) that are not a split name \(e.g. 'img/a2.png': \['train', 'test'\]\)", split_file=True),
+]
+
+# Derived files and run folders (issue 16, items 3, 6, 9): each kind is a test elsewhere, named
+# here as "file::test" (a parametrised test counts once per kind it covers) with its outcome:
+#   rebuilt   a cache recomputed with a warning        error   a named error saying what to do
+#   refused   nothing written, the reason named
+DERIVED = [
+    ("synth folder generated with other settings (README sequence)", "refused", "test_synth_settings.py::test_readme_sequence_refuses_to_overwrite_the_users_benchmark"),
+    ("synth folder that is not a synthetic dataset", "refused", "test_synth_settings.py::test_a_folder_that_is_not_a_synthetic_dataset_is_refused"),
+    ("full disk while building the image cache", "error", "test_data_cache_safety.py::test_real_full_disk_never_sigbus_and_leaves_no_temp_file"),
+    ("full disk while saving a checkpoint", "error", "test_data_cache_safety.py::test_checkpoint_on_a_real_full_disk_is_a_checkpoint_error_old_one_intact"),
+    ("image cache .npy truncated", "rebuilt", "test_data_cache_safety.py::test_damaged_image_cache_is_rebuilt_with_a_warning"),
+    ("image cache .npy overwritten at the same size", "rebuilt", "test_data_cache_safety.py::test_damaged_image_cache_is_rebuilt_with_a_warning"),
+    ("image cache metadata shortened", "rebuilt", "test_data_cache_safety.py::test_damaged_image_cache_is_rebuilt_with_a_warning"),
+    ("image cache metadata cut mid-JSON", "rebuilt", "test_data_cache_safety.py::test_damaged_image_cache_is_rebuilt_with_a_warning"),
+    ("image cache metadata deleted", "rebuilt", "test_data_cache_safety.py::test_damaged_image_cache_is_rebuilt_with_a_warning"),
+    ("feature cache .npz truncated", "rebuilt", "test_derived_files.py::test_truncated_feature_cache_is_recomputed_with_a_warning"),
+    ("metrics.csv row with a non-integer step", "error", "test_derived_files.py::test_metrics_csv_with_a_non_integer_step_is_a_named_error"),
+    ("run config.yaml that is a YAML list", "error", "test_derived_files.py::test_run_config_that_is_a_yaml_list_is_a_named_error"),
+    ("truncated tokenizer.json", "error", "test_derived_files.py::test_truncated_tokenizer_json_is_a_named_error"),
+    ("corrupt status.json on reproduce --name reuse", "error", "test_derived_files.py::test_corrupt_status_json_on_a_reused_run_name_is_a_named_error"),
+    ("classifier.json image_size 0, -5, '32', 48000 or true", "error", "test_derived_files.py::test_tampered_classifier_json_is_a_named_error"),
+    ("classifier.json unknown task", "error", "test_derived_files.py::test_tampered_classifier_json_is_a_named_error"),
 ]
 
 
@@ -245,9 +307,10 @@ def test_bad_input(kind: Kind, tmp_path):
     c = Case(tmp_path / "ds")
     written = kind.breaks(c)
     path = written if isinstance(written, Path) else c.write()
+    kw = {"split_file": c.root / "split.json"} if kind.split_file else {}
     if kind.outcome == "error" and kind.when == "open":
         with pytest.raises(kind.exc, match=kind.match):
-            open_dataset(path, split=None, image_size=8)
+            open_dataset(path, split=None, image_size=8, **kw)
     elif kind.outcome == "error":
         ds = open_dataset(path, split=None, image_size=8)
         with pytest.raises(kind.exc, match=kind.match):
@@ -268,4 +331,18 @@ def test_matrix_counts():
     names = [k.name for k in MATRIX]
     assert len(names) == len(set(names))
     outcomes = {o: sum(k.outcome == o for k in MATRIX) for o in ("error", "warn", "read")}
-    assert len(MATRIX) == 47 and outcomes == {"error": 43, "warn": 3, "read": 1}
+    assert len(MATRIX) == 51 and outcomes == {"error": 47, "warn": 3, "read": 1}
+
+
+def test_derived_counts():
+    """The derived-file kinds (caches, run files, dataset folders) and their outcomes; each names
+    a test that exists (a kind is handled when that test passes)."""
+    import importlib
+
+    names = [name for name, _, _ in DERIVED]
+    assert len(names) == len(set(names))
+    for name, outcome, where in DERIVED:
+        module, test = where.split("::")
+        assert callable(getattr(importlib.import_module(module[:-3]), test, None)), f"{name}: {where} is missing"
+    outcomes = {o: sum(k[1] == o for k in DERIVED) for o in ("rebuilt", "error", "refused")}
+    assert len(DERIVED) == 16 and outcomes == {"rebuilt": 6, "error": 8, "refused": 2}

@@ -37,7 +37,7 @@ def test_killed_regeneration_never_mixes_seeds(tmp_path):
     start = time.time()
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from fundus_lab.data.synth import generate; "
-         f"generate(sys.argv[1], 'pretrain', n={N}, seed=1, image_size={SIZE}, workers=1)", str(target)],
+         f"generate(sys.argv[1], 'pretrain', n={N}, seed=1, image_size={SIZE}, workers=1, overwrite=True)", str(target)],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
     )
     try:  # kill it once it has written some seed-1 images, wherever it writes them

@@ -13,16 +13,26 @@ a stale cache. A cache is written to a temporary file and renamed into place (at
 concurrent writers leave one complete file), with a JSON sidecar naming what it holds;
 older caches of the same dataset/split/size are removed when a new one is written.
 
+The sidecar also records the finished file's size and modification time: a cache file
+truncated, overwritten (even at the same size) or with a damaged sidecar is rebuilt with
+a warning instead of served. The file is written with ordinary writes into space
+allocated up front, so a full disk is a :class:`CacheWriteError` (an ``OSError``) naming
+the file and the bytes needed, with the temporary file removed; never a SIGBUS from a
+memory map over a sparse file (issue 16, items 6 and 9).
+
     cache = ImageCache.build(ds, cache_dir)       # or FundusDataset.enable_cache()
     row = cache.row(ds.records[i]); cache.image(row) -> uint8 [S, S, 3]
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -33,6 +43,11 @@ from fundus_lab.data.images import DataError, ImageError
 
 CACHE_VERSION = 1
 SUFFIX = ".u8.npy"
+
+
+class CacheWriteError(OSError, DataError):
+    """The image cache could not be written (a full disk, a read-only folder); the message
+    names the file and the bytes it needs. An ``OSError`` (with the errno) and a DataError."""
 
 
 def record_id(rec) -> str:
@@ -119,20 +134,54 @@ class ImageCache:
         path = folder / f"{stem}-{key[:20]}{SUFFIX}"
         meta_path = path.with_suffix(".json")
         ids = [record_id(r) for r in records]
-        meta = _read_meta(meta_path)
-        if path.is_file() and meta.get("key") == key and meta.get("ids") == ids:
-            return cls(path, ids, np.asarray(meta["ok"], bool))
+        if path.is_file() or meta_path.is_file():
+            damage = _damage(path, meta_path, key, ids, ds.image_size)
+            if damage is None:
+                return cls(path, ids, np.asarray(_read_meta(meta_path)["ok"], bool))
+            warnings.warn(f"image cache {path}: {damage}; rebuilding it", UserWarning, stacklevel=3)
         folder.mkdir(parents=True, exist_ok=True)
         ok = _write(path, ds, records, fov, progress)
+        st = path.stat()
         meta = {"key": key, "version": CACHE_VERSION, "dataset": ds.manifest.name, "split": ds.split,
                 "image_size": ds.image_size, "fov_crop": fov, "root": str(ds.root), "n": len(records),
-                "unreadable": int((~ok).sum()), "ids": ids, "ok": ok.tolist()}
-        _atomic_text(meta_path, json.dumps(meta))
+                "unreadable": int((~ok).sum()), "ids": ids, "ok": ok.tolist(),
+                "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+        try:
+            _atomic_text(meta_path, json.dumps(meta))
+        except OSError as err:
+            path.unlink(missing_ok=True)  # a cache without its sidecar would only be rebuilt
+            raise _write_error(meta_path, len(json.dumps(meta)), err) from None
         for old in folder.glob(f"{stem}-*{SUFFIX}"):        # stale versions of this split
             if old != path:
                 old.unlink(missing_ok=True)
                 old.with_suffix(".json").unlink(missing_ok=True)
         return cls(path, ids, ok)
+
+
+def _damage(path: Path, meta_path: Path, key: str, ids: list, image_size: int) -> Optional[str]:
+    """Why the cache at ``path`` cannot be served (None: it can): its sidecar missing or
+    unreadable, or not matching the file on disk (size, modification time, header)."""
+    if not meta_path.is_file():
+        return f"its metadata {meta_path.name} is missing"
+    meta = _read_meta(meta_path)
+    if not meta:
+        return f"its metadata {meta_path.name} is not a readable JSON object"
+    if not path.is_file():
+        return "the cache file is missing"
+    ok = meta.get("ok")
+    if meta.get("key") != key or meta.get("ids") != ids or not isinstance(ok, list) or len(ok) != len(ids):
+        return f"its metadata {meta_path.name} does not describe this dataset split (damaged or shortened)"
+    st = path.stat()
+    if st.st_size != meta.get("bytes") or st.st_mtime_ns != meta.get("mtime_ns"):
+        return (f"the file is {st.st_size} bytes modified at {st.st_mtime_ns} ns, its metadata recorded "
+                f"{meta.get('bytes')} bytes at {meta.get('mtime_ns')} ns (truncated or overwritten)")
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        return f"the file cannot be read as .npy ({err})"
+    if arr.dtype != np.uint8 or arr.shape != (len(ids), image_size, image_size, 3):
+        return f"the file holds {arr.dtype} {arr.shape}, expected uint8 {(len(ids), image_size, image_size, 3)}"
+    return None
 
 
 def _read_meta(path: Path) -> dict:
@@ -154,33 +203,71 @@ def _atomic_text(path: Path, text: str) -> None:
         raise
 
 
+def _write_error(path: Path, need: int, err: OSError) -> CacheWriteError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free} bytes are free there"
+    except OSError:
+        free = "the free space is unknown"
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return CacheWriteError(
+        err.errno, f"cannot write the image cache {path}: {err.strerror or err} ({'the disk is full: ' if full else ''}"
+        f"it needs {need} bytes, {need / 2**20:.1f} MiB; {free}); free some space or set data.image_cache_dir "
+        "to a folder on another disk (or data.image_cache=false)", str(path))
+
+
 def _write(path: Path, ds, records: Sequence, fov: bool, progress: bool) -> np.ndarray:
     """Decode every record into a temporary .npy, then rename it into place; returns the
-    per-row ok flags (False: unreadable, left to the uncached path to report)."""
+    per-row ok flags (False: unreadable, left to the uncached path to report).
+
+    The whole file is allocated first (``posix_fallocate``: a full disk fails here, before
+    any decoding) and rows are written with ordinary writes, so a full disk raises
+    :class:`CacheWriteError` instead of a SIGBUS, and the temporary file is removed."""
     s = ds.image_size
+    shape = (len(records), s, s, 3)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
     ok = np.ones(len(records), bool)
+    need = len(records) * s * s * 3
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(records), s, s, 3))
-        it = range(len(records))
-        if progress:
-            from tqdm.auto import tqdm
-            it = tqdm(it, desc=f"image cache {ds.manifest.name}/{ds.split}")
-        for i in it:
-            try:
-                source = ds._source(records[i])
-                rgb = img.as_rgb8(source) if isinstance(source, np.ndarray) else img.read_image(source, draft_size=2 * s)
-                out[i] = img.prepare(rgb, s, fov_crop=fov)
-            except ImageError:
-                ok[i] = False
-        out.flush()
-        del out
+        with os.fdopen(fd, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            need += f.tell()
+            _allocate(f.fileno(), need)
+            it = range(len(records))
+            if progress:
+                from tqdm.auto import tqdm
+                it = tqdm(it, desc=f"image cache {ds.manifest.name}/{ds.split}")
+            blank = np.zeros((s, s, 3), np.uint8)
+            for i in it:
+                try:
+                    source = ds._source(records[i])
+                    rgb = img.as_rgb8(source, record_id(records[i])) if isinstance(source, np.ndarray) else img.read_image(source, draft_size=2 * s)
+                    row = img.prepare(rgb, s, fov_crop=fov)
+                except ImageError:
+                    ok[i], row = False, blank
+                f.write(np.ascontiguousarray(row, np.uint8).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, need, err) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return ok
 
 
-__all__ = ["CACHE_VERSION", "ImageCache", "cache_key", "default_cache_dir", "record_id", "DataError"]
+def _allocate(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes for the file on disk, so a full disk fails at once (ENOSPC).
+    Filesystems without ``posix_fallocate`` are left to the ordinary writes that follow."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return
+        raise
+
+
+__all__ = ["CACHE_VERSION", "CacheWriteError", "ImageCache", "cache_key", "default_cache_dir", "record_id", "DataError"]

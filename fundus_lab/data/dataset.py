@@ -173,7 +173,8 @@ class FundusDataset(Dataset):
             x = img.to_tensor(self.image_cache.image(row))
             return img.augment(x) if aug else x
         fov = next((s.image.fov_crop for s in self.manifest.sources), True)
-        return img.load_tensor(self._source(rec), self.image_size, fov_crop=fov, train_augment=aug)
+        return img.load_tensor(self._source(rec), self.image_size, fov_crop=fov, train_augment=aug,
+                               where=_source_name(rec))
 
     def text_of(self, rec: Record) -> Optional[str]:
         """The record's report (``text_field="text"``) or another text column kept in meta
@@ -248,6 +249,13 @@ class FundusDataset(Dataset):
             self.skipped.extend(bad)
             warnings.warn(f"{self.name}: {len(bad)} unreadable image(s) removed, e.g. {bad[0]}", stacklevel=2)
         return bad
+
+
+def _source_name(rec: Record) -> str:
+    """How errors name a record's image: its file, or ``file[array][index]`` inside an npz."""
+    if "npz_index" in rec.meta:
+        return f"{rec.path}[{rec.meta['npz_images']}][{rec.meta['npz_index']}]"
+    return str(rec.path)
 
 
 def _default_root(name_or_path: Union[str, Path], manifest: Manifest) -> Path:

@@ -27,6 +27,15 @@ from scipy import ndimage
 # larger than any fundus camera (IDRiD: 4288 x 2848 = 12 MP; FIVES 2048^2) by a wide
 # margin, small enough that a hostile header cannot make us allocate gigabytes
 MAX_PIXELS = 100_000_000
+# the memory one image may take from decode to the resized square (issue 16, item 11): a
+# 12 MP RGBA PNG needs about 0.7 GiB by decode_bytes(), an 8000 x 8000 palette PNG (61 KB
+# on disk, under MAX_PIXELS) about 0.8 GiB and is refused before decoding; JPEG is decoded
+# reduced (draft) first when the caller resizes anyway, and counted at the reduced size
+MAX_DECODE_BYTES = 768 * 2**20
+# bytes per pixel from the decoded image to uint8 RGB in _rgb8_from_pil: decoded + converted
+# + our float intermediates (RGBA is composited in float32; 16/32-bit grey is scaled in float64)
+_BYTES_PER_PIXEL = {"1": 7, "L": 7, "P": 7, "RGB": 6, "RGBA": 51, "LA": 51, "PA": 51, "RGBa": 51, "La": 51,
+                    "I;16": 25, "I;16B": 25, "I;16L": 25, "I;16N": 25, "I": 35, "F": 35}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".ppm", ".webp")
 
 
@@ -38,13 +47,40 @@ class ImageError(DataError):
     """An image that is missing, corrupt, or too large to decode safely."""
 
 
-def _rgb8_from_pil(im: Image.Image) -> np.ndarray:
+def _refuse_non_finite(arr: np.ndarray, where: str) -> None:
+    """Raise :class:`ImageError` when a float image holds NaN or Inf (issue 16, item 7).
+
+    Scaling takes the image's maximum, which one NaN turns into NaN, and the cast then
+    makes every pixel 0: a silently black image. There is no faithful value for a missing
+    pixel, so the image is refused, naming how many pixels are not finite."""
+    if arr.dtype.kind != "f":
+        return
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise ImageError(f"image {where}: {bad} of {arr.size} pixel value(s) are NaN or Inf; "
+                         "expected finite intensities (fix or drop the image)")
+
+
+def decode_bytes(im: Image.Image) -> int:
+    """Estimated peak bytes of turning ``im`` (opened, not loaded) into a prepared square:
+    the decode and conversion (:data:`_BYTES_PER_PIXEL` of its mode; a palette with
+    transparency is composited as RGBA) plus the padded square and its resize input.
+    Read from the header only (size and mode), so it is known before anything is decoded."""
+    w, h = im.size
+    mode = "RGBA" if im.mode == "P" and "transparency" in im.info else im.mode
+    return w * h * _BYTES_PER_PIXEL.get(mode, 10) + max(w, h) ** 2 * 3 * 2
+
+
+def _rgb8_from_pil(im: Image.Image, where: str = "<image>") -> np.ndarray:
     """Any PIL mode -> uint8 [H, W, 3]. Alpha is composited on black (the fundus
     background); 16-bit and 32-bit grey are rescaled by their type's range, not stretched,
-    so intensities stay comparable between images."""
+    so intensities stay comparable between images. A float (mode F) image with NaN or Inf
+    pixels is refused (:func:`_refuse_non_finite`)."""
     mode = im.mode
     if mode in ("RGB",):
         return np.asarray(im, dtype=np.uint8)
+    if mode == "P" and "transparency" not in im.info:  # opaque palette: no RGBA float detour
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
     if mode in ("P", "PA"):
         im = im.convert("RGBA")
         mode = "RGBA"
@@ -56,6 +92,7 @@ def _rgb8_from_pil(im: Image.Image) -> np.ndarray:
         arr = np.asarray(im)
         if mode == "F":
             arr = np.asarray(arr, dtype=np.float64)
+            _refuse_non_finite(arr, where)
             hi = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
             grey = arr / hi * 255.0
         elif mode == "I" and arr.max(initial=0) > 65535:
@@ -77,7 +114,8 @@ def read_image(
     ``draft_size`` lets JPEG decode at a reduced scale (1/2 .. 1/8) when the image will be
     resized to about that size anyway: a 4288 x 2848 IDRiD photograph decodes ~8x faster.
     The pixel count is checked from the header before any decoding, against ``max_pixels``
-    (default: the module's ``MAX_PIXELS``, read at call time so it can be raised).
+    (default: the module's ``MAX_PIXELS``, read at call time so it can be raised), and so is
+    the memory decoding would take (:func:`decode_bytes`) against ``MAX_DECODE_BYTES``.
     """
     max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     path = Path(path)
@@ -106,16 +144,26 @@ def read_image(
             try:
                 if draft_size and im.format == "JPEG":
                     im.draft("RGB", (draft_size, draft_size))
+                need = decode_bytes(im)  # after draft: a JPEG counts at the size it will decode to
+                if need > MAX_DECODE_BYTES:
+                    raise ImageError(
+                        f"image {path}: {w} x {h} {im.mode} would take about {need / 2**20:.0f} MiB to decode and "
+                        f"prepare, over the limit of {MAX_DECODE_BYTES / 2**20:.0f} MiB (decode-memory guard); "
+                        "shrink the file, or raise fundus_lab.data.images.MAX_DECODE_BYTES if the memory is there")
                 im.load()
                 im = ImageOps.exif_transpose(im)
-                return _rgb8_from_pil(im)
+                return _rgb8_from_pil(im, str(path))
+            except ImageError:
+                raise
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
                 raise ImageError(f"image {path} is corrupt or truncated ({err})") from None
 
 
 def as_rgb8(arr: np.ndarray, where: str = "<array>") -> np.ndarray:
-    """An in-memory image (grey [H,W], [H,W,1], RGB, RGBA; uint8/uint16/float) -> uint8 RGB."""
+    """An in-memory image (grey [H,W], [H,W,1], RGB, RGBA; uint8/uint16/float) -> uint8 RGB.
+    A float image with NaN or Inf pixels is an :class:`ImageError` naming ``where``."""
     a = np.asarray(arr)
+    _refuse_non_finite(a, where)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
     if a.ndim == 2:
@@ -264,10 +312,12 @@ def load_tensor(
     fov_crop: bool = True,
     train_augment: bool = False,
     max_pixels: Optional[int] = None,
+    where: str = "<array>",
 ) -> torch.Tensor:
-    """A file path or an in-memory array -> float [3, S, S] in [0, 1], ready for a model."""
+    """A file path or an in-memory array -> float [3, S, S] in [0, 1], ready for a model.
+    ``where`` names an in-memory array in errors (the npz file and index it came from)."""
     if isinstance(source, np.ndarray):
-        rgb = as_rgb8(source)
+        rgb = as_rgb8(source, where)
     else:
         rgb = read_image(source, max_pixels=max_pixels, draft_size=2 * image_size)
     x = to_tensor(prepare(rgb, image_size, fov_crop=fov_crop))

@@ -152,9 +152,13 @@ def load_split_file(path: Union[str, Path], records: Sequence[Record], root: Uni
             f"split file {path} does not match the dataset under {root}: {len(unknown)} record(s) not in the file "
             f"(e.g. {unknown[:3]}), {len(gone)} file entr(ies) without a record (e.g. {sorted(gone)[:3]})"
         )
-    bad = {k: v for k, v in splits.items() if v not in SPLIT_VALUES}
+    bad = {k: v for k, v in splits.items() if not isinstance(v, str) or v not in SPLIT_VALUES}
     if bad:
-        raise DataError(f"split file {path}: field 'splits' has values {sorted(set(bad.values()))[:3]}; expected train, val or test (or test_camera)")
+        examples = ", ".join(f"{k!r}: {v!r}" for k, v in list(bad.items())[:3])
+        raise DataError(
+            f"split file {path}: field 'splits' has {len(bad)} value(s) that are not a split name (e.g. {examples}); "
+            "expected train, val or test (or test_camera); fix those entries, or delete the file to split again "
+            "(the new split then differs from the runs that used this file)")
     for r, k in zip(records, keys):
         r.split = splits[k]
 

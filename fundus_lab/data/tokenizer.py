@@ -114,11 +114,32 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
         raise FileNotFoundError(f"{path} holds no tokenizer (expected tokenizer.json or vocab.txt)")
     check_no_remote_code(path)
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    _check_json_files(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 -- the tokenizers library raises bare Exceptions on bad files
+        from fundus_lab.checkpoint import CheckpointError
+
+        raise CheckpointError(f"tokenizer {path} cannot be loaded ({type(err).__name__}: {err}); if one of its "
+                              "files is damaged, restore the folder from a good copy of the checkpoint") from None
     missing = [name for name in ("pad_token", "cls_token", "mask_token") if getattr(tok, name) is None]
     if missing:
         raise ValueError(f"tokenizer {path}: no {', '.join(missing)}; fundus_lab needs [PAD], [CLS] and [MASK]")
     return tok
+
+
+def _check_json_files(path: Path) -> None:
+    """Every JSON file of a tokenizer folder parses (a truncated tokenizer.json is a
+    :class:`CheckpointError` naming it, not the tokenizers library's bare Exception)."""
+    from fundus_lab.checkpoint import CheckpointError
+
+    for file in sorted(path.glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{file}: not valid JSON ({err}); the tokenizer file is truncated or damaged: "
+                                  "restore it from a good copy of the checkpoint (a run's own tokenizer is "
+                                  "<run>/tokenizer/)") from None
 
 
 def check_no_remote_code(path: str | Path) -> None:

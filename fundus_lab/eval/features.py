@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -196,9 +198,9 @@ def extract_features(
             return feats.copy(), labels.copy()
         if cache_dir is not None:
             path = Path(cache_dir) / f"features-{key[:20]}.npz"
-            if path.is_file():
-                with np.load(path) as z:
-                    feats, labels = z["features"], z["labels"]
+            cached = _read_cached(path, len(ds)) if path.is_file() else None
+            if cached is not None:
+                feats, labels = cached
                 _remember(key, feats, labels)
                 return feats.copy(), labels.copy()
 
@@ -224,6 +226,22 @@ def extract_features(
             np.savez(tmp, features=feats, labels=labels)
             tmp.replace(Path(cache_dir) / f"features-{key[:20]}.npz")
     return feats.copy(), labels.copy()
+
+
+def _read_cached(path: Path, n: int):
+    """(features, labels) of a feature-cache file, or None after a warning when the file is
+    damaged (truncated, not an npz, arrays missing or of the wrong length): it is recomputed
+    and rewritten, never a raw BadZipFile."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            feats, labels = np.asarray(z["features"]), np.asarray(z["labels"])
+        if feats.ndim != 2 or len(feats) != n or len(labels) != n:
+            raise ValueError(f"holds {feats.shape} features and {len(labels)} labels for {n} images")
+        return feats, labels
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        warnings.warn(f"feature cache {path} is damaged ({type(err).__name__}: {err}); recomputing it",
+                      UserWarning, stacklevel=3)
+        return None
 
 
 def _extract_sharded(model, ds, kind, batch_size, num_workers, progress, desc, rank, world):

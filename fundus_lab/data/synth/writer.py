@@ -159,14 +159,47 @@ def write_dataset(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
     return labels
 
 
+class SynthSettingsError(ValueError):
+    """A folder that already holds a dataset generated with other settings (or one that is
+    not a synthetic dataset at all): refused rather than re-rendered under its users."""
+
+
+def _wanted(task, n, seed, cams, image_size, calib) -> dict:
+    return {"task": task, "n": n, "seed": int(seed), "cameras": cams, "image_size": int(image_size),
+            "format_version": FORMAT_VERSION, **calib}
+
+
 def _up_to_date(out: Path, task, n, seed, cams, image_size, calib) -> bool:
     try:
         info = json.loads((out / "synth.json").read_text())
     except (OSError, ValueError):
         return False
-    want = {"task": task, "n": n, "seed": int(seed), "cameras": cams, "image_size": int(image_size),
-            "format_version": FORMAT_VERSION, **calib}
-    return all(info.get(k) == v for k, v in want.items()) and (out / "labels.csv").exists()
+    want = _wanted(task, n, seed, cams, image_size, calib)
+    return isinstance(info, dict) and all(info.get(k) == v for k, v in want.items()) and (out / "labels.csv").exists()
+
+
+def _refuse_other_settings(out: Path, task, n, seed, cams, image_size, calib) -> None:
+    """Raise :class:`SynthSettingsError` when ``out`` holds anything but the dataset asked for
+    (issue 16, item 3): an open dataset must never change content under its user. An absent or
+    empty folder, or one whose synth.json records these settings, passes."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    what_to_do = ("generate into another folder (data.synth_root=<folder> in a config), ask for the settings "
+                  "on disk, or delete the folder (or pass overwrite=True) to re-render it")
+    try:
+        info = json.loads((out / "synth.json").read_text())
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict):
+        raise SynthSettingsError(
+            f"{out} is not empty and has no readable synth.json, so it is not a synthetic dataset this "
+            f"generator wrote; refusing to replace it: {what_to_do}")
+    want = _wanted(task, n, seed, cams, image_size, calib)
+    differ = [f"{k} {info.get(k)!r} on disk, {v!r} asked" for k, v in want.items() if info.get(k) != v]
+    if differ:
+        raise SynthSettingsError(
+            f"{out} holds a synthetic dataset generated with other settings ({'; '.join(differ)}); refusing "
+            f"to overwrite it: {what_to_do}")
 
 
 def _write_if_changed(path: Path, data: bytes) -> bool:
@@ -215,7 +248,10 @@ def generate(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
         cameras: camera profile names; default: the training cameras for pretrain, all
             profiles (the held-out one becomes the test split) for the other tasks.
         workers: processes (default ``os.cpu_count()``); the output does not depend on it.
-        overwrite: re-render even if ``out_dir`` already holds this exact dataset.
+        overwrite: re-render even if ``out_dir`` already holds this exact dataset, or one
+            generated with other settings. Without it a folder holding another dataset (its
+            synth.json records other settings, or it is not a synthetic dataset) is refused
+            with :class:`SynthSettingsError` naming the settings that differ.
         **calib: ``lesion_scale``, ``lesion_contrast``, ``camera_shift`` (default 1.0, the
             realistic benchmark; a low-resolution budget raises the first two).
 
@@ -232,6 +268,8 @@ def generate(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
     full = Path(os.path.abspath(out))  # "." or "data/" still name a folder with a parent
     with _generation_lock(full):
         _remove_leftovers(full)
+        if not overwrite:
+            _refuse_other_settings(full, task, n, seed, cams, image_size, calib)
         if overwrite or not _up_to_date(out, task, n, seed, cams, image_size, calib):
             # render into a temp folder beside out_dir and rename it into place: a killed run
             # leaves out_dir as it was (complete, matching its synth.json) or absent, never mixed
@@ -248,7 +286,14 @@ def generate(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
 def generate_benchmark(root, n_pretrain: int = 2000, n_eval: int = 600, seed: int = 0,
                        image_size: int = 224, workers: Optional[int] = None,
                        overwrite: bool = False, progress: bool = False, **calib) -> dict[str, Path]:
-    """All four synthetic datasets under ``root/synth-<task>/``; returns {task: manifest path}."""
+    """All four synthetic datasets under ``root/synth-<task>/``; returns {task: manifest path}.
+
+    A folder of ``root`` that holds a dataset generated with other settings is refused
+    (:class:`SynthSettingsError`) before anything is written, unless ``overwrite``."""
     sizes = {"pretrain": n_pretrain, "odir": n_eval, "fives": n_eval, "aptos": n_eval}
+    if not overwrite:  # every folder checked before any is written: all four or none
+        for t, n in sizes.items():
+            out = Path(os.path.abspath(Path(root) / DATASET_NAMES[t]))
+            _refuse_other_settings(out, t, n, seed, _check(t, None), image_size, calibration(**calib))
     return {t: generate(Path(root) / DATASET_NAMES[t], t, n, seed, None, image_size, workers, overwrite, progress, **calib)
             for t, n in sizes.items()}
