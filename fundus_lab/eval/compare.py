@@ -219,6 +219,7 @@ def _image_size_of(checkpoint: Path, model) -> int | None:
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     """``fundus-lab eval --checkpoint DIR --protocol P --dataset NAME [--data-root DIR] [key=value ...]``"""
+    from fundus_lab.data.manifest import ManifestError, resolve_manifest_path
     from fundus_lab.experiment import apply_runtime
     from fundus_lab.models import load_model
 
@@ -239,6 +240,11 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         print(f"fundus-lab eval: --checkpoint {checkpoint} does not exist", file=sys.stderr)
         return 2
     protocol = PROTOCOLS[args.protocol]
+    try:  # a mistyped --dataset is one line with its did-you-mean, before any model loads
+        resolve_manifest_path(args.dataset)
+    except ManifestError as err:
+        print(f"fundus-lab eval: --dataset {args.dataset}: {err}", file=sys.stderr)
+        return 2
     try:
         cfg = C.resolve_config(args.preset, overrides=[*args.overrides, f"eval.{protocol.dataset_key}={args.dataset}"])
     except C.ConfigError as err:

@@ -8,7 +8,7 @@ The model interface (what ``fl.eval``, the viz functions and the widget call on 
                           "attention_maps", "image_features", "fine_tune"
     model.image_size   -> int, the side the model works at (inputs are resized to it)
     model.encode_image(images [N, 3, H, W] in [0, 1]) -> [N, D], L2-normalised
-    model.encode_text(list[str]) -> [N, D], L2-normalised            ("text_embedding")
+    model.encode_text(str or list[str]) -> [N, D], L2-normalised     ("text_embedding")
     model.image_features(images, mask_ratio=0.0) -> {"cls": [N, W], "tokens": [N, L, W]}
         the pooled feature before any projection and the patch tokens (probes, fine-tune)
     model.logit_scale  -> the log of the learned inverse temperature (zero-shot scale)
@@ -236,8 +236,8 @@ class HFCLIP(ExternalModel):
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        ids, attn = self.tokenize(texts)
+    def encode_text(self, texts: str | Sequence[str]) -> torch.Tensor:
+        ids, attn = self.tokenize([texts] if isinstance(texts, str) else texts)
         pooled = self.model.text_model(input_ids=ids, attention_mask=attn).pooler_output
         return F.normalize(self.model.text_projection(pooled), dim=-1)
 
@@ -362,8 +362,9 @@ class OpenCLIP(ExternalModel):
             return features  # already projected by the tower itself
         return features @ visual.proj if visual.proj is not None else features
 
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+    def encode_text(self, texts: str | Sequence[str]) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else texts
+        if not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be a list of str")
         tokens = self.tokenizer(list(texts)).to(self.device)
         return F.normalize(self.model.encode_text(tokens), dim=-1)

@@ -367,10 +367,10 @@ class FundusVLM(nn.Module):
         z = self.image_proj(self.image_embedding_input(enc)) if self.use_contrastive else enc["cls"]
         return F.normalize(z, dim=-1)
 
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        """list[str] -> ``[N, D]`` L2-normalised."""
+    def encode_text(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """list[str] -> ``[N, D]`` L2-normalised; one str is a list of one (open_clip's habit)."""
         self._require("text embedding", self.use_contrastive, "it learns no image-text alignment (contrastive_weight is 0)")
-        ids, attn = self.tokenize(texts)
+        ids, attn = self.tokenize([texts] if isinstance(texts, str) else texts)
         return F.normalize(self.text_proj(self.text_encoder(ids, attn)["cls"]), dim=-1)
 
     def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
