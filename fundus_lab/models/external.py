@@ -440,6 +440,10 @@ def load_open_clip(path: str | Path, model_config: str | Path | dict | None = No
     cfg, preprocess, src = _open_clip_config(path, model_config)
     cfg = deepcopy(cfg)
     text_cfg = cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):  # a relative text-tower folder is beside the config
+        name = text_cfg.get(key)
+        if name and src.is_file() and not Path(name).is_absolute() and (src.parent / name).is_dir():
+            text_cfg[key] = str(src.parent / name)
     if "hf_model_name" in text_cfg:
         text_cfg["hf_model_pretrained"] = False  # weights come from the checkpoint, never a download
     if "timm_model_name" in cfg.get("vision_cfg", {}):
