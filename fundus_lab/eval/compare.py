@@ -126,9 +126,25 @@ def write_results(results: dict, cfg: "C.Config", out_dir: Path, protocols: Sequ
     write_json(out_dir / "results.json", {"preset": cfg.preset, "rows": rows, "headers": dict(columns),
                                           "metrics": {p: v["metric"] for p, v in info.items()}, "notes": notes})
     paths["json"] = out_dir / "results.json"
+    _write_model_cards(results, rows, columns, paths["md"])
     if "few_shot" in protocols:
         paths.update({f"few_shot_{k}": v for k, v in write_few_shot_curves(results, cfg, out_dir).items()})
     return paths
+
+
+def _write_model_cards(results: dict, rows: list[dict], columns: list[tuple[str, str]], table_md: Path) -> None:
+    """Rewrite each pretrained checkpoint's model card with its method's Table 1 row."""
+    from fundus_lab.eval.tables import format_cell
+    from fundus_lab.models.card import write_model_card
+
+    by_method = {row["method"]: row for row in rows}
+    for method, per_protocol in results.items():
+        cells = {header: format_cell(by_method[method].get(key)) for key, header in columns}
+        run_dirs = {r["run_dir"] for records in per_protocol.values() for r in records if not r.get("external")}
+        for run_dir in sorted(run_dirs):
+            checkpoint = Path(run_dir) / "checkpoint-last"
+            if (checkpoint / "config.json").is_file():
+                write_model_card(checkpoint, cells, str(table_md))
 
 
 def write_few_shot_curves(results: dict, cfg: "C.Config", out_dir: Path) -> dict[str, Path]:

@@ -21,8 +21,12 @@ The model interface (what ``fl.eval``, the viz functions and the widget call on 
     model.eval() / model.train() / model.to(device) / model.parameters() / model.state_dict()
 
 Images arrive as plain [0, 1] pixels at any size; each wrapper applies its source's own
-preprocessing: resize the shorter side to ``image_size`` (bicubic, antialiased), centre
-crop, normalise with the source's mean and std.
+preprocessing: images not at ``image_size`` go through the source's own resize and crop on
+8-bit PIL images (open_clip's ``image_transform`` from the checkpoint's ``preprocess_cfg``;
+a Hugging Face folder's ``CLIPImageProcessor`` from ``preprocessor_config.json``), exactly
+as that library prepares a photo, then the source's mean/std normalisation.
+``model.pixel_transform`` is that resize and crop alone (PIL image -> [3, S, S] in [0, 1]):
+the ``preprocess`` of ``fl.create_model_and_transforms``.
 
 Loading never executes code: safetensors, or ``torch.load(weights_only=True)``;
 transformers runs with ``trust_remote_code=False``.
@@ -97,6 +101,53 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+# ---------------------------------------------------------------------- each source's pixels
+
+
+def _to_pil(image: torch.Tensor):
+    """[3, H, W] in [0, 1] -> an 8-bit RGB PIL image (rounded, as the file it came from)."""
+    from PIL import Image
+
+    array = (image.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array, "RGB")
+
+
+def _resize_crop_transform(size: int, interpolation: str = "bicubic"):
+    """Shorter side to ``size`` (PIL, antialiased), centre crop, to [0, 1]: CLIP's eval transform."""
+    from torchvision import transforms as T
+
+    mode = getattr(T.InterpolationMode, interpolation.upper(), T.InterpolationMode.BICUBIC)
+    return T.Compose([T.Resize(size, interpolation=mode, antialias=True), T.CenterCrop(size),
+                      T.Lambda(lambda im: im.convert("RGB")), T.ToTensor()])
+
+
+def open_clip_pixel_transform(size: int, preprocess_cfg: dict):
+    """open_clip's own eval transform for this checkpoint's ``preprocess_cfg`` (resize mode,
+    interpolation), without its final Normalize (the wrapper normalises)."""
+    import open_clip
+    from torchvision.transforms import Compose, Normalize
+
+    kwargs = {k: preprocess_cfg[k] for k in ("resize_mode", "interpolation") if preprocess_cfg.get(k)}
+    transform = open_clip.image_transform(size, is_train=False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), **kwargs)
+    return Compose([t for t in transform.transforms if not isinstance(t, Normalize)])
+
+
+def hf_pixel_transform(size: int, config: dict):
+    """A Hugging Face ``CLIPImageProcessor`` built from ``preprocessor_config.json`` (its resize,
+    resample and crop; the model's own size where the file gives none), normalisation off."""
+    from transformers import CLIPImageProcessor
+
+    fields = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("image_processor_type", "processor_class")}
+    fields.setdefault("size", {"shortest_edge": size})
+    fields.setdefault("crop_size", {"height": size, "width": size})
+    processor = CLIPImageProcessor(**{**fields, "do_normalize": False})
+
+    def transform(image):
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    return transform
+
+
 # ---------------------------------------------------------------------- the shared wrapper
 
 
@@ -129,10 +180,13 @@ class ExternalModel(nn.Module):
 
     kind = "external"
 
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], source: str):
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], source: str,
+                 pixel_transform=None):
         super().__init__()
         self.image_size = int(image_size)
         self.source = source
+        # PIL image -> [3, S, S] in [0, 1]: the source's resize and crop, without its normalisation
+        self.pixel_transform = pixel_transform or _resize_crop_transform(self.image_size)
         self.use_contrastive = True  # CLIP-style models are aligned image-text spaces
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -156,18 +210,14 @@ class ExternalModel(nn.Module):
         return self.image_size
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] in [0, 1] -> the source model's input: shorter side resized to
-        ``image_size`` (bicubic, antialiased), centre crop, mean/std normalisation."""
+        """[N, 3, H, W] in [0, 1] -> the source model's input: images of another size than
+        ``image_size`` through :attr:`pixel_transform` (the source library's own resize and
+        crop, on 8-bit PIL images as it reads photos), then mean/std normalisation."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [N, 3, H, W] in [0, 1], got {list(images.shape)}")
         s = self.image_size
-        h, w = images.shape[-2:]
-        if (h, w) != (s, s):
-            scale = s / min(h, w)
-            nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
-            images = F.interpolate(images.float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-            top, left = (nh - s) // 2, (nw - s) // 2
-            images = images[..., top:top + s, left:left + s]
+        if tuple(images.shape[-2:]) != (s, s):
+            images = torch.stack([self.pixel_transform(_to_pil(img)) for img in images.detach().cpu()])
         images = images.to(self.pixel_mean.device, self.pixel_mean.dtype)
         return (images - self.pixel_mean) / self.pixel_std
 
@@ -201,8 +251,8 @@ class HFCLIP(ExternalModel):
 
     kind = "hf"
 
-    def __init__(self, model, tokenizer, mean=OPENAI_MEAN, std=OPENAI_STD, source: str = "hf"):
-        super().__init__(model.config.vision_config.image_size, mean, std, source)
+    def __init__(self, model, tokenizer, mean=OPENAI_MEAN, std=OPENAI_STD, source: str = "hf", pixel_transform=None):
+        super().__init__(model.config.vision_config.image_size, mean, std, source, pixel_transform)
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = int(model.config.text_config.max_position_embeddings)
@@ -301,10 +351,13 @@ def load_hf_clip(path: str | Path) -> HFCLIP:
         raise ExternalModelError(f"{path}: no usable tokenizer files ({err})") from None
     mean, std = OPENAI_MEAN, OPENAI_STD
     pre = path / "preprocessor_config.json"
-    if pre.is_file():
-        p = _read_json(pre)
-        mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
-    return HFCLIP(model.eval(), tokenizer, mean, std, source=str(path)).eval()
+    p = _read_json(pre) if pre.is_file() else {}
+    mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
+    try:
+        pixels = hf_pixel_transform(config.vision_config.image_size, p)
+    except (TypeError, ValueError) as err:
+        raise ExternalModelError(f"{pre}: not a CLIPImageProcessor config ({err})") from None
+    return HFCLIP(model.eval(), tokenizer, mean, std, source=str(path), pixel_transform=pixels).eval()
 
 
 # ---------------------------------------------------------------------- open_clip
@@ -315,10 +368,11 @@ class OpenCLIP(ExternalModel):
 
     kind = "open_clip"
 
-    def __init__(self, model, tokenizer, mean=OPENAI_MEAN, std=OPENAI_STD, source: str = "open_clip"):
+    def __init__(self, model, tokenizer, mean=OPENAI_MEAN, std=OPENAI_STD, source: str = "open_clip",
+                 preprocess_cfg: dict | None = None):
         size = model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
-        super().__init__(size, mean, std, source)
+        super().__init__(size, mean, std, source, open_clip_pixel_transform(size, preprocess_cfg or {}))
         self.model = model
         self.tokenizer = tokenizer
         visual = model.visual
@@ -424,6 +478,39 @@ def _open_clip_config(weights: Path, model_config: str | Path | dict | None) -> 
     return cfg, preprocess, src
 
 
+def _resolve_text_paths(text_cfg: dict, src: Path) -> dict:
+    """``hf_model_name`` / ``hf_tokenizer_name`` given relative to the config's folder, made
+    absolute (a moved export still finds its ``text/``)."""
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        name = text_cfg.get(key)
+        if name and src.is_file() and not Path(name).is_absolute() and (src.parent / name).is_dir():
+            text_cfg[key] = str(src.parent / name)
+    return text_cfg
+
+
+def _open_clip_tokenizer(text_cfg: dict):
+    """open_clip's tokenizer for a ``text_cfg``: its HFTokenizer where the config names one."""
+    import open_clip
+
+    context = text_cfg.get("context_length", 77)
+    if text_cfg.get("hf_tokenizer_name"):
+        return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context,
+                                               **text_cfg.get("tokenizer_kwargs", {}))
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context, **text_cfg.get("tokenizer_kwargs", {}))
+
+
+def open_clip_tokenizer(path: str | Path, model_config: str | Path | dict | None = None):
+    """The tokenizer of an open_clip checkpoint (file or folder), without building the model."""
+    from copy import deepcopy
+
+    path = Path(path)
+    if path.is_dir():
+        found = [p for suffix in WEIGHT_SUFFIXES for p in sorted(path.glob(f"*{suffix}"))]
+        path = found[0] if found else path / "open_clip_model.safetensors"
+    cfg, _, src = _open_clip_config(path, model_config)
+    return _open_clip_tokenizer(_resolve_text_paths(deepcopy(cfg).get("text_cfg", {}), src))
+
+
 def load_open_clip(path: str | Path, model_config: str | Path | dict | None = None) -> OpenCLIP:
     """An open_clip checkpoint (file, or folder holding one) plus its model-config JSON."""
     from copy import deepcopy
@@ -439,11 +526,7 @@ def load_open_clip(path: str | Path, model_config: str | Path | dict | None = No
         path = found[0]
     cfg, preprocess, src = _open_clip_config(path, model_config)
     cfg = deepcopy(cfg)
-    text_cfg = cfg.get("text_cfg", {})
-    for key in ("hf_model_name", "hf_tokenizer_name"):  # a relative text-tower folder is beside the config
-        name = text_cfg.get(key)
-        if name and src.is_file() and not Path(name).is_absolute() and (src.parent / name).is_dir():
-            text_cfg[key] = str(src.parent / name)
+    text_cfg = _resolve_text_paths(cfg.get("text_cfg", {}), src)  # a relative text/ folder is beside the config
     if "hf_model_name" in text_cfg:
         text_cfg["hf_model_pretrained"] = False  # weights come from the checkpoint, never a download
     if "timm_model_name" in cfg.get("vision_cfg", {}):
@@ -467,15 +550,10 @@ def load_open_clip(path: str | Path, model_config: str | Path | dict | None = No
     if missing or unexpected:
         raise ExternalModelError(f"{path}: does not fit the open_clip model of {src}: "
                                  f"missing {list(missing)[:8]}, unexpected {list(unexpected)[:8]}")
-    context = text_cfg.get("context_length", 77)
-    if text_cfg.get("hf_tokenizer_name"):
-        tokenizer = open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context,
-                                                    **text_cfg.get("tokenizer_kwargs", {}))
-    else:
-        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context, **text_cfg.get("tokenizer_kwargs", {}))
+    tokenizer = _open_clip_tokenizer(text_cfg)
     mean = tuple(preprocess.get("mean", getattr(model.visual, "image_mean", None) or OPENAI_MEAN))
     std = tuple(preprocess.get("std", getattr(model.visual, "image_std", None) or OPENAI_STD))
-    return OpenCLIP(model.eval(), tokenizer, mean, std, source=str(path)).eval()
+    return OpenCLIP(model.eval(), tokenizer, mean, std, source=str(path), preprocess_cfg=preprocess).eval()
 
 
 # ---------------------------------------------------------------------- detection
@@ -607,5 +685,6 @@ def clip_text_encoder(path: str | Path) -> CLIPTextEncoder:
 
 __all__ = [
     "CLIPTextEncoder", "ExternalModel", "ExternalModelError", "HFCLIP", "OpenCLIP", "clip_text_encoder",
-    "detect_kind", "is_external", "load_external", "load_hf_clip", "load_open_clip", "read_state_dict",
+    "detect_kind", "hf_pixel_transform", "is_external", "load_external", "load_hf_clip", "load_open_clip",
+    "open_clip_pixel_transform", "open_clip_tokenizer", "read_state_dict",
 ]

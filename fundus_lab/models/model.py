@@ -583,8 +583,9 @@ class FundusVLM(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write ``model.safetensors``, ``config.json`` (model + method + text/teacher configs)
-        and ``tokenizer/``. Loading needs nothing else (no original paths, no pickle)."""
+        """Write ``model.safetensors``, ``config.json`` (model + method + text/teacher configs),
+        ``tokenizer/`` and a model card ``README.md``. Loading needs nothing else (no original
+        paths, no pickle): :meth:`from_pretrained` or ``fl.load_model``."""
         from safetensors.torch import save_file
 
         from fundus_lab.config import to_dict
@@ -606,7 +607,20 @@ class FundusVLM(nn.Module):
             "teacher_model": to_dict(self.teacher_config) if self.teacher_config is not None else None,
         }
         (out / CONFIG_NAME).write_text(json.dumps(payload, indent=2, default=str))
+        from fundus_lab.models.card import write_model_card
+
+        write_model_card(out)  # README.md: method, config, data and budget of the run it sits in
         return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "FundusVLM":
+        """The model a :meth:`save_pretrained` folder holds (safetensors + JSON; no code runs,
+        nothing is downloaded: a local folder only). Same as :func:`load_model` for our folders."""
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file():
+            raise CheckpointError(f"{path}: no {CONFIG_NAME}; FundusVLM.from_pretrained reads a local folder written by "
+                                  "save_pretrained (fl.load_model also reads open_clip and Hugging Face CLIP folders)")
+        return load_model(path, map_location=map_location)
 
 
 # ---------------------------------------------------------------------- factories
