@@ -102,3 +102,30 @@ def test_hf_clip_model_is_fed_through_its_image_processor(hf_folder):
         torch.testing.assert_close(model.encode_image(preprocess(PHOTO)[None]), expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(model.encode_image(pixels), expected, atol=1e-5, rtol=0)
     assert fl.get_tokenizer(folder)(TEXTS)["input_ids"] == tok(TEXTS)["input_ids"]
+
+
+def test_eval_save_classifier_then_predict_end_to_end(model, saved, tmp_path, capsys):
+    """`fundus-lab eval --protocol fine_tune --save-classifier DIR`, then `fundus-lab predict DIR image.png`."""
+    import json
+
+    from fundus_lab.cli import main
+    from test_eval_compare import MODEL_TINY
+
+    data, classifier = tmp_path / "data", tmp_path / "classifier"
+    tiny = [o for o in MODEL_TINY if o.startswith("data.")] + [
+        "eval.fine_tune_epochs=1", "eval.fine_tune_seeds=1", "eval.fine_tune_batch_size=16", "eval.bootstrap=10",
+        "eval.progress=false"]
+    assert main(["eval", "--checkpoint", str(saved), "--protocol", "zero_shot", "--dataset", "synth-aptos",
+                 "--save-classifier", str(classifier)]) == 2  # only fine-tuning makes a classifier
+    assert "needs --protocol fine_tune" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(saved), "--protocol", "fine_tune", "--dataset", "synth-aptos",
+                 "--data-root", str(data), "--preset", "smoke", "--out", str(tmp_path / "eval"),
+                 "--save-classifier", str(classifier), *tiny]) == 0
+    assert f"classifier: {classifier}" in capsys.readouterr().out
+    info = json.loads((classifier / "classifier.json").read_text())
+    assert info["task"] == "ordinal" and info["preprocessing"]["image_size"] == 32 and info["extra"]["seed"] == 0
+    image = next(p for p in sorted((data / "synth-aptos").rglob("*.png")))
+    assert main(["predict", str(classifier), str(image), "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["image"] == str(image) and list(line["probabilities"]) and set(line["probabilities"]) == set(info["classes"])
+    assert sum(line["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)

@@ -247,8 +247,13 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default=None, help="preset whose eval settings apply (default: default)")
     parser.add_argument("--out", default=None, help="output folder (default <checkpoint>/../eval/<dataset>)")
     parser.add_argument("--force", action="store_true")
+    parser.add_argument("--save-classifier", default=None, metavar="DIR",
+                        help="fine_tune only: save the best fine-tuned classifier to DIR (then: fundus-lab predict DIR image.png)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. eval.seeds=2 eval.fine_tune_epochs=3")
     args = parser.parse_args(argv)
+    if args.save_classifier and args.protocol != "fine_tune":
+        print(f"fundus-lab eval: --save-classifier needs --protocol fine_tune (got {args.protocol})", file=sys.stderr)
+        return 2
     checkpoint = Path(args.checkpoint)
     if (checkpoint / "checkpoint-last").exists():
         checkpoint = checkpoint / "checkpoint-last"
@@ -270,6 +275,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     from fundus_lab.experiment import _device
 
     model = load_model(checkpoint).to(_device()).eval()
+    if args.save_classifier and not hasattr(model, "save_pretrained"):
+        print(f"fundus-lab eval: --save-classifier: {checkpoint} is an outside model ({type(model).__name__}); "
+              "only fundus_lab models are saved as classifiers", file=sys.stderr)
+        return 2
     image_size = _image_size_of(checkpoint, model) or cfg.model.img_size
     out_dir = Path(args.out) if args.out else checkpoint.resolve().parent / "eval" / Path(args.dataset).stem
     run_cfg = checkpoint.resolve().parent / "config.yaml"
@@ -284,7 +293,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
     result = evaluate_model(model, protocol, cfg, out_dir, args.data_root, None, pretrain_ds,
                             {"checkpoint": str(checkpoint), "pretrain_split": str(checkpoint.resolve().parent / "split.csv")},
-                            args.force, image_size)
+                            args.force, image_size, save_classifier=args.save_classifier)
     if not result["available"]:
         print(f"{args.protocol} on {args.dataset}: n/a ({result['result']['reason']})")
     else:
@@ -294,6 +303,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                 print(f"{args.protocol} on {args.dataset} ({column}): {result['metric']} = {s['mean']:.4f} "
                       f"[{ci[0]:.4f}, {ci[1]:.4f}] (runs={s['n']}, test images={cell['n_test']})")
     print(out_dir / f"{args.protocol}.json")
+    if args.save_classifier and result["available"]:
+        print(f"classifier: {args.save_classifier} (fundus-lab predict {args.save_classifier} IMAGE...)")
     return 0
 
 
