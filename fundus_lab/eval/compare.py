@@ -191,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocols", nargs="+", default=[",".join(DEFAULT_PROTOCOLS)], help="like --methods")
     parser.add_argument("--force", action="store_true", help="redo cached pretraining and evaluations")
     parser.add_argument("--external", action="append", default=[], metavar="NAME=PATH",
-                        help="an outside model as a row (Hugging Face CLIP folder, open_clip checkpoint, or "
-                             "any checkpoint fl.load_model reads); repeat for several")
+                        help="an outside model as a row (Hugging Face CLIP folder, open_clip checkpoint, timm or "
+                             "RETFound image weights (image-only: zero-shot n/a), or any checkpoint fl.load_model "
+                             "reads); repeat for several")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=50 eval.seeds=2")
     args = parser.parse_args(argv)
     split = C.split_names

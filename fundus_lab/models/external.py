@@ -38,6 +38,7 @@ transformers runs with ``trust_remote_code=False``.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -48,7 +49,7 @@ from torch import nn
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-KINDS = ("hf", "open_clip")
+KINDS = ("hf", "open_clip", "timm")
 
 
 class ExternalModelError(ValueError):
@@ -556,24 +557,122 @@ def load_open_clip(path: str | Path, model_config: str | Path | dict | None = No
     return OpenCLIP(model.eval(), tokenizer, mean, std, source=str(path), preprocess_cfg=preprocess).eval()
 
 
+# ---------------------------------------------------------------------- timm / RETFound (image only)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _is_timm_vit(state: dict) -> bool:
+    return "patch_embed.proj.weight" in state and any(k.startswith("blocks.0.") for k in state)
+
+
+def _timm_vit_args(state: dict, path: Path) -> dict:
+    """A timm ViT's sizes read off its weights. The head count is not in the weights: the
+    registered size of that width (ViT-Ti/S/B/L: 3/6/12/16), else width / 64 (ViT's head width)."""
+    from fundus_lab.export import TIMM_SIZES
+
+    width, _, patch, _ = state["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    prefix = 1 if "cls_token" in state else 0
+    tokens = state["pos_embed"].shape[1] - prefix if "pos_embed" in state else None
+    side = math.isqrt(tokens) if tokens else None
+    if not side or side * side != tokens:
+        raise ExternalModelError(f"{path}: pos_embed {list(state.get('pos_embed', torch.empty(0)).shape)} is not a "
+                                 "square grid; pass a timm config.json beside the weights (architecture, model_args)")
+    heads = {w: h for (w, h) in TIMM_SIZES}.get(int(width), max(1, int(width) // 64))
+    return {"img_size": side * patch, "patch_size": int(patch), "embed_dim": int(width), "depth": depth,
+            "num_heads": heads, "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / int(width),
+            "class_token": bool(prefix), "global_pool": "token"}
+
+
+class TimmImageModel(nn.Module):
+    """An image-only outside model: timm or RETFound ViT weights behind the evaluation
+    interface. It has no text tower, so zero-shot (and the few-shot prompt head) is n/a;
+    few-shot probes, the linear probe and fine-tuning read its class token."""
+
+    kind = "timm"
+
+    def __init__(self, tower: nn.Module, source: str):
+        super().__init__()
+        self.image_encoder = tower  # fundus_lab's ViT tower around the timm model: normalises inside
+        self.source = source
+        self.img_size = self.image_size = int(tower.img_size)
+        self.text_encoder = None
+        self.use_contrastive = False
+        self.capabilities = frozenset({"image_embedding", "image_features", "fine_tune"})
+
+    def image_features(self, images: torch.Tensor, mask_ratio: float = 0.0) -> dict:
+        out = self.image_encoder(images, mask_ratio)
+        return {"cls": out["cls"], "tokens": out["tokens"][:, 1:]}
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """The class token, L2-normalised (no projection: the model learned none)."""
+        return F.normalize(self.image_encoder(images)["cls"], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"source={self.source!r}, image_size={self.image_size}"
+
+
+def load_timm_image(path: str | Path) -> TimmImageModel:
+    """timm or RETFound ViT image weights: a weights file (its sizes read off the tensors;
+    RETFound's ``{"model": ...}`` unwrapped, heads dropped) or a timm hub folder
+    (``config.json`` with ``architecture``, ``model_args``, ``pretrained_cfg`` + weights)."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    from fundus_lab.export import timm_architecture
+    from fundus_lab.models.image import VisionTransformer, load_image_weights
+    from fundus_lab.models.image import read_state_dict as read_image_state
+
+    path = Path(path)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD  # timm's and RETFound's normalisation
+    if path.is_dir():
+        config = _read_json(path / "config.json")
+        weights = next((p for s in WEIGHT_SUFFIXES for p in sorted(path.glob(f"*{s}"))), None)
+        if weights is None or "architecture" not in config:
+            raise ExternalModelError(f"{path}: a timm folder needs config.json with 'architecture' and a weights file")
+        arch, args = config["architecture"], dict(config.get("model_args") or {})
+        pretrained = config.get("pretrained_cfg") or {}
+        mean, std = tuple(pretrained.get("mean", mean)), tuple(pretrained.get("std", std))
+    else:
+        weights = path
+        args = _timm_vit_args(read_image_state(path), path)
+        arch = timm_architecture({**args})
+    args.update(num_classes=0, pretrained=False)
+    try:
+        trunk = timm.create_model(arch, **args)
+    except (RuntimeError, TypeError) as err:
+        raise ExternalModelError(f"{path}: timm cannot build {arch!r} with {args} ({err})") from None
+    if not isinstance(trunk, TimmViT):
+        raise ExternalModelError(f"{path}: {arch!r} is a {type(trunk).__name__}; image-only outside models are timm ViTs")
+    tower = VisionTransformer(trunk, mean=mean, std=std, name=arch)
+    load_image_weights(tower, weights)
+    return TimmImageModel(tower, source=str(path)).eval()
+
+
 # ---------------------------------------------------------------------- detection
 
 
 def detect_kind(path: str | Path) -> str:
-    """``hf`` for a folder whose config.json says ``model_type: clip``; ``open_clip`` for a
-    weights file, or a folder with ``open_clip_config.json`` or a weights file and a JSON."""
+    """``hf`` for a folder whose config.json says ``model_type: clip``; ``timm`` for a timm hub
+    folder (config.json with ``architecture``) or a weights file of a timm ViT (RETFound's
+    too); ``open_clip`` for another weights file, or a folder with ``open_clip_config.json``
+    or a weights file and a JSON."""
     path = Path(path)
     if not path.exists():
         raise ExternalModelError(f"{path} does not exist")
     if path.is_file():
         if path.suffix in WEIGHT_SUFFIXES:
-            return "open_clip"
+            return "timm" if _weights_are_timm_vit(path) else "open_clip"
         raise ExternalModelError(f"{path}: not a weights file ({', '.join(WEIGHT_SUFFIXES)}) nor a model folder")
     config = path / "config.json"
     if config.is_file():
         data = _read_json(config)
         if data.get("model_type") == "clip":
             return "hf"
+        if "architecture" in data and ("pretrained_cfg" in data or "model_args" in data):
+            return "timm"  # timm's hub layout (what export format='timm' writes)
         if "format" in data and "model" in data and "method" in data:
             raise ExternalModelError(f"{path} is a fundus_lab checkpoint; load it with fl.load_model")
     if (path / "open_clip_config.json").is_file() or any(any(path.glob(f"*{s}")) for s in WEIGHT_SUFFIXES):
@@ -584,6 +683,27 @@ def detect_kind(path: str | Path) -> str:
         return "open_clip"
     raise ExternalModelError(f"{path}: neither a Hugging Face CLIP folder (config.json with model_type 'clip') "
                              f"nor an open_clip checkpoint (weights {WEIGHT_SUFFIXES} + model config JSON)")
+
+
+def _weights_are_timm_vit(path: Path) -> bool:
+    """Whether a weights file holds a timm ViT (``patch_embed.*``, ``blocks.*``; RETFound's too)
+    rather than an open_clip model (``visual.*``); unreadable files are left to the loaders."""
+    from fundus_lab.models.image import read_state_dict as read_image_state
+
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                keys = list(f.keys())
+        except Exception:  # not safetensors: the loader names the problem
+            return False
+        strip = next((p for p in ("module.", "image_encoder.trunk.", "trunk.") if keys and all(k.startswith(p) for k in keys)), "")
+        return _is_timm_vit({k[len(strip):]: None for k in keys})
+    try:
+        return _is_timm_vit(read_image_state(path))
+    except Exception:  # unreadable or pickled code: the loader that is tried next says so
+        return False
 
 
 def is_external(path: str | Path) -> bool:
@@ -613,6 +733,8 @@ def load_external(path: str | Path, kind: str | None = None, model_config: str |
         model = load_hf_clip(path)
     elif kind == "open_clip":
         model = load_open_clip(path, model_config)
+    elif kind == "timm":
+        model = load_timm_image(path)
     else:
         raise ExternalModelError(f"kind={kind!r}; expected one of {KINDS}")
     return model.to(map_location).eval()
@@ -684,7 +806,7 @@ def clip_text_encoder(path: str | Path) -> CLIPTextEncoder:
 
 
 __all__ = [
-    "CLIPTextEncoder", "ExternalModel", "ExternalModelError", "HFCLIP", "OpenCLIP", "clip_text_encoder",
-    "detect_kind", "hf_pixel_transform", "is_external", "load_external", "load_hf_clip", "load_open_clip",
+    "CLIPTextEncoder", "ExternalModel", "ExternalModelError", "HFCLIP", "OpenCLIP", "TimmImageModel", "clip_text_encoder",
+    "detect_kind", "hf_pixel_transform", "is_external", "load_external", "load_hf_clip", "load_open_clip", "load_timm_image",
     "open_clip_pixel_transform", "open_clip_tokenizer", "read_state_dict",
 ]

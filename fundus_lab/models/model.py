@@ -718,7 +718,8 @@ def build_model(model_cfg: ModelConfig, method_cfg: MethodConfig, tokenizer=None
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> FundusVLM:
     """Load a directory written by :meth:`FundusVLM.save_pretrained` (safetensors + JSON; no pickle),
-    or an outside model: a Hugging Face ``CLIPModel`` folder or an open_clip checkpoint
+    or an outside model: a Hugging Face ``CLIPModel`` folder, an open_clip checkpoint, or timm /
+    RETFound ViT image weights (image-only: no zero-shot)
     (:func:`fundus_lab.models.external.load_external`), behind the same evaluation interface."""
     from fundus_lab.config import ConfigError, from_dict
     from fundus_lab.data.tokenizer import load_tokenizer
@@ -731,7 +732,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Fu
         kind = None
     # a folder with our config.json is ours (even a broken one, to be named as such); a
     # Hugging Face CLIP folder or an open_clip checkpoint goes to the outside loaders
-    if kind == "hf":
+    if kind in ("hf", "timm"):  # timm / RETFound image weights: an image-only model
         return load_external(path, map_location=map_location)
     if kind == "open_clip" and not (path / CONFIG_NAME).is_file():
         try:
