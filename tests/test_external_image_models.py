@@ -39,6 +39,28 @@ def test_retfound_weights_load_image_only_with_timm_features(tmp_path):
         torch.testing.assert_close(model.encode_image(x), torch.nn.functional.normalize(theirs, dim=-1), atol=1e-5, rtol=0)
 
 
+def test_a_timm_hub_folder_loads_with_its_config(tmp_path):
+    """What ``fl.export(format="timm")`` writes (config.json with architecture, model_args,
+    pretrained_cfg) comes back as an image-only model with the exporting model's features."""
+    import warnings
+
+    from fundus_lab.export import export
+    from test_export import CLIP, TEXTS, TINY
+    from fundus_lab.data.tokenizer import train_tokenizer
+    from fundus_lab.models import MethodConfig, ModelConfig, build_model
+
+    torch.manual_seed(0)
+    ours = build_model(ModelConfig(**TINY), MethodConfig(**CLIP), train_tokenizer(TEXTS * 2, vocab_size=150)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export(ours, tmp_path, format="timm")
+    assert detect_kind(tmp_path) == "timm"
+    model = fl.load_model(tmp_path)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.image_features(x)["cls"], ours.image_features(x)["cls"], atol=1e-5, rtol=0)
+
+
 @pytest.mark.slow  # evaluates four protocols on the tiny synthetic benchmark (a minute or two on a shared CPU)
 def test_timm_weights_are_a_row_of_table_1_at_smoke(tmp_path):
     from fundus_lab.eval import compare
