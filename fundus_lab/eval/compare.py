@@ -262,8 +262,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         print(f"fundus-lab eval: --checkpoint {checkpoint} does not exist", file=sys.stderr)
         return 2
     protocol = PROTOCOLS[args.protocol]
-    try:  # a mistyped --dataset is one line with its did-you-mean, before any model loads
-        resolve_manifest_path(args.dataset)
+    try:  # a mistyped --dataset name is one line with its did-you-mean, before any model loads
+        if not Path(args.dataset).expanduser().exists():  # existing paths (CSV, class folders) are read later
+            resolve_manifest_path(args.dataset)
     except ManifestError as err:
         print(f"fundus-lab eval: --dataset {args.dataset}: {err}", file=sys.stderr)
         return 2
