@@ -20,6 +20,21 @@ def load_model(checkpoint_dir, **kwargs):
     return _load_model(checkpoint_dir, **kwargs)
 
 
+def create_model_and_transforms(name_or_path, device="cpu"):
+    """``(model, preprocess)`` as open_clip returns them, for our checkpoints, Hugging Face CLIP
+    folders and open_clip checkpoints (``preprocess``: an image -> what ``encode_image`` takes)."""
+    from fundus_lab.models.conventions import create_model_and_transforms as _create
+
+    return _create(name_or_path, device)
+
+
+def get_tokenizer(name_or_path):
+    """The tokenizer ``model.encode_text`` uses, for the same checkpoints."""
+    from fundus_lab.models.conventions import get_tokenizer as _get_tokenizer
+
+    return _get_tokenizer(name_or_path)
+
+
 def __getattr__(name: str):
     if name in _SUBMODULES:
         module = importlib.import_module(f"fundus_lab.{name}")

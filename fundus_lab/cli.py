@@ -30,12 +30,16 @@ SUBCOMMANDS = {
 
 def manifest_main(argv: list[str] | None = None) -> int:
     """``fundus-lab manifest init SOURCE ...`` (the one action today)."""
+    from fundus_lab.data.tabular import manifest_init_main, manifest_init_parser
+
     argv = list(argv or [])
+    if argv[:1] in (["-h"], ["--help"]):  # the full help of the one action, not a usage line
+        print("fundus-lab manifest: one action, init.\n\n" + manifest_init_parser().format_help())
+        return 0
     if not argv or argv[0] != "init":
-        print("usage: fundus-lab manifest init SOURCE [--image-column C --label-column C] [-o manifest.yaml]",
-              file=sys.stderr)
+        print("usage: fundus-lab manifest init SOURCE [--image-column C --label-column C] [-o manifest.yaml]"
+              "\n(fundus-lab manifest --help for every option)", file=sys.stderr)
         return 2
-    from fundus_lab.data.tabular import manifest_init_main
 
     return manifest_init_main(argv[1:])
 

@@ -328,7 +328,9 @@ def _linear_probe(model, sets, cfg, cache_dir) -> Fit:
     return fit
 
 
-def _fine_tune(model, sets, cfg, cache_dir) -> Fit:
+def _fine_tune(model, sets, cfg, cache_dir, save_classifier: str | Path | None = None) -> Fit:
+    """Fine-tune over ``eval.fine_tune_seeds``; ``save_classifier``: a folder for the run with the
+    best validation score (``fundus-lab predict`` reads it)."""
     from fundus_lab.eval.fine_tune import fine_tune, predict
 
     ecfg = cfg.eval
@@ -337,7 +339,7 @@ def _fine_tune(model, sets, cfg, cache_dir) -> Fit:
                                                       "transformer blocks to fine-tune with layer-wise lr decay"})
     train_aug = sets["train"].subset(range(len(sets["train"])))
     train_aug.augment = ecfg.fine_tune_augment
-    fit, runs = Fit(), []
+    fit, runs, best = Fit(), [], None
     for seed in range(ecfg.fine_tune_seeds):
         r = fine_tune(model, train_aug, sets["val"], sets["tests"]["in_domain"], epochs=ecfg.fine_tune_epochs,
                       lr=ecfg.fine_tune_lr, layer_decay=ecfg.fine_tune_layer_decay,
@@ -353,8 +355,18 @@ def _fine_tune(model, sets, cfg, cache_dir) -> Fit:
         runs.append({"seed": seed, "metrics": r["metrics"], "best_epoch": r["best_epoch"], "best_val": r["best_val"],
                      "selection_metric": r["selection_metric"], "history": r["history"],
                      "labels": r["labels"], "probs": r["probs"]})  # test predictions: confusion matrices
+        if save_classifier is not None and (best is None or r["best_val"] > best[0]):
+            best = (r["best_val"], seed, classifier, r["metrics"])
         del classifier
     fit.result = {"runs": runs}
+    if best is not None:
+        from fundus_lab.predict import save_classifier as write_classifier
+
+        train = sets["train"]
+        write_classifier(best[2], save_classifier, sets["classes"], sets["task"], image_size=train.image_size,
+                         extra={"seed": best[1], "best_val": best[0], "test_metrics": best[3],
+                                "dataset": str(getattr(train, "name", "") or "")})
+        fit.result["classifier"] = str(save_classifier)
     return fit
 
 
@@ -768,7 +780,8 @@ class Run:
 def evaluate_model(model, protocol: "Protocol | str", cfg: "C.Config", out_dir: str | Path,
                    data_root: str | None = None, split_dir: str | Path | None = None, pretrain_ds=None,
                    provenance: Mapping | None = None, force: bool = False, image_size: int | None = None,
-                   weights: str | None = None, json_name: str | None = None) -> dict:
+                   weights: str | None = None, json_name: str | None = None,
+                   save_classifier: str | Path | None = None) -> dict:
     """Run ``protocol`` on the dataset the config names for it, score every test column,
     write ``out_dir/<json_name or protocol>.json`` (cached by key) and return it.
 
@@ -776,6 +789,8 @@ def evaluate_model(model, protocol: "Protocol | str", cfg: "C.Config", out_dir: 
     ``pretrain_ds`` (the data the model was pretrained on) must share no patient with a test split;
     ``weights``: the caller's fingerprint of the weights (an outside model's files), in the key
     instead of a hash of the loaded parameters, so a cached result needs no loading.
+    ``save_classifier`` (fine_tune only): write the best fine-tuned classifier there (a cached
+    result counts only once that folder holds one).
     """
     from fundus_lab.eval.features import model_fingerprint
     from fundus_lab.eval.honesty import assert_disjoint
@@ -820,13 +835,17 @@ def evaluate_model(model, protocol: "Protocol | str", cfg: "C.Config", out_dir: 
                        "splits": {s: v["sha256"] for s, v in split_info.items()},
                        "runtime": [cfg.train.num_threads, cfg.train.deterministic]})
     saved = read_json(path)
-    if not force and saved and saved.get("key") == key:
+    if save_classifier is not None and protocol.name != "fine_tune":
+        raise C.ConfigError(f"save_classifier: only the fine_tune protocol trains a classifier (got {protocol.name!r})")
+    classifier_done = save_classifier is None or (Path(save_classifier) / "classifier.json").is_file()
+    if not force and saved and saved.get("key") == key and classifier_done:
         return saved
     model = model() if load else model
 
     start = time.time()
     task, metric = sets["task"], table_metric(sets["task"], protocol.name)
-    fit = protocol.run(model, sets, cfg, out_dir / "features" if ecfg.cache_features else None)
+    extra = {} if save_classifier is None else {"save_classifier": save_classifier}
+    fit = protocol.run(model, sets, cfg, out_dir / "features" if ecfg.cache_features else None, **extra)
     n_classes = len(sets["classes"])
     columns = {}
     for column, _, _ in COLUMNS:

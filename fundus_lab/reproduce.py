@@ -233,6 +233,12 @@ def parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> dict
 # running the notebooks
 
 
+# the kernel's own start-up log (not the notebook's output or errors) writes to our stderr, and
+# on every start warns that it runs "over TCP without encryption" (a local kernel, one user):
+# once per notebook in a run. Its app log stays at ERROR, so only real kernel failures show.
+KERNEL_ARGUMENTS = ("--IPKernelApp.log_level=ERROR",)
+
+
 def _notebook_parameters(path: Path) -> set[str]:
     import papermill
 
@@ -256,7 +262,7 @@ def run_notebook(path: Path, out_path: Path, parameters: Mapping[str, Any], log_
             papermill.execute_notebook(
                 str(path), str(out_path), parameters=params, cwd=str(cwd), kernel_name=kernel_name,
                 progress_bar={"desc": progress} if progress else False, log_output=False,
-                stdout_file=log, stderr_file=log,
+                stdout_file=log, stderr_file=log, extra_arguments=list(KERNEL_ARGUMENTS),
             )
         except PapermillExecutionError as err:
             raise NotebookFailed(path, _code_cell_number(out_path, err.cell_index), err.source, f"{err.ename}: {err.evalue}", out_path) from None

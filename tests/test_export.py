@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from fundus_lab.data.tokenizer import train_tokenizer
-from fundus_lab.export import ExportError, export
+from fundus_lab.export import ExportError, export, export_text_hf
 from fundus_lab.models import MethodConfig, ModelConfig, build_model
 
 TEXTS = ["hard exudates around the macula", "normal fundus", "enlarged cup and thin rim in glaucoma", "drusen"]
@@ -54,7 +54,7 @@ def test_timm_export_round_trip(model, tmp_path):
 
 
 def test_hf_text_export_round_trip(model, tmp_path):
-    export(model, tmp_path, format="hf")
+    export_text_hf(model, tmp_path)  # the text tower alone (format="hf" is the dual encoder: test_export_conventions)
     bert, tok = AutoModel.from_pretrained(str(tmp_path)).eval(), AutoTokenizer.from_pretrained(str(tmp_path))
     enc = tok(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -74,7 +74,9 @@ def test_open_clip_export_round_trip(model, tmp_path):
         warnings.filterwarnings("ignore", "open_clip uses one LayerNorm eps")
         export(model, tmp_path, format="open_clip")
     loaded = load_external(tmp_path)
-    oc = open_clip.create_model(f"local-dir:{tmp_path}").eval()  # open_clip's own loader reads the folder too
+    with pytest.MonkeyPatch.context() as mp:  # open_clip resolves the relative text/ folder from the working directory
+        mp.chdir(tmp_path)
+        oc = open_clip.create_model(f"local-dir:{tmp_path}").eval()  # open_clip's own loader reads the folder too
     for m in (loaded.model, oc):
         m.visual.ln_post.eps = model.image_encoder.trunk.norm.eps
     x = torch.rand(2, 3, 32, 32)

@@ -297,8 +297,8 @@ def dump_manifest(manifest: dict, out: Union[str, Path], source: str = "") -> Pa
     return out
 
 
-def manifest_init_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``fundus-lab manifest init SOURCE [--image-column C --label-column C] [-o manifest.yaml]``."""
+def manifest_init_parser() -> argparse.ArgumentParser:
+    """The parser of ``fundus-lab manifest init`` (``fundus-lab manifest --help`` prints its help)."""
     ap = argparse.ArgumentParser(prog="fundus-lab manifest init",
                                  description="Write a manifest to edit for a labelled CSV or a folder per class.")
     ap.add_argument("source", help="a CSV (one row per image) or a folder of class subfolders")
@@ -315,7 +315,12 @@ def manifest_init_main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--name", help="dataset name (default: the file or folder name)")
     ap.add_argument("-o", "--output", help="where to write (default: manifest.yaml beside the source)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def manifest_init_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``fundus-lab manifest init SOURCE [--image-column C --label-column C] [-o manifest.yaml]``."""
+    args = manifest_init_parser().parse_args(argv)
     src = Path(args.source)
     try:
         if src.is_dir():

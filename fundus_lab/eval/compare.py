@@ -126,9 +126,25 @@ def write_results(results: dict, cfg: "C.Config", out_dir: Path, protocols: Sequ
     write_json(out_dir / "results.json", {"preset": cfg.preset, "rows": rows, "headers": dict(columns),
                                           "metrics": {p: v["metric"] for p, v in info.items()}, "notes": notes})
     paths["json"] = out_dir / "results.json"
+    _write_model_cards(results, rows, columns, paths["md"])
     if "few_shot" in protocols:
         paths.update({f"few_shot_{k}": v for k, v in write_few_shot_curves(results, cfg, out_dir).items()})
     return paths
+
+
+def _write_model_cards(results: dict, rows: list[dict], columns: list[tuple[str, str]], table_md: Path) -> None:
+    """Rewrite each pretrained checkpoint's model card with its method's Table 1 row."""
+    from fundus_lab.eval.tables import format_cell
+    from fundus_lab.models.card import write_model_card
+
+    by_method = {row["method"]: row for row in rows}
+    for method, per_protocol in results.items():
+        cells = {header: format_cell(by_method[method].get(key)) for key, header in columns}
+        run_dirs = {r["run_dir"] for records in per_protocol.values() for r in records if not r.get("external")}
+        for run_dir in sorted(run_dirs):
+            checkpoint = Path(run_dir) / "checkpoint-last"
+            if (checkpoint / "config.json").is_file():
+                write_model_card(checkpoint, cells, str(table_md))
 
 
 def write_few_shot_curves(results: dict, cfg: "C.Config", out_dir: Path) -> dict[str, Path]:
@@ -175,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocols", nargs="+", default=[",".join(DEFAULT_PROTOCOLS)], help="like --methods")
     parser.add_argument("--force", action="store_true", help="redo cached pretraining and evaluations")
     parser.add_argument("--external", action="append", default=[], metavar="NAME=PATH",
-                        help="an outside model as a row (Hugging Face CLIP folder, open_clip checkpoint, or "
-                             "any checkpoint fl.load_model reads); repeat for several")
+                        help="an outside model as a row (Hugging Face CLIP folder, open_clip checkpoint, timm or "
+                             "RETFound image weights (image-only: zero-shot n/a), or any checkpoint fl.load_model "
+                             "reads); repeat for several")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=50 eval.seeds=2")
     args = parser.parse_args(argv)
     split = C.split_names
@@ -219,6 +236,7 @@ def _image_size_of(checkpoint: Path, model) -> int | None:
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     """``fundus-lab eval --checkpoint DIR --protocol P --dataset NAME [--data-root DIR] [key=value ...]``"""
+    from fundus_lab.data.manifest import ManifestError, resolve_manifest_path
     from fundus_lab.experiment import apply_runtime
     from fundus_lab.models import load_model
 
@@ -230,8 +248,13 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default=None, help="preset whose eval settings apply (default: default)")
     parser.add_argument("--out", default=None, help="output folder (default <checkpoint>/../eval/<dataset>)")
     parser.add_argument("--force", action="store_true")
+    parser.add_argument("--save-classifier", default=None, metavar="DIR",
+                        help="fine_tune only: save the best fine-tuned classifier to DIR (then: fundus-lab predict DIR image.png)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. eval.seeds=2 eval.fine_tune_epochs=3")
     args = parser.parse_args(argv)
+    if args.save_classifier and args.protocol != "fine_tune":
+        print(f"fundus-lab eval: --save-classifier needs --protocol fine_tune (got {args.protocol})", file=sys.stderr)
+        return 2
     checkpoint = Path(args.checkpoint)
     if (checkpoint / "checkpoint-last").exists():
         checkpoint = checkpoint / "checkpoint-last"
@@ -239,6 +262,12 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         print(f"fundus-lab eval: --checkpoint {checkpoint} does not exist", file=sys.stderr)
         return 2
     protocol = PROTOCOLS[args.protocol]
+    try:  # a mistyped --dataset name is one line with its did-you-mean, before any model loads
+        if not Path(args.dataset).expanduser().exists():  # existing paths (CSV, class folders) are read later
+            resolve_manifest_path(args.dataset)
+    except ManifestError as err:
+        print(f"fundus-lab eval: --dataset {args.dataset}: {err}", file=sys.stderr)
+        return 2
     try:
         cfg = C.resolve_config(args.preset, overrides=[*args.overrides, f"eval.{protocol.dataset_key}={args.dataset}"])
     except C.ConfigError as err:
@@ -248,6 +277,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     from fundus_lab.experiment import _device
 
     model = load_model(checkpoint).to(_device()).eval()
+    if args.save_classifier and not hasattr(model, "save_pretrained"):
+        print(f"fundus-lab eval: --save-classifier: {checkpoint} is an outside model ({type(model).__name__}); "
+              "only fundus_lab models are saved as classifiers", file=sys.stderr)
+        return 2
     image_size = _image_size_of(checkpoint, model) or cfg.model.img_size
     out_dir = Path(args.out) if args.out else checkpoint.resolve().parent / "eval" / Path(args.dataset).stem
     run_cfg = checkpoint.resolve().parent / "config.yaml"
@@ -262,7 +295,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
     result = evaluate_model(model, protocol, cfg, out_dir, args.data_root, None, pretrain_ds,
                             {"checkpoint": str(checkpoint), "pretrain_split": str(checkpoint.resolve().parent / "split.csv")},
-                            args.force, image_size)
+                            args.force, image_size, save_classifier=args.save_classifier)
     if not result["available"]:
         print(f"{args.protocol} on {args.dataset}: n/a ({result['result']['reason']})")
     else:
@@ -272,6 +305,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                 print(f"{args.protocol} on {args.dataset} ({column}): {result['metric']} = {s['mean']:.4f} "
                       f"[{ci[0]:.4f}, {ci[1]:.4f}] (runs={s['n']}, test images={cell['n_test']})")
     print(out_dir / f"{args.protocol}.json")
+    if args.save_classifier and result["available"]:
+        print(f"classifier: {args.save_classifier} (fundus-lab predict {args.save_classifier} IMAGE...)")
     return 0
 
 

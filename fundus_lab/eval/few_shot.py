@@ -32,12 +32,13 @@ from fundus_lab.eval.zero_shot import class_embeddings, has_text_encoder, logit_
 LAMBDA_GRID = (0.0, 0.1, 1.0, 10.0)
 
 
-def sample_few_shot(labels: np.ndarray, k: int, seed: int, exclude: Sequence[int] = ()) -> np.ndarray:
+def sample_few_shot(labels: np.ndarray, k: int, seed: int, exclude: Sequence[int] = (), purpose: str = "") -> np.ndarray:
     """Indices of k samples per class, drawn reproducibly (same labels, k, seed -> same set).
 
     ``labels`` is [N] class indices, or [N, C] multi-hot (then each class gets k positives;
     a sample positive for several classes counts for all of them). Classes with fewer
     than k candidates give all they have (with a warning); a class with none is an error.
+    ``purpose`` names a validation draw in that warning (its k is not the run's k).
     Returns sorted int64 indices.
     """
     if k < 1:
@@ -62,7 +63,10 @@ def sample_few_shot(labels: np.ndarray, k: int, seed: int, exclude: Sequence[int
                 raise ValueError(f"class {int(c)} has no samples to draw shots from")
         chosen[rng.permutation(candidates)[:need]] = True
     if short:
-        warnings.warn(f"fewer than k={k} samples for classes (class, available): {sorted(short)}")
+        if purpose:  # a validation draw: its size is not the k the run is at, so say which run it serves
+            warnings.warn(f"fewer than k_val={k} samples for classes (class, available): {sorted(short)} in {purpose}")
+        else:
+            warnings.warn(f"fewer than k={k} samples for classes (class, available): {sorted(short)}")
     return np.flatnonzero(chosen).astype(np.int64)
 
 
@@ -200,11 +204,12 @@ def few_shot(
             bar.set_postfix(k=k, seed=seed)
             idx = sample_few_shot(ty, k, seed)
             k_val = max(k, 4)
+            val_purpose = f"the validation draw of the k={k} run"  # so a k=1 run never reads "fewer than k=4"
             if val_ds is None:
-                val_idx = sample_few_shot(ty, k_val, seed + 10_000, exclude=idx)
+                val_idx = sample_few_shot(ty, k_val, seed + 10_000, exclude=idx, purpose=val_purpose)
                 px, py = tx[val_idx], ty[val_idx]
             else:
-                val_idx = sample_few_shot(vy, k_val, seed + 10_000)
+                val_idx = sample_few_shot(vy, k_val, seed + 10_000, purpose=val_purpose)
                 px, py = vx[val_idx], vy[val_idx]
             probe, info = fit_probe(tx[idx], ty[idx], px, py, task, n_classes, C_grid)
             probe_runs.append({

@@ -6,7 +6,7 @@ where the protocol does not apply (``mae`` has no text encoder: zero-shot is "n/
 CSV keeps the raw values (0-1 scale) and the run folders each row came from; Markdown
 and LaTeX show ``mean [lo, hi] ± seed std`` in percent where a CI is given (else
 ``mean ± std``, std only when more than one seed ran), the best mean of each column in
-bold, and ``notes`` lines under the table.
+bold (none where rows tie at the shown precision), and ``notes`` lines under the table.
 """
 
 from __future__ import annotations
@@ -45,9 +45,14 @@ def format_cell(cell: dict | None, scale: float = 100.0, digits: int = 1, pm: st
     return text
 
 
-def _best(rows: list[dict], key: str) -> float | None:
-    means = [r[key]["mean"] for r in rows if r.get(key) and r[key].get("n", 0) > 0 and math.isfinite(r[key]["mean"])]
-    return max(means) if len(means) > 1 else None
+def _best(rows: list[dict], key: str, scale: float = 100.0, digits: int = 1) -> float | None:
+    """The column's best mean as shown (rounded like :func:`format_cell`), or None where no
+    single row holds it: one row, or a tie (every row at 0 bolds nothing)."""
+    means = [round(r[key]["mean"] * scale, digits) for r in rows
+             if r.get(key) and r[key].get("n", 0) > 0 and math.isfinite(r[key]["mean"])]
+    if len(means) < 2 or means.count(max(means)) > 1:
+        return None
+    return max(means)
 
 
 def _latex_escape(text: str) -> str:
@@ -108,7 +113,8 @@ def write_table(
 
     def is_best(row, key) -> bool:
         cell = row.get(key)
-        return bool(best[key] is not None and cell and cell.get("n", 0) and cell["mean"] == best[key])
+        return bool(best[key] is not None and cell and cell.get("n", 0) and math.isfinite(cell["mean"])
+                    and round(cell["mean"] * 100.0, 1) == best[key])
 
     md = []
     if caption:

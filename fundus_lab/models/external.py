@@ -8,7 +8,7 @@ The model interface (what ``fl.eval``, the viz functions and the widget call on 
                           "attention_maps", "image_features", "fine_tune"
     model.image_size   -> int, the side the model works at (inputs are resized to it)
     model.encode_image(images [N, 3, H, W] in [0, 1]) -> [N, D], L2-normalised
-    model.encode_text(list[str]) -> [N, D], L2-normalised            ("text_embedding")
+    model.encode_text(str or list[str]) -> [N, D], L2-normalised     ("text_embedding")
     model.image_features(images, mask_ratio=0.0) -> {"cls": [N, W], "tokens": [N, L, W]}
         the pooled feature before any projection and the patch tokens (probes, fine-tune)
     model.logit_scale  -> the log of the learned inverse temperature (zero-shot scale)
@@ -21,8 +21,12 @@ The model interface (what ``fl.eval``, the viz functions and the widget call on 
     model.eval() / model.train() / model.to(device) / model.parameters() / model.state_dict()
 
 Images arrive as plain [0, 1] pixels at any size; each wrapper applies its source's own
-preprocessing: resize the shorter side to ``image_size`` (bicubic, antialiased), centre
-crop, normalise with the source's mean and std.
+preprocessing: images not at ``image_size`` go through the source's own resize and crop on
+8-bit PIL images (open_clip's ``image_transform`` from the checkpoint's ``preprocess_cfg``;
+a Hugging Face folder's ``CLIPImageProcessor`` from ``preprocessor_config.json``), exactly
+as that library prepares a photo, then the source's mean/std normalisation.
+``model.pixel_transform`` is that resize and crop alone (PIL image -> [3, S, S] in [0, 1]):
+the ``preprocess`` of ``fl.create_model_and_transforms``.
 
 Loading never executes code: safetensors, or ``torch.load(weights_only=True)``;
 transformers runs with ``trust_remote_code=False``.
@@ -34,6 +38,7 @@ transformers runs with ``trust_remote_code=False``.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -44,7 +49,7 @@ from torch import nn
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-KINDS = ("hf", "open_clip")
+KINDS = ("hf", "open_clip", "timm")
 
 
 class ExternalModelError(ValueError):
@@ -97,6 +102,53 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+# ---------------------------------------------------------------------- each source's pixels
+
+
+def _to_pil(image: torch.Tensor):
+    """[3, H, W] in [0, 1] -> an 8-bit RGB PIL image (rounded, as the file it came from)."""
+    from PIL import Image
+
+    array = (image.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array, "RGB")
+
+
+def _resize_crop_transform(size: int, interpolation: str = "bicubic"):
+    """Shorter side to ``size`` (PIL, antialiased), centre crop, to [0, 1]: CLIP's eval transform."""
+    from torchvision import transforms as T
+
+    mode = getattr(T.InterpolationMode, interpolation.upper(), T.InterpolationMode.BICUBIC)
+    return T.Compose([T.Resize(size, interpolation=mode, antialias=True), T.CenterCrop(size),
+                      T.Lambda(lambda im: im.convert("RGB")), T.ToTensor()])
+
+
+def open_clip_pixel_transform(size: int, preprocess_cfg: dict):
+    """open_clip's own eval transform for this checkpoint's ``preprocess_cfg`` (resize mode,
+    interpolation), without its final Normalize (the wrapper normalises)."""
+    import open_clip
+    from torchvision.transforms import Compose, Normalize
+
+    kwargs = {k: preprocess_cfg[k] for k in ("resize_mode", "interpolation") if preprocess_cfg.get(k)}
+    transform = open_clip.image_transform(size, is_train=False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), **kwargs)
+    return Compose([t for t in transform.transforms if not isinstance(t, Normalize)])
+
+
+def hf_pixel_transform(size: int, config: dict):
+    """A Hugging Face ``CLIPImageProcessor`` built from ``preprocessor_config.json`` (its resize,
+    resample and crop; the model's own size where the file gives none), normalisation off."""
+    from transformers import CLIPImageProcessor
+
+    fields = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("image_processor_type", "processor_class")}
+    fields.setdefault("size", {"shortest_edge": size})
+    fields.setdefault("crop_size", {"height": size, "width": size})
+    processor = CLIPImageProcessor(**{**fields, "do_normalize": False})
+
+    def transform(image):
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    return transform
+
+
 # ---------------------------------------------------------------------- the shared wrapper
 
 
@@ -129,10 +181,13 @@ class ExternalModel(nn.Module):
 
     kind = "external"
 
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], source: str):
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], source: str,
+                 pixel_transform=None):
         super().__init__()
         self.image_size = int(image_size)
         self.source = source
+        # PIL image -> [3, S, S] in [0, 1]: the source's resize and crop, without its normalisation
+        self.pixel_transform = pixel_transform or _resize_crop_transform(self.image_size)
         self.use_contrastive = True  # CLIP-style models are aligned image-text spaces
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -156,18 +211,14 @@ class ExternalModel(nn.Module):
         return self.image_size
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] in [0, 1] -> the source model's input: shorter side resized to
-        ``image_size`` (bicubic, antialiased), centre crop, mean/std normalisation."""
+        """[N, 3, H, W] in [0, 1] -> the source model's input: images of another size than
+        ``image_size`` through :attr:`pixel_transform` (the source library's own resize and
+        crop, on 8-bit PIL images as it reads photos), then mean/std normalisation."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [N, 3, H, W] in [0, 1], got {list(images.shape)}")
         s = self.image_size
-        h, w = images.shape[-2:]
-        if (h, w) != (s, s):
-            scale = s / min(h, w)
-            nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
-            images = F.interpolate(images.float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-            top, left = (nh - s) // 2, (nw - s) // 2
-            images = images[..., top:top + s, left:left + s]
+        if tuple(images.shape[-2:]) != (s, s):
+            images = torch.stack([self.pixel_transform(_to_pil(img)) for img in images.detach().cpu()])
         images = images.to(self.pixel_mean.device, self.pixel_mean.dtype)
         return (images - self.pixel_mean) / self.pixel_std
 
@@ -201,8 +252,8 @@ class HFCLIP(ExternalModel):
 
     kind = "hf"
 
-    def __init__(self, model, tokenizer, mean=OPENAI_MEAN, std=OPENAI_STD, source: str = "hf"):
-        super().__init__(model.config.vision_config.image_size, mean, std, source)
+    def __init__(self, model, tokenizer, mean=OPENAI_MEAN, std=OPENAI_STD, source: str = "hf", pixel_transform=None):
+        super().__init__(model.config.vision_config.image_size, mean, std, source, pixel_transform)
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = int(model.config.text_config.max_position_embeddings)
@@ -236,8 +287,8 @@ class HFCLIP(ExternalModel):
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        ids, attn = self.tokenize(texts)
+    def encode_text(self, texts: str | Sequence[str]) -> torch.Tensor:
+        ids, attn = self.tokenize([texts] if isinstance(texts, str) else texts)
         pooled = self.model.text_model(input_ids=ids, attention_mask=attn).pooler_output
         return F.normalize(self.model.text_projection(pooled), dim=-1)
 
@@ -301,10 +352,13 @@ def load_hf_clip(path: str | Path) -> HFCLIP:
         raise ExternalModelError(f"{path}: no usable tokenizer files ({err})") from None
     mean, std = OPENAI_MEAN, OPENAI_STD
     pre = path / "preprocessor_config.json"
-    if pre.is_file():
-        p = _read_json(pre)
-        mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
-    return HFCLIP(model.eval(), tokenizer, mean, std, source=str(path)).eval()
+    p = _read_json(pre) if pre.is_file() else {}
+    mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
+    try:
+        pixels = hf_pixel_transform(config.vision_config.image_size, p)
+    except (TypeError, ValueError) as err:
+        raise ExternalModelError(f"{pre}: not a CLIPImageProcessor config ({err})") from None
+    return HFCLIP(model.eval(), tokenizer, mean, std, source=str(path), pixel_transform=pixels).eval()
 
 
 # ---------------------------------------------------------------------- open_clip
@@ -315,10 +369,11 @@ class OpenCLIP(ExternalModel):
 
     kind = "open_clip"
 
-    def __init__(self, model, tokenizer, mean=OPENAI_MEAN, std=OPENAI_STD, source: str = "open_clip"):
+    def __init__(self, model, tokenizer, mean=OPENAI_MEAN, std=OPENAI_STD, source: str = "open_clip",
+                 preprocess_cfg: dict | None = None):
         size = model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
-        super().__init__(size, mean, std, source)
+        super().__init__(size, mean, std, source, open_clip_pixel_transform(size, preprocess_cfg or {}))
         self.model = model
         self.tokenizer = tokenizer
         visual = model.visual
@@ -362,8 +417,9 @@ class OpenCLIP(ExternalModel):
             return features  # already projected by the tower itself
         return features @ visual.proj if visual.proj is not None else features
 
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+    def encode_text(self, texts: str | Sequence[str]) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else texts
+        if not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be a list of str")
         tokens = self.tokenizer(list(texts)).to(self.device)
         return F.normalize(self.model.encode_text(tokens), dim=-1)
@@ -423,6 +479,39 @@ def _open_clip_config(weights: Path, model_config: str | Path | dict | None) -> 
     return cfg, preprocess, src
 
 
+def _resolve_text_paths(text_cfg: dict, src: Path) -> dict:
+    """``hf_model_name`` / ``hf_tokenizer_name`` given relative to the config's folder, made
+    absolute (a moved export still finds its ``text/``)."""
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        name = text_cfg.get(key)
+        if name and src.is_file() and not Path(name).is_absolute() and (src.parent / name).is_dir():
+            text_cfg[key] = str(src.parent / name)
+    return text_cfg
+
+
+def _open_clip_tokenizer(text_cfg: dict):
+    """open_clip's tokenizer for a ``text_cfg``: its HFTokenizer where the config names one."""
+    import open_clip
+
+    context = text_cfg.get("context_length", 77)
+    if text_cfg.get("hf_tokenizer_name"):
+        return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context,
+                                               **text_cfg.get("tokenizer_kwargs", {}))
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context, **text_cfg.get("tokenizer_kwargs", {}))
+
+
+def open_clip_tokenizer(path: str | Path, model_config: str | Path | dict | None = None):
+    """The tokenizer of an open_clip checkpoint (file or folder), without building the model."""
+    from copy import deepcopy
+
+    path = Path(path)
+    if path.is_dir():
+        found = [p for suffix in WEIGHT_SUFFIXES for p in sorted(path.glob(f"*{suffix}"))]
+        path = found[0] if found else path / "open_clip_model.safetensors"
+    cfg, _, src = _open_clip_config(path, model_config)
+    return _open_clip_tokenizer(_resolve_text_paths(deepcopy(cfg).get("text_cfg", {}), src))
+
+
 def load_open_clip(path: str | Path, model_config: str | Path | dict | None = None) -> OpenCLIP:
     """An open_clip checkpoint (file, or folder holding one) plus its model-config JSON."""
     from copy import deepcopy
@@ -438,7 +527,7 @@ def load_open_clip(path: str | Path, model_config: str | Path | dict | None = No
         path = found[0]
     cfg, preprocess, src = _open_clip_config(path, model_config)
     cfg = deepcopy(cfg)
-    text_cfg = cfg.get("text_cfg", {})
+    text_cfg = _resolve_text_paths(cfg.get("text_cfg", {}), src)  # a relative text/ folder is beside the config
     if "hf_model_name" in text_cfg:
         text_cfg["hf_model_pretrained"] = False  # weights come from the checkpoint, never a download
     if "timm_model_name" in cfg.get("vision_cfg", {}):
@@ -462,35 +551,128 @@ def load_open_clip(path: str | Path, model_config: str | Path | dict | None = No
     if missing or unexpected:
         raise ExternalModelError(f"{path}: does not fit the open_clip model of {src}: "
                                  f"missing {list(missing)[:8]}, unexpected {list(unexpected)[:8]}")
-    context = text_cfg.get("context_length", 77)
-    if text_cfg.get("hf_tokenizer_name"):
-        tokenizer = open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context,
-                                                    **text_cfg.get("tokenizer_kwargs", {}))
-    else:
-        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context, **text_cfg.get("tokenizer_kwargs", {}))
+    tokenizer = _open_clip_tokenizer(text_cfg)
     mean = tuple(preprocess.get("mean", getattr(model.visual, "image_mean", None) or OPENAI_MEAN))
     std = tuple(preprocess.get("std", getattr(model.visual, "image_std", None) or OPENAI_STD))
-    return OpenCLIP(model.eval(), tokenizer, mean, std, source=str(path)).eval()
+    return OpenCLIP(model.eval(), tokenizer, mean, std, source=str(path), preprocess_cfg=preprocess).eval()
+
+
+# ---------------------------------------------------------------------- timm / RETFound (image only)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _is_timm_vit(state: dict) -> bool:
+    return "patch_embed.proj.weight" in state and any(k.startswith("blocks.0.") for k in state)
+
+
+def _timm_vit_args(state: dict, path: Path) -> dict:
+    """A timm ViT's sizes read off its weights. The head count is not in the weights: the
+    registered size of that width (ViT-Ti/S/B/L: 3/6/12/16), else width / 64 (ViT's head width)."""
+    from fundus_lab.export import TIMM_SIZES
+
+    width, _, patch, _ = state["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    prefix = 1 if "cls_token" in state else 0
+    tokens = state["pos_embed"].shape[1] - prefix if "pos_embed" in state else None
+    side = math.isqrt(tokens) if tokens else None
+    if not side or side * side != tokens:
+        raise ExternalModelError(f"{path}: pos_embed {list(state.get('pos_embed', torch.empty(0)).shape)} is not a "
+                                 "square grid; pass a timm config.json beside the weights (architecture, model_args)")
+    heads = {w: h for (w, h) in TIMM_SIZES}.get(int(width), max(1, int(width) // 64))
+    return {"img_size": side * patch, "patch_size": int(patch), "embed_dim": int(width), "depth": depth,
+            "num_heads": heads, "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / int(width),
+            "class_token": bool(prefix), "global_pool": "token"}
+
+
+class TimmImageModel(nn.Module):
+    """An image-only outside model: timm or RETFound ViT weights behind the evaluation
+    interface. It has no text tower, so zero-shot (and the few-shot prompt head) is n/a;
+    few-shot probes, the linear probe and fine-tuning read its class token."""
+
+    kind = "timm"
+
+    def __init__(self, tower: nn.Module, source: str):
+        super().__init__()
+        self.image_encoder = tower  # fundus_lab's ViT tower around the timm model: normalises inside
+        self.source = source
+        self.img_size = self.image_size = int(tower.img_size)
+        self.text_encoder = None
+        self.use_contrastive = False
+        self.capabilities = frozenset({"image_embedding", "image_features", "fine_tune"})
+
+    def image_features(self, images: torch.Tensor, mask_ratio: float = 0.0) -> dict:
+        out = self.image_encoder(images, mask_ratio)
+        return {"cls": out["cls"], "tokens": out["tokens"][:, 1:]}
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """The class token, L2-normalised (no projection: the model learned none)."""
+        return F.normalize(self.image_encoder(images)["cls"], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"source={self.source!r}, image_size={self.image_size}"
+
+
+def load_timm_image(path: str | Path) -> TimmImageModel:
+    """timm or RETFound ViT image weights: a weights file (its sizes read off the tensors;
+    RETFound's ``{"model": ...}`` unwrapped, heads dropped) or a timm hub folder
+    (``config.json`` with ``architecture``, ``model_args``, ``pretrained_cfg`` + weights)."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    from fundus_lab.export import timm_architecture
+    from fundus_lab.models.image import VisionTransformer, load_image_weights
+    from fundus_lab.models.image import read_state_dict as read_image_state
+
+    path = Path(path)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD  # timm's and RETFound's normalisation
+    if path.is_dir():
+        config = _read_json(path / "config.json")
+        weights = next((p for s in WEIGHT_SUFFIXES for p in sorted(path.glob(f"*{s}"))), None)
+        if weights is None or "architecture" not in config:
+            raise ExternalModelError(f"{path}: a timm folder needs config.json with 'architecture' and a weights file")
+        arch, args = config["architecture"], dict(config.get("model_args") or {})
+        pretrained = config.get("pretrained_cfg") or {}
+        mean, std = tuple(pretrained.get("mean", mean)), tuple(pretrained.get("std", std))
+    else:
+        weights = path
+        args = _timm_vit_args(read_image_state(path), path)
+        arch = timm_architecture({**args})
+    args.update(num_classes=0, pretrained=False)
+    try:
+        trunk = timm.create_model(arch, **args)
+    except (RuntimeError, TypeError) as err:
+        raise ExternalModelError(f"{path}: timm cannot build {arch!r} with {args} ({err})") from None
+    if not isinstance(trunk, TimmViT):
+        raise ExternalModelError(f"{path}: {arch!r} is a {type(trunk).__name__}; image-only outside models are timm ViTs")
+    tower = VisionTransformer(trunk, mean=mean, std=std, name=arch)
+    load_image_weights(tower, weights)
+    return TimmImageModel(tower, source=str(path)).eval()
 
 
 # ---------------------------------------------------------------------- detection
 
 
 def detect_kind(path: str | Path) -> str:
-    """``hf`` for a folder whose config.json says ``model_type: clip``; ``open_clip`` for a
-    weights file, or a folder with ``open_clip_config.json`` or a weights file and a JSON."""
+    """``hf`` for a folder whose config.json says ``model_type: clip``; ``timm`` for a timm hub
+    folder (config.json with ``architecture``) or a weights file of a timm ViT (RETFound's
+    too); ``open_clip`` for another weights file, or a folder with ``open_clip_config.json``
+    or a weights file and a JSON."""
     path = Path(path)
     if not path.exists():
         raise ExternalModelError(f"{path} does not exist")
     if path.is_file():
         if path.suffix in WEIGHT_SUFFIXES:
-            return "open_clip"
+            return "timm" if _weights_are_timm_vit(path) else "open_clip"
         raise ExternalModelError(f"{path}: not a weights file ({', '.join(WEIGHT_SUFFIXES)}) nor a model folder")
     config = path / "config.json"
     if config.is_file():
         data = _read_json(config)
         if data.get("model_type") == "clip":
             return "hf"
+        if "architecture" in data and ("pretrained_cfg" in data or "model_args" in data):
+            return "timm"  # timm's hub layout (what export format='timm' writes)
         if "format" in data and "model" in data and "method" in data:
             raise ExternalModelError(f"{path} is a fundus_lab checkpoint; load it with fl.load_model")
     if (path / "open_clip_config.json").is_file() or any(any(path.glob(f"*{s}")) for s in WEIGHT_SUFFIXES):
@@ -501,6 +683,27 @@ def detect_kind(path: str | Path) -> str:
         return "open_clip"
     raise ExternalModelError(f"{path}: neither a Hugging Face CLIP folder (config.json with model_type 'clip') "
                              f"nor an open_clip checkpoint (weights {WEIGHT_SUFFIXES} + model config JSON)")
+
+
+def _weights_are_timm_vit(path: Path) -> bool:
+    """Whether a weights file holds a timm ViT (``patch_embed.*``, ``blocks.*``; RETFound's too)
+    rather than an open_clip model (``visual.*``); unreadable files are left to the loaders."""
+    from fundus_lab.models.image import read_state_dict as read_image_state
+
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                keys = list(f.keys())
+        except Exception:  # not safetensors: the loader names the problem
+            return False
+        strip = next((p for p in ("module.", "image_encoder.trunk.", "trunk.") if keys and all(k.startswith(p) for k in keys)), "")
+        return _is_timm_vit({k[len(strip):]: None for k in keys})
+    try:
+        return _is_timm_vit(read_image_state(path))
+    except Exception:  # unreadable or pickled code: the loader that is tried next says so
+        return False
 
 
 def is_external(path: str | Path) -> bool:
@@ -530,6 +733,8 @@ def load_external(path: str | Path, kind: str | None = None, model_config: str |
         model = load_hf_clip(path)
     elif kind == "open_clip":
         model = load_open_clip(path, model_config)
+    elif kind == "timm":
+        model = load_timm_image(path)
     else:
         raise ExternalModelError(f"kind={kind!r}; expected one of {KINDS}")
     return model.to(map_location).eval()
@@ -601,6 +806,7 @@ def clip_text_encoder(path: str | Path) -> CLIPTextEncoder:
 
 
 __all__ = [
-    "CLIPTextEncoder", "ExternalModel", "ExternalModelError", "HFCLIP", "OpenCLIP", "clip_text_encoder",
-    "detect_kind", "is_external", "load_external", "load_hf_clip", "load_open_clip", "read_state_dict",
+    "CLIPTextEncoder", "ExternalModel", "ExternalModelError", "HFCLIP", "OpenCLIP", "TimmImageModel", "clip_text_encoder",
+    "detect_kind", "hf_pixel_transform", "is_external", "load_external", "load_hf_clip", "load_open_clip", "load_timm_image",
+    "open_clip_pixel_transform", "open_clip_tokenizer", "read_state_dict",
 ]

@@ -421,7 +421,12 @@ def create_timm_model(name: str, img_size: int, drop_path: float = 0.0) -> nn.Mo
             return timm.create_model(name, **kwargs)  # CNNs take any size and no img_size argument
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ValueError(f"model.image_encoder={name!r} is neither 'vit' nor a timm model name "
+            import difflib
+
+            from fundus_lab.config import did_you_mean
+
+            close = difflib.get_close_matches(name, timm.list_models(), n=3)
+            raise ValueError(f"model.image_encoder={name!r} is neither 'vit' nor a timm model name{did_you_mean(close)} "
                              f"(timm.list_models('{name.split('_')[0]}*') lists the names)") from None
         raise
 

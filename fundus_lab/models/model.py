@@ -408,10 +408,10 @@ class FundusVLM(nn.Module):
         z = self.image_proj(self.image_embedding_input(enc)) if self.use_contrastive else enc["cls"]
         return F.normalize(z, dim=-1)
 
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        """list[str] -> ``[N, D]`` L2-normalised."""
+    def encode_text(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """list[str] -> ``[N, D]`` L2-normalised; one str is a list of one (open_clip's habit)."""
         self._require("text embedding", self.use_contrastive, "it learns no image-text alignment (contrastive_weight is 0)")
-        ids, attn = self.tokenize(texts)
+        ids, attn = self.tokenize([texts] if isinstance(texts, str) else texts)
         return F.normalize(self.text_proj(self.text_embedding_input(self.text_encoder(ids, attn))), dim=-1)
 
     def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
@@ -628,8 +628,9 @@ class FundusVLM(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write ``model.safetensors``, ``config.json`` (model + method + text/teacher configs)
-        and ``tokenizer/``. Loading needs nothing else (no original paths, no pickle)."""
+        """Write ``model.safetensors``, ``config.json`` (model + method + text/teacher configs),
+        ``tokenizer/`` and a model card ``README.md``. Loading needs nothing else (no original
+        paths, no pickle): :meth:`from_pretrained` or ``fl.load_model``."""
         from safetensors.torch import save_file
 
         from fundus_lab.config import to_dict
@@ -651,7 +652,20 @@ class FundusVLM(nn.Module):
             "teacher_model": to_dict(self.teacher_config) if self.teacher_config is not None else None,
         }
         (out / CONFIG_NAME).write_text(json.dumps(payload, indent=2, default=str))
+        from fundus_lab.models.card import write_model_card
+
+        write_model_card(out)  # README.md: method, config, data and budget of the run it sits in
         return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "FundusVLM":
+        """The model a :meth:`save_pretrained` folder holds (safetensors + JSON; no code runs,
+        nothing is downloaded: a local folder only). Same as :func:`load_model` for our folders."""
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file():
+            raise CheckpointError(f"{path}: no {CONFIG_NAME}; FundusVLM.from_pretrained reads a local folder written by "
+                                  "save_pretrained (fl.load_model also reads open_clip and Hugging Face CLIP folders)")
+        return load_model(path, map_location=map_location)
 
 
 # ---------------------------------------------------------------------- factories
@@ -779,7 +793,8 @@ def load_teacher_text_tower(model: FundusVLM, teacher: Path) -> None:
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> FundusVLM:
     """Load a directory written by :meth:`FundusVLM.save_pretrained` (safetensors + JSON; no pickle),
-    or an outside model: a Hugging Face ``CLIPModel`` folder or an open_clip checkpoint
+    or an outside model: a Hugging Face ``CLIPModel`` folder, an open_clip checkpoint, or timm /
+    RETFound ViT image weights (image-only: no zero-shot)
     (:func:`fundus_lab.models.external.load_external`), behind the same evaluation interface."""
     from fundus_lab.config import ConfigError, from_dict
     from fundus_lab.data.tokenizer import load_tokenizer
@@ -792,7 +807,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Fu
         kind = None
     # a folder with our config.json is ours (even a broken one, to be named as such); a
     # Hugging Face CLIP folder or an open_clip checkpoint goes to the outside loaders
-    if kind == "hf":
+    if kind in ("hf", "timm"):  # timm / RETFound image weights: an image-only model
         return load_external(path, map_location=map_location)
     if kind == "open_clip" and not (path / CONFIG_NAME).is_file():
         try:
