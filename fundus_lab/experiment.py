@@ -459,8 +459,8 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
     # Table 1: the paper's protocols
     Protocol("zero_shot", "Zero-shot", "zero_shot_dataset", _COMMON, _zero_shot, needs_training_split=False),
     Protocol("few_shot", "Few-shot fine-tune k={k}", "few_shot_dataset",
-             _COMMON + ("shots", "seeds", "few_shot_k", "few_shot_epochs", "few_shot_patience", "few_shot_fine_tune_seeds")
-             + _RECIPE, _few_shot),
+             _COMMON + ("shots", "seeds", "few_shot_k", "few_shot_epochs", "few_shot_patience",
+                        "few_shot_fine_tune_seeds") + _RECIPE, _few_shot),
     Protocol("fine_tune", "Fine-tune", "fine_tune_dataset",
              _COMMON + ("fine_tune_seeds", "fine_tune_epochs", "fine_tune_patience") + _RECIPE, _fine_tune),
     # Table 2: the field's linear probe, and zero-shot transfer beyond the paper
