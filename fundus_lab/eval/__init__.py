@@ -24,11 +24,12 @@ from fundus_lab.eval.metrics import bootstrap_ci, compute_metrics, quadratic_wei
 from fundus_lab.eval.probe import linear_probe
 from fundus_lab.eval.tables import write_table
 from fundus_lab.eval.zero_shot import ZeroShotUnavailable, class_embeddings, zero_shot
-from fundus_lab.eval.compare import compare  # noqa: E402  (after the protocols it runs)
+from fundus_lab.eval.compare import compare, shot_curve_rows  # noqa: E402  (after the protocols it runs)
 from fundus_lab.experiment import evaluate_model as evaluate  # noqa: E402
 
 __all__ = [
     "EvalConfig", "LeakageError", "ZeroShotUnavailable", "assert_disjoint", "bootstrap_ci", "class_embeddings",
-    "compare", "compute_metrics", "evaluate", "explain", "extract_features", "few_shot", "few_shot_fine_tune", "fine_tune",
-    "linear_probe", "metrics", "prompts", "quadratic_weighted_kappa", "sample_few_shot", "write_split_file", "write_table", "zero_shot",
+    "compare", "compute_metrics", "evaluate", "explain", "extract_features", "few_shot", "few_shot_fine_tune",
+    "fine_tune", "linear_probe", "metrics", "prompts", "quadratic_weighted_kappa", "sample_few_shot", "shot_curve_rows",
+    "write_split_file", "write_table", "zero_shot",
 ]
