@@ -192,6 +192,7 @@ class EvalConfig:
     """
 
     zero_shot_dataset: str = "synth-odir"
+    unseen_dataset: str = "synth-unseen"  # diseases no pretraining text names (Table 2's unseen column)
     few_shot_dataset: str = "synth-fives"
     fine_tune_dataset: str = "synth-aptos"
     shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
@@ -203,6 +204,11 @@ class EvalConfig:
     few_shot_k: Optional[int] = None  # the k shown in Table 1 (None: the largest of `shots`)
     few_shot_features: Literal["cls", "embed"] = "cls"
     few_shot_head_steps: int = 100
+    # few-shot fine-tuning (Table 1's few-shot, the paper's protocol): the fine_tune_* recipe on
+    # k images per class; an epoch is one pass over the k-shot set (one or two steps), so more of them
+    few_shot_epochs: int = 30
+    few_shot_patience: int = 10
+    few_shot_fine_tune_seeds: Optional[int] = None  # k-shot draws fine-tuned per k (None: `seeds`, as the probe)
     # fine-tuning
     fine_tune_seeds: int = 3
     fine_tune_epochs: int = 10

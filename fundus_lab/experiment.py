@@ -5,7 +5,7 @@
     run.config("ours")                    # resolve_config(preset, method, overrides): the one way
     run.checkpoint("eva")                 # pretrains the clip teacher first, then eva; cached
     run.evaluate("ours", "few_shot")      # every test column at once; cached by key
-    run.table(["clip", "ours"])           # Table 1: methods + reference rows x protocol x column
+    run.table(["clip", "ours"])           # Tables 1 and 2: methods + reference rows x protocol x column
     run.add_external("biomedclip", "ckpt/")  # an outside model (fl.load_model reads it) joins the table
 
 Adding a protocol or a reference row touches one place: :data:`PROTOCOLS` or :data:`REFERENCES`.
@@ -20,7 +20,12 @@ Layout of ``run_dir``::
                                            (an outside model: eval/<name>/seed<first seed>/)
     eval/<method>/seed<s>/splits/          the exact samples each evaluation saw
     splits/<dataset>.json                  one split assignment per dataset, shared by every method
-    table1.{csv,md,tex}, few_shot.{csv,md,tex}, results.json
+    table1.{csv,md,tex}, table2.{csv,md,tex}, few_shot.{csv,md,tex}, results.json
+
+Table 1 holds the paper's protocols (each ``Protocol.table`` names its table): zero-shot on the seen classes with
+the knowledge-base prompts, few-shot by fine-tuning with k images per class, fine-tuning.
+Table 2 holds the field's linear probe and two zero-shot columns that measure transfer
+(prompts pretraining never read; diseases pretraining never named).
 """
 
 from __future__ import annotations
@@ -196,10 +201,13 @@ def record_splits(datasets: Mapping[str, Any], folder: Path, name: str) -> dict:
 # metrics of a Table 1 cell
 
 
+SINGLE_LABEL_PROTOCOLS = ("zero_shot", "zero_shot_disjoint", "zero_shot_unseen", "linear_probe", "linear_probe_full")
+
+
 def table_metric(task: str, protocol: str) -> str:
-    """The number Table 1 shows: ODIR zero-shot or linear probe -> single-label accuracy; grades -> kappa."""
+    """The number a table shows: ODIR zero-shot or linear probe -> single-label accuracy; grades -> kappa."""
     if task == "multilabel":  # the ODIR-like figure: accuracy over the single-label eyes
-        return "single_label_accuracy" if protocol in ("zero_shot", "linear_probe") else "auc"
+        return "single_label_accuracy" if protocol in SINGLE_LABEL_PROTOCOLS else "auc"
     return {"ordinal": "kappa", "binary": "auc"}.get(task, "accuracy")
 
 
@@ -263,14 +271,16 @@ class Fit:
     available: bool = True
 
 
-def _zero_shot(model, sets, cfg, cache_dir) -> Fit:
+def _zero_shot(model, sets, cfg, cache_dir, prompts: Callable | None = None) -> Fit:
+    """Zero-shot on every test column; ``prompts(test)`` gives the class prompts (default:
+    the knowledge base's ensembles, which hold the sentences pretraining paired with images)."""
     from fundus_lab.eval.zero_shot import ZeroShotUnavailable, zero_shot
 
     fit = Fit()
     for column, test in sets["tests"].items():
         try:
-            r = zero_shot(model, test, batch_size=cfg.eval.batch_size, bootstrap=0, cache_dir=cache_dir,
-                          progress=cfg.eval.progress)
+            r = zero_shot(model, test, prompts=prompts(test) if prompts else None, batch_size=cfg.eval.batch_size,
+                          bootstrap=0, cache_dir=cache_dir, progress=cfg.eval.progress)
         except ZeroShotUnavailable as err:
             return Fit(available=False, result={"reason": str(err)})
         fit.predictions[column], fit.labels[column] = [r["probs"]], r["labels"]
@@ -279,16 +289,89 @@ def _zero_shot(model, sets, cfg, cache_dir) -> Fit:
     return fit
 
 
+def _zero_shot_disjoint(model, sets, cfg, cache_dir) -> Fit:
+    """Zero-shot on the same classes from prompts no pretraining text holds (:mod:`fundus_lab.eval.prompts`)."""
+    from fundus_lab.eval.prompts import dataset_disjoint_prompts
+
+    return _zero_shot(model, sets, cfg, cache_dir, prompts=dataset_disjoint_prompts)
+
+
+def _zero_shot_unseen(model, sets, cfg, cache_dir) -> Fit:
+    """Zero-shot on diseases pretraining never named (``eval.unseen_dataset``), from their
+    knowledge-base entries: the dataset's own class prompts."""
+    return _zero_shot(model, sets, cfg, cache_dir)
+
+
+def _table_k(ecfg) -> int:
+    """The k the tables show (``eval.few_shot_k``, else the largest of ``eval.shots``)."""
+    k = ecfg.few_shot_k or max(ecfg.shots)
+    if k not in ecfg.shots:
+        raise C.ConfigError(f"eval.few_shot_k = {k} is not one of eval.shots = {list(ecfg.shots)}")
+    return k
+
+
+def _can_fine_tune(model) -> bool:
+    return hasattr(getattr(model, "image_encoder", None), "blocks")  # layer-wise lr decay needs the ViT blocks
+
+
+def _no_blocks(model) -> Fit:
+    return Fit(available=False, result={"reason": f"{type(model).__name__}: the image tower has no "
+                                                  "transformer blocks to fine-tune with layer-wise lr decay"})
+
+
+def _fine_tune_recipe(ecfg) -> dict:
+    """The fine-tune column's optimiser settings, shared by the k-shot fine-tuning."""
+    return dict(lr=ecfg.fine_tune_lr, layer_decay=ecfg.fine_tune_layer_decay, weight_decay=ecfg.fine_tune_weight_decay,
+                batch_size=ecfg.fine_tune_batch_size, class_balanced=ecfg.fine_tune_class_balanced)
+
+
+def _augmented(train, augment: bool):
+    train_aug = train.subset(range(len(train)))
+    train_aug.augment = augment
+    return train_aug
+
+
+def _few_shot_fine_tune_seeds(ecfg) -> int:
+    """How many k-shot draws are fine-tuned per k: ``eval.few_shot_fine_tune_seeds``, else ``eval.seeds``."""
+    n = ecfg.few_shot_fine_tune_seeds if ecfg.few_shot_fine_tune_seeds is not None else ecfg.seeds
+    if n < 1:
+        raise C.ConfigError(f"eval.few_shot_fine_tune_seeds = {n}: fine-tune at least one k-shot draw per k")
+    return n
+
+
 def _few_shot(model, sets, cfg, cache_dir) -> Fit:
-    """The k-shot curves (``few_shot``) on in-domain test, and the Table 1 k scored on every column."""
+    """Table 1's few-shot, the paper's protocol: the image encoder fine-tuned with k labelled
+    images per class (the fine-tune recipe), ``eval.few_shot_fine_tune_seeds`` draws per k
+    (the first of the probe's draws: the same images). The curve over
+    ``eval.shots`` is scored on in-domain test; the table's k on every column."""
+    from fundus_lab.eval.few_shot import few_shot_fine_tune
+
+    ecfg = cfg.eval
+    if not _can_fine_tune(model):
+        return _no_blocks(model)
+    k = _table_k(ecfg)
+    others = {c: t for c, t in sets["tests"].items() if c != "in_domain"}
+    r = few_shot_fine_tune(model, _augmented(sets["train"], ecfg.fine_tune_augment), sets["val"],
+                           sets["tests"]["in_domain"], shots=ecfg.shots, seeds=_few_shot_fine_tune_seeds(ecfg),
+                           score_at=k, other_tests=others, epochs=ecfg.few_shot_epochs,
+                           patience=ecfg.few_shot_patience, progress=ecfg.progress, **_fine_tune_recipe(ecfg))
+    fit = Fit(result={"shots": r["shots"], "task": r["task"], "classes": r["classes"], "k": k})
+    for column in sets["tests"]:
+        name = "test" if column == "in_domain" else column
+        fit.predictions[column], fit.labels[column] = r["predictions"][name], r["labels"][name]
+    return fit
+
+
+def _linear_probe(model, sets, cfg, cache_dir) -> Fit:
+    """Table 2's linear probe, the field's convention: logistic regression on frozen features
+    of k images per class (and the prompt-initialised head), the curves (``few_shot``) on
+    in-domain test, the table's k scored on every column."""
     from fundus_lab.eval.features import extract_features
     from fundus_lab.eval.few_shot import few_shot, sample_few_shot
     from fundus_lab.eval.probe import fit_probe
 
     ecfg = cfg.eval
-    k = ecfg.few_shot_k or max(ecfg.shots)
-    if k not in ecfg.shots:
-        raise C.ConfigError(f"eval.few_shot_k = {k} is not one of eval.shots = {list(ecfg.shots)}")
+    k = _table_k(ecfg)
     train, val, task = sets["train"], sets["val"], sets["task"]
     curves = few_shot(model, train, sets["tests"]["in_domain"], shots=ecfg.shots, seeds=ecfg.seeds, val_ds=val,
                       features=ecfg.few_shot_features, head_steps=ecfg.few_shot_head_steps,
@@ -310,7 +393,8 @@ def _few_shot(model, sets, cfg, cache_dir) -> Fit:
     return fit
 
 
-def _linear_probe(model, sets, cfg, cache_dir) -> Fit:
+def _linear_probe_full(model, sets, cfg, cache_dir) -> Fit:
+    """A linear probe on the whole training split (C chosen on val); in no default table."""
     from fundus_lab.eval.features import extract_features
     from fundus_lab.eval.probe import fit_logistic, fit_probe
 
@@ -334,18 +418,14 @@ def _fine_tune(model, sets, cfg, cache_dir, save_classifier: str | Path | None =
     from fundus_lab.eval.fine_tune import fine_tune, predict
 
     ecfg = cfg.eval
-    if not hasattr(getattr(model, "image_encoder", None), "blocks"):  # layer-wise lr decay needs the ViT blocks
-        return Fit(available=False, result={"reason": f"{type(model).__name__}: the image tower has no "
-                                                      "transformer blocks to fine-tune with layer-wise lr decay"})
-    train_aug = sets["train"].subset(range(len(sets["train"])))
-    train_aug.augment = ecfg.fine_tune_augment
+    if not _can_fine_tune(model):
+        return _no_blocks(model)
+    train_aug = _augmented(sets["train"], ecfg.fine_tune_augment)
     fit, runs, best = Fit(), [], None
     for seed in range(ecfg.fine_tune_seeds):
         r = fine_tune(model, train_aug, sets["val"], sets["tests"]["in_domain"], epochs=ecfg.fine_tune_epochs,
-                      lr=ecfg.fine_tune_lr, layer_decay=ecfg.fine_tune_layer_decay,
-                      weight_decay=ecfg.fine_tune_weight_decay, batch_size=ecfg.fine_tune_batch_size,
-                      class_balanced=ecfg.fine_tune_class_balanced, patience=ecfg.fine_tune_patience, seed=seed,
-                      bootstrap=0, return_model=True, progress=ecfg.progress)
+                      patience=ecfg.fine_tune_patience, seed=seed, bootstrap=0, return_model=True,
+                      progress=ecfg.progress, **_fine_tune_recipe(ecfg))
         classifier = r.pop("model")
         for column, test in sets["tests"].items():
             probs, labels = (r["probs"], r["labels"]) if column == "in_domain" else \
@@ -381,20 +461,33 @@ class Protocol:
     settings: tuple[str, ...]  # EvalConfig fields that change its result (part of the cache key)
     run: Callable[..., Fit]
     needs_training_split: bool = True
+    table: str = "table1"  # the table its columns go in (TABLES)
 
 
 _COMMON = ("batch_size", "bootstrap")
+_RECIPE = ("fine_tune_lr", "fine_tune_layer_decay", "fine_tune_weight_decay", "fine_tune_batch_size",
+           "fine_tune_class_balanced", "fine_tune_augment")
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
+    # Table 1: the paper's protocols
     Protocol("zero_shot", "Zero-shot", "zero_shot_dataset", _COMMON, _zero_shot, needs_training_split=False),
-    Protocol("few_shot", "Few-shot k={k}", "few_shot_dataset",
-             _COMMON + ("shots", "seeds", "few_shot_k", "few_shot_features", "few_shot_head_steps"), _few_shot),
-    Protocol("linear_probe", "Linear probe", "few_shot_dataset", _COMMON + ("few_shot_features",), _linear_probe),
+    Protocol("few_shot", "Few-shot fine-tune k={k}", "few_shot_dataset",
+             _COMMON + ("shots", "seeds", "few_shot_k", "few_shot_epochs", "few_shot_patience",
+                        "few_shot_fine_tune_seeds") + _RECIPE, _few_shot),
     Protocol("fine_tune", "Fine-tune", "fine_tune_dataset",
-             _COMMON + ("fine_tune_seeds", "fine_tune_epochs", "fine_tune_lr", "fine_tune_layer_decay",
-                        "fine_tune_weight_decay", "fine_tune_batch_size", "fine_tune_patience",
-                        "fine_tune_class_balanced", "fine_tune_augment"), _fine_tune),
+             _COMMON + ("fine_tune_seeds", "fine_tune_epochs", "fine_tune_patience") + _RECIPE, _fine_tune),
+    # Table 2: the field's linear probe, and zero-shot transfer beyond the paper
+    Protocol("linear_probe", "Linear probe k={k}", "few_shot_dataset",
+             _COMMON + ("shots", "seeds", "few_shot_k", "few_shot_features", "few_shot_head_steps"), _linear_probe,
+             table="table2"),
+    Protocol("zero_shot_disjoint", "Zero-shot, disjoint prompts", "zero_shot_dataset", _COMMON, _zero_shot_disjoint,
+             needs_training_split=False, table="table2"),
+    Protocol("zero_shot_unseen", "Zero-shot, unseen diseases", "unseen_dataset", _COMMON, _zero_shot_unseen,
+             needs_training_split=False, table="table2"),
+    Protocol("linear_probe_full", "Linear probe, full training split", "few_shot_dataset",
+             _COMMON + ("few_shot_features",), _linear_probe_full, table="table2"),
 )}
-DEFAULT_PROTOCOLS = ("zero_shot", "few_shot", "fine_tune")
+TABLES = ("table1", "table2")
+DEFAULT_PROTOCOLS = ("zero_shot", "few_shot", "fine_tune", "linear_probe", "zero_shot_disjoint", "zero_shot_unseen")
 
 
 def _has_text(model) -> bool:
@@ -489,9 +582,9 @@ class Reference:
 REFERENCES: dict[str, Reference] = {r.name: r for r in (
     Reference("random-init", "clip", _build_random_init, tuple(PROTOCOLS),
               "untrained encoders (the floor)"),
-    Reference("supervised", "clip", _build_supervised, ("few_shot", "linear_probe", "fine_tune"),
+    Reference("supervised", "clip", _build_supervised, ("few_shot", "fine_tune", "linear_probe", "linear_probe_full"),
               "the same image encoder trained on the pretraining images' labels, same images seen; no text tower"),
-    Reference("pixels", None, None, ("few_shot", "linear_probe"),
+    Reference("pixels", None, None, ("linear_probe", "linear_probe_full"),
               "a linear probe on 16 x 16 area-averaged pixels"),
 )}
 
@@ -733,14 +826,15 @@ class Run:
                               self.run_dir / "splits", pretrain_ds, provenance, self.force, weights=weights,
                               json_name=name)
 
-    # Table 1 -----------------------------------------------------------------------------
+    # Tables 1 and 2 ----------------------------------------------------------------------
 
     def table(self, methods: Sequence[str], protocols: Sequence[str] = DEFAULT_PROTOCOLS,
               references: Sequence[str] = tuple(REFERENCES),
               external: Mapping[str, str | Path] | None = None) -> dict[str, Path]:
         """Evaluate ``methods`` and ``references`` over every pretraining seed, and every outside
         model (those of ``external`` = {name: path} are registered first, see
-        :meth:`add_external`) once; write Table 1 (rows: methods, outside models, references).
+        :meth:`add_external`) once; write Tables 1 and 2 (rows: methods, outside models, references;
+        each protocol's columns in its ``Protocol.table``).
 
         Outside models are evaluated first, so a checkpoint that does not load fails before
         any pretraining."""
@@ -1004,5 +1098,5 @@ def pretrain_cached(mcfg: "C.Config", force: bool = False, callbacks=()) -> Path
     return run_dir
 
 
-__all__ = ["COLUMNS", "PROTOCOLS", "REFERENCES", "PixelFeatures", "Protocol", "Reference", "Run", "apply_runtime",
+__all__ = ["COLUMNS", "DEFAULT_PROTOCOLS", "PROTOCOLS", "REFERENCES", "TABLES", "PixelFeatures", "Protocol", "Reference", "Run", "apply_runtime",
            "bootstrap_cell", "chance_level", "evaluate_model", "external_fingerprint", "write_explanation_scores", "metric_fn", "normalise_overrides", "pretrain_cached", "table_metric"]

@@ -63,6 +63,11 @@ def _validate(data: object, path: Path) -> dict[str, dict[str, dict]]:
             for field in ("name", "definition"):
                 if not isinstance(entry[field], str) or not entry[field].strip():
                     raise ValueError(f"{where}.{field}: expected a non-empty string")
+            paraphrases = entry.get("paraphrases", [])
+            if not isinstance(paraphrases, list) or not all(isinstance(v, str) and v.strip() for v in paraphrases):
+                raise ValueError(f"{where}.paraphrases: expected a list of non-empty strings, got {paraphrases!r}")
+            if not isinstance(entry.get("in_pretraining", True), bool):
+                raise ValueError(f"{where}.in_pretraining: expected true or false, got {entry['in_pretraining']!r}")
     return {kind: dict(data.get(kind) or {}) for kind in KINDS}
 
 
@@ -135,11 +140,26 @@ def definition_text(key: str) -> str:
     return f"{e['name']}, {e['definition']}"
 
 
+def unseen_keys() -> list[str]:
+    """Class keys held out of pretraining (``in_pretraining: false``): the unseen diseases
+    that zero-shot names from their entries alone."""
+    return [k for k in class_keys() if not _load()["classes"][k].get("in_pretraining", True)]
+
+
+def paraphrases(key: str) -> list[str]:
+    """A class's evaluation-only paraphrases (its ``paraphrases`` field; empty when none)."""
+    return list(entry(key).get("paraphrases", []))
+
+
 def corpus() -> list[str]:
     """Every text in the base (names, synonyms, abbreviations, definitions, signs,
-    lesion looks and prompts), deduplicated, for tokenizer training."""
+    lesion looks and prompts), deduplicated, for tokenizer training.
+
+    Evaluation-only text stays out: unseen diseases' entries and every ``paraphrases``
+    field, so that no pretraining step (the tokenizer included) has read them."""
     texts: list[str] = []
-    for key in keys():
+    held_out = set(unseen_keys())
+    for key in (k for k in keys() if k not in held_out):
         e = entry(key)
         texts += [e["name"], *e["synonyms"], *e["abbreviations"], _sentence(e["definition"])]
         texts += [_sentence(s) for s in e["signs"]]

@@ -419,13 +419,14 @@ def machine() -> dict:
 
 def write_summary(run_dir: Path, status: Mapping[str, Mapping[str, Any]], command: str, total_seconds: float,
                   commit: str | None = None) -> Path:
-    """``run_dir/results/``: table1.md/.csv, and ``run.md`` + ``run.json`` with the exact
+    """``run_dir/results/``: table1.md/.csv, table2.md/.csv, and ``run.md`` + ``run.json`` with the exact
     command, the git commit, the machine and the wall time per notebook and in total."""
     import shutil
 
     out = Path(run_dir) / "results"
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("table1.md", "table1.csv", "few_shot.md", "explanation_scores.txt", "explanation_scores.csv"):
+    for name in ("table1.md", "table1.csv", "table2.md", "table2.csv", "few_shot.md", "explanation_scores.txt",
+                 "explanation_scores.csv"):
         if (Path(run_dir) / name).is_file():
             shutil.copy(Path(run_dir) / name, out / name)
     at_end = git_commit()
@@ -445,6 +446,8 @@ def write_summary(run_dir: Path, status: Mapping[str, Mapping[str, Any]], comman
     md += [f"| {n} | {s['state']} | {s['seconds'] if s['seconds'] is not None else ''} |" for n, s in info["notebooks"].items()]
     if (out / "table1.md").is_file():
         md += ["", "## Table 1", "", (out / "table1.md").read_text().strip()]
+    if (out / "table2.md").is_file():
+        md += ["", "## Table 2", "", (out / "table2.md").read_text().strip()]
     (out / "run.md").write_text("\n".join(md) + "\n")
     return out
 

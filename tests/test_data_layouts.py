@@ -249,7 +249,7 @@ def build_synfundus(root: Path) -> None:
 
 
 SYNTH_HEADER = ("image_id,image,mask,patient_id,eye,age,camera,split,N,D,G,C,A,H,M,O,dr_grade,dme,cdr,"
-                "fives_class,text,short_text,definition_text")
+                "fives_class,text,short_text,definition_text,unseen_class")
 
 
 def build_synth(root: Path, task: str, n_patients: int = 6) -> list[dict]:
@@ -271,7 +271,8 @@ def build_synth(root: Path, task: str, n_patients: int = 6) -> list[dict]:
                          "patient_id": f"p{p:04d}", "eye": eye, "age": 50 + p, "camera": "cam_b" if split == "test" else "cam_a",
                          "split": split, **cats, "dr_grade": k % 5, "dme": k % 3, "cdr": round(0.3 + 0.01 * k, 2),
                          "fives_class": fives, "text": f"Colour fundus photograph of the {eye} eye, report {k}.",
-                         "short_text": "normal", "definition_text": "a fundus without pathology"})
+                         "short_text": "normal", "definition_text": "a fundus without pathology",
+                         "unseen_class": "PI"[p % 2] if task == "unseen" else ""})
             fundus(root / "images" / f"{image_id}.png", seed=k)
     (root / "masks").mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows, columns=SYNTH_HEADER.split(",")).to_csv(root / "labels.csv", index=False)
@@ -517,6 +518,7 @@ BUILDERS = {
     "refuge": build_refuge, "rfmid": build_rfmid, "retinamnist": build_retinamnist, "synfundus": build_synfundus,
     "synth-pretrain": lambda r: build_synth(r, "pretrain"), "synth-odir": lambda r: build_synth(r, "odir"),
     "synth-fives": lambda r: build_synth(r, "fives"), "synth-aptos": lambda r: build_synth(r, "aptos"),
+    "synth-unseen": lambda r: build_synth(r, "unseen"),
 }
 
 

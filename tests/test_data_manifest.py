@@ -20,6 +20,7 @@ from fundus_lab.data.manifest import (
 EXPECTED = {
     "aptos2019", "eyepacs", "idrid", "messidor2", "messidor", "odir5k", "fives", "refuge", "rfmid",
     "retinamnist", "synfundus", "synth-pretrain", "synth-odir", "synth-fives", "synth-aptos",
+    "synth-unseen",
 }
 
 MINIMAL = {

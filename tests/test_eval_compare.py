@@ -1,6 +1,6 @@
 """End to end: a `Run` pretrains clip, eva (with a clip teacher) and mae on a tiny
 synthetic benchmark, builds the reference rows (random-init, supervised, pixels), evaluates
-them on both test columns, writes Table 1; reruns come from the cache; every row leads back
+them on both test columns, writes Tables 1 and 2; reruns come from the cache; every row leads back
 to its run folder, config and split files; no patient crosses splits."""
 
 import csv
@@ -77,21 +77,35 @@ def test_table_has_every_method_and_na_for_mae(table):
         assert 0.0 <= float(rows[m]["zero_shot_in_domain_mean"]) <= 1.0
         lo, hi = float(rows[m]["zero_shot_in_domain_ci_low"]), float(rows[m]["zero_shot_in_domain_ci_high"])
         assert lo <= float(rows[m]["zero_shot_in_domain_mean"]) <= hi
-    for m in METHODS + ["random-init", "supervised", "pixels"]:
-        assert int(rows[m]["few_shot_in_domain_n"]) == 2  # 1 pretraining seed x 2 few-shot seeds
     for m in METHODS + ["random-init", "supervised"]:
+        assert int(rows[m]["few_shot_in_domain_n"]) == 2  # 1 pretraining seed x 2 k-shot fine-tuning draws
         assert int(rows[m]["fine_tune_in_domain_n"]) == 1
     # reference rows: no zero-shot without a trained text tower, no fine-tuning of pixels
     assert rows["supervised"]["zero_shot_in_domain_mean"] == "n/a"
     assert rows["pixels"]["zero_shot_in_domain_mean"] == "n/a" and rows["pixels"]["fine_tune_in_domain_mean"] == "n/a"
+    assert rows["pixels"]["few_shot_in_domain_mean"] == "n/a"  # nothing to fine-tune
+    assert not any(k.startswith("linear_probe") for k in rows["clip"])  # Table 2's column
     md = paths["md"].read_text()
     assert "| mae | n/a | n/a |" in md
     assert "in-domain" in md and "held-out camera" in md and "Chance level" in md
+    assert "Few-shot fine-tune k=2" in md
+    table2 = {r["method"]: r for r in csv.DictReader(open(paths["table2_csv"]))}
+    assert list(table2) == list(rows)
+    for m in METHODS + ["random-init", "supervised", "pixels"]:
+        assert int(table2[m]["linear_probe_in_domain_n"]) == 2  # 1 pretraining seed x 2 few-shot seeds
+    for m in ("clip", "eva", "random-init"):  # text towers: both transfer columns, both test columns
+        for column in ("zero_shot_disjoint_in_domain_mean", "zero_shot_unseen_in_domain_mean",
+                       "zero_shot_unseen_held_out_camera_mean"):
+            assert 0.0 <= float(table2[m][column]) <= 1.0, (m, column)
+    for m in ("mae", "supervised", "pixels"):
+        assert table2[m]["zero_shot_unseen_in_domain_mean"] == "n/a"
+    assert "Zero-shot, unseen diseases (synth-unseen, acc.)" in paths["table2_md"].read_text()
     curves = paths["few_shot_md"].read_text()
     assert "| Method | k=1 | k=2 |" in curves
-    assert "| clip (prompt head) |" in curves and "| mae (probe) |" in curves
+    assert "| clip (fine-tune) |" in curves and "| clip (prompt head) |" in curves and "| mae (probe) |" in curves
     assert "mae (prompt head)" not in curves  # no text encoder, no prompt head
-    assert r"\begin{tabular}" in paths["tex"].read_text()
+    assert "pixels (fine-tune)" not in curves and "| pixels (probe) |" in curves
+    assert r"\begin{tabular}" in paths["tex"].read_text() and r"\begin{tabular}" in paths["table2_tex"].read_text()
 
 
 def test_rows_trace_back_to_runs_configs_and_splits(table):
@@ -142,17 +156,22 @@ def test_rerun_is_cached_and_a_changed_setting_reruns_only_its_part(table, monke
     for name in ("_build_random_init", "_build_supervised"):
         monkeypatch.setattr(ex, name, refuse)
     protocols = dict(ex.PROTOCOLS)
-    for name in ("zero_shot", "few_shot", "fine_tune"):
+    before2 = paths["table2_csv"].read_text()
+    for name in ex.DEFAULT_PROTOCOLS:
         monkeypatch.setitem(ex.PROTOCOLS, name, ex.dataclasses_replace(protocols[name], run=refuse))
     again = compare(_run(out), METHODS)
-    assert again["csv"].read_text() == before
+    assert again["csv"].read_text() == before and again["table2_csv"].read_text() == before2
 
     calls = []
-    real = protocols["few_shot"].run
-    monkeypatch.setitem(ex.PROTOCOLS, "few_shot", ex.dataclasses_replace(
-        protocols["few_shot"], run=lambda *a, **k: calls.append(1) or real(*a, **k)))
+    for name in ("few_shot", "linear_probe"):
+        real = protocols[name].run
+        monkeypatch.setitem(ex.PROTOCOLS, name, ex.dataclasses_replace(
+            protocols[name], run=lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k)))
     compare(_run(out, ["eval.seeds=3"]), ["clip"], references=())
-    assert calls == [1]  # few-shot redone with the new seed count; pretraining and the rest cached
+    assert calls == ["few_shot", "linear_probe"]  # both k-shot protocols redone with the new seed count
+    calls.clear()
+    compare(_run(out, ["eval.seeds=3", "eval.few_shot_epochs=1"]), ["clip"], references=())
+    assert calls == ["few_shot"]  # fine-tuning's own setting: the probe stays cached; pretraining and the rest too
 
 
 def test_eval_command_on_a_checkpoint(table, capsys):
@@ -189,15 +208,16 @@ def test_an_override_reaches_table1_like_every_notebook(table):
 
 
 def test_a_protocol_on_another_dataset_is_cached_beside_table1s(table):
-    """`Run.evaluate(..., dataset=)`: a linear probe on the zero-shot task (synth-odir) for a row
-    without a text tower, scored as the ODIR-like single-label accuracy, next to the probe Table 1 names."""
+    """`Run.evaluate(..., dataset=)`: a full-split linear probe on the zero-shot task (synth-odir)
+    for a row without a text tower, scored as the ODIR-like single-label accuracy, next to its
+    probe on the dataset the config names."""
     out, _ = table
     run = _run(out)
-    default = run.evaluate("supervised", "linear_probe")
-    other = run.evaluate("supervised", "linear_probe", dataset="synth-odir")
+    default = run.evaluate("supervised", "linear_probe_full")
+    other = run.evaluate("supervised", "linear_probe_full", dataset="synth-odir")
     assert default["dataset"] == "synth-fives" and other["dataset"] == "synth-odir"
     assert other["metric"] == "single_label_accuracy" and default["metric"] == "accuracy"
     folder = out / "eval" / "supervised" / "seed0"
-    assert (folder / "linear_probe.json").is_file() and (folder / "linear_probe@synth-odir.json").is_file()
+    assert (folder / "linear_probe_full.json").is_file() and (folder / "linear_probe_full@synth-odir.json").is_file()
     assert 0.0 <= other["columns"]["in_domain"]["summary"]["mean"] <= 1.0
-    assert run.evaluate("supervised", "linear_probe")["key"] == default["key"]  # Table 1's probe untouched
+    assert run.evaluate("supervised", "linear_probe_full")["key"] == default["key"]  # the default's probe untouched

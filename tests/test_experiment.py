@@ -21,7 +21,7 @@ def test_every_protocol_names_a_dataset_and_settings_of_the_eval_section():
     for ref in ex.REFERENCES.values():
         assert set(ref.protocols) <= set(ex.PROTOCOLS)
     assert "zero_shot" not in ex.REFERENCES["supervised"].protocols  # no trained text tower
-    assert set(ex.REFERENCES["pixels"].protocols) == {"few_shot", "linear_probe"}
+    assert set(ex.REFERENCES["pixels"].protocols) == {"linear_probe", "linear_probe_full"}  # no blocks to fine-tune
     assert [c for c, _, _ in ex.COLUMNS] == ["in_domain", "held_out_camera"]
 
 

@@ -56,7 +56,7 @@ def test_corpus_covers_every_entry_without_duplicates():
     corpus = knowledge.corpus()
     assert len(corpus) == len(set(corpus))
     text = "\n".join(corpus)
-    for key in knowledge.keys():
+    for key in [k for k in knowledge.keys() if k not in knowledge.unseen_keys()]:
         e = knowledge.entry(key)
         assert e["name"] in corpus
         assert e["definition"][1:] in text

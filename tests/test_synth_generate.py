@@ -12,7 +12,7 @@ from fundus_lab import knowledge
 from fundus_lab.data import synth
 
 HEADER = ("image_id,image,mask,patient_id,eye,age,camera,split,N,D,G,C,A,H,M,O,dr_grade,dme,cdr,"
-          "fives_class,text,short_text,definition_text")
+          "fives_class,text,short_text,definition_text,unseen_class")
 SIZE = 64
 
 
@@ -205,11 +205,11 @@ def test_camera_profiles():
     assert [k for k, c in synth.CAMERAS.items() if c.held_out] == [synth.HELD_OUT]
 
 
-def test_generate_benchmark_writes_all_four(tmp_path):
+def test_generate_benchmark_writes_every_task(tmp_path):
     if not all(synth.manifest_template(t).is_file() for t in synth.TASKS):
         pytest.skip("data_manifests/synth-*.yaml not written yet (DATA)")
     out = synth.generate_benchmark(tmp_path, n_pretrain=4, n_eval=4, seed=0, image_size=48, workers=1)
     assert set(out) == set(synth.TASKS)
     for task, manifest in out.items():
         assert manifest == tmp_path / f"synth-{task}" / "manifest.yaml" and manifest.is_file()
-        assert len(pd.read_csv(manifest.parent / "labels.csv")) == 4
+        assert len(pd.read_csv(manifest.parent / "labels.csv")) == (2 if task == "unseen" else 4)  # zero-shot only: half

@@ -1,5 +1,10 @@
-"""Table 1: every method pretrained under one budget and evaluated the same way, beside
-the reference rows, on two test columns (in-domain, held-out camera).
+"""Tables 1 and 2: every method pretrained under one budget and evaluated the same way,
+beside the reference rows, on two test columns (in-domain, held-out camera).
+
+Table 1 holds the paper's protocols (zero-shot on seen classes, few-shot by fine-tuning
+with k images per class, fine-tuning); Table 2 the field's linear probe and the zero-shot
+columns that measure transfer (disjoint prompts, unseen diseases). Each protocol names its
+table (``Protocol.table``); a table none of whose protocols ran is not written.
 
 The work is done by :class:`fundus_lab.experiment.Run` (configs, checkpoints, cached
 evaluations; the protocol and reference-row registries); this module writes the tables and
@@ -23,7 +28,7 @@ import numpy as np
 
 from fundus_lab import config as C
 from fundus_lab.eval.tables import summarise, write_table
-from fundus_lab.experiment import (COLUMNS, DEFAULT_PROTOCOLS, METRIC_NAMES, PROTOCOLS, REFERENCES, Run,
+from fundus_lab.experiment import (COLUMNS, DEFAULT_PROTOCOLS, METRIC_NAMES, PROTOCOLS, REFERENCES, TABLES, Run,
                                    bootstrap_cell, chance_level, evaluate_model, open_split, table_metric,
                                    write_json)
 
@@ -36,11 +41,12 @@ def compare(
     external: Mapping[str, str | Path] | None = None,
     **run_kwargs,
 ) -> dict[str, Path]:
-    """Table 1 of ``run`` (a :class:`Run`, or a preset name with ``Run``'s keyword arguments:
+    """Tables 1 and 2 of ``run`` (a :class:`Run`, or a preset name with ``Run``'s keyword arguments:
     ``run_dir``, ``data_root``, ``overrides``, ``force``) for ``methods`` + ``references``,
     and the outside models ``external`` = {name: path} (:meth:`Run.add_external`).
 
-    Returns {"csv", "md", "tex", "json", "few_shot_*"} paths.
+    Returns {"csv", "md", "tex" (Table 1), "table2_csv", "table2_md", "table2_tex", "json",
+    "few_shot_*"} paths (a table's keys only where one of its protocols ran).
     """
     if not isinstance(run, Run):
         run = Run(run, **run_kwargs)
@@ -79,7 +85,8 @@ def _relative(path: str, out_dir: Path) -> str:
 
 
 def write_results(results: dict, cfg: "C.Config", out_dir: Path, protocols: Sequence[str]) -> dict[str, Path]:
-    """``table1.{csv,md,tex}`` and ``results.json`` from ``{method: {protocol: [record per seed]}}``."""
+    """``table1.{csv,md,tex}``, ``table2.{csv,md,tex}`` and ``results.json`` from
+    ``{method: {protocol: [record per seed]}}``; each protocol's columns go in its table."""
     out_dir = Path(out_dir)
     k = cfg.eval.few_shot_k or max(cfg.eval.shots)
     info: dict[str, dict] = {}  # protocol -> metric, dataset, classes
@@ -97,37 +104,53 @@ def write_results(results: dict, cfg: "C.Config", out_dir: Path, protocols: Sequ
             row[f"{p}_json"] = ";".join(_relative(r["json"], out_dir) for r in per_protocol[p])
         row["run_dirs"] = ";".join(sorted({_relative(r["run_dir"], out_dir) for p in protocols for r in per_protocol[p]}))
         rows.append(row)
-    columns, chance = [], []
-    for p in protocols:
-        proto = PROTOCOLS[p]
-        metric = info.get(p, {}).get("metric")
-        dataset = info.get(p, {}).get("dataset") or getattr(cfg.eval, proto.dataset_key)
-        for column, _, header in COLUMNS:
-            columns.append((f"{p}_{column}", f"{proto.header.format(k=k)} ({dataset}, {METRIC_NAMES.get(metric, metric)}), {header}"))
-        if metric:
-            chance.append(f"{proto.header.format(k=k)} {100 * chance_level(metric, len(info[p]['classes'])):.1f}")
+    headers: dict[str, str] = {}
+    paths: dict[str, Path] = {}
+    notes_of: dict[str, list[str]] = {}
+    table_columns: dict[str, list[tuple[str, str]]] = {}
     seeds = list(cfg.eval.pretrain_seeds)
     spread = (f"± std over {len(seeds)} pretraining seeds {seeds}" if len(seeds) > 1 else
               f"one pretraining seed ({seeds[0]}): no spread over pretraining seeds")
-    held = [c for c in ("held_out_camera",) if any(r.get(f"{p}_{c}") for r in rows for p in protocols)]
-    caption = (f"Table 1 (preset {cfg.preset}): mean over runs [95 % bootstrap CI over test images], in percent; "
-               f"{spread}. n/a: the protocol does not apply (no text tower, or a reference row without it)"
-               + ("" if held else "; held-out camera n/a: the datasets have no test_camera split") + ".")
-    notes = ["Chance level per protocol (both columns): " + "; ".join(chance) + ".",
-             "Reference rows: " + "; ".join(f"{n}: {r.note}" for n, r in REFERENCES.items() if n in results) + "."]
-    outside = {m: r["external"] for m, per_protocol in results.items() for p in protocols for r in per_protocol[p]
-               if r.get("external")}
-    if outside:
-        notes.append("Outside models (not pretrained here: one evaluation each, no spread over pretraining seeds; "
-                     "zero-shot only with a text tower): " + "; ".join(f"{m}: {path}" for m, path in outside.items())
-                     + ".")
-    paths = write_table(rows, out_dir, columns, name="table1", caption=caption, notes=notes,
-                        extra=[f"{p}_json" for p in protocols] + ["run_dirs"])
-    write_json(out_dir / "results.json", {"preset": cfg.preset, "rows": rows, "headers": dict(columns),
-                                          "metrics": {p: v["metric"] for p, v in info.items()}, "notes": notes})
+    for table in TABLES:
+        in_table = [p for p in protocols if PROTOCOLS[p].table == table]
+        if not in_table:
+            continue
+        columns, chance = [], []
+        for p in in_table:
+            proto = PROTOCOLS[p]
+            metric = info.get(p, {}).get("metric")
+            dataset = info.get(p, {}).get("dataset") or getattr(cfg.eval, proto.dataset_key)
+            for column, _, header in COLUMNS:
+                columns.append((f"{p}_{column}",
+                                f"{proto.header.format(k=k)} ({dataset}, {METRIC_NAMES.get(metric, metric)}), {header}"))
+            if metric:
+                chance.append(f"{proto.header.format(k=k)} {100 * chance_level(metric, len(info[p]['classes'])):.1f}")
+        headers.update(columns)
+        table_columns[table] = columns
+        held = [c for c in ("held_out_camera",) if any(r.get(f"{p}_{c}") for r in rows for p in in_table)]
+        caption = (f"{TABLE_TITLES[table]} (preset {cfg.preset}): mean over runs [95 % bootstrap CI over test images], "
+                   f"in percent; {spread}. n/a: the protocol does not apply (no text tower, no transformer blocks to "
+                   "fine-tune, or a reference row without it)"
+                   + ("" if held else "; held-out camera n/a: the datasets have no test_camera split") + ".")
+        notes = ["Chance level per protocol (both columns): " + "; ".join(chance) + ".", *TABLE_NOTES[table],
+                 "Reference rows: " + "; ".join(f"{n}: {r.note}" for n, r in REFERENCES.items() if n in results) + "."]
+        outside = {m: r["external"] for m, per_protocol in results.items() for p in in_table for r in per_protocol[p]
+                   if r.get("external")}
+        if outside:
+            notes.append("Outside models (not pretrained here: one evaluation each, no spread over pretraining seeds; "
+                         "zero-shot only with a text tower): " + "; ".join(f"{m}: {path}" for m, path in outside.items())
+                         + ".")
+        notes_of[table] = notes
+        written = write_table(rows, out_dir, columns, name=table, caption=caption, notes=notes,
+                              extra=[f"{p}_json" for p in in_table] + ["run_dirs"])
+        paths.update(written if table == "table1" else {f"{table}_{kind}": v for kind, v in written.items()})
+    write_json(out_dir / "results.json", {"preset": cfg.preset, "rows": rows, "headers": headers,
+                                          "metrics": {p: v["metric"] for p, v in info.items()},
+                                          "notes": notes_of.get("table1", []), "table_notes": notes_of})
     paths["json"] = out_dir / "results.json"
-    _write_model_cards(results, rows, columns, paths["md"])
-    if "few_shot" in protocols:
+    if "table1" in table_columns:
+        _write_model_cards(results, rows, table_columns["table1"], paths["md"])
+    if "few_shot" in protocols or "linear_probe" in protocols:
         paths.update({f"few_shot_{k}": v for k, v in write_few_shot_curves(results, cfg, out_dir).items()})
     return paths
 
@@ -147,27 +170,62 @@ def _write_model_cards(results: dict, rows: list[dict], columns: list[tuple[str,
                 write_model_card(checkpoint, cells, str(table_md))
 
 
+TABLE_TITLES = {"table1": "Table 1, the paper's protocols",
+                "table2": "Table 2, the field's linear probe and zero-shot transfer beyond the paper"}
+TABLE_NOTES = {
+    "table1": ["Zero-shot: the seen classes, prompted from the knowledge base, whose ensembles hold the very "
+               "sentences pretraining paired with images (as the paper and FLAIR evaluate). Few-shot: the image "
+               "encoder fine-tuned with k labelled images per class (the fine-tune recipe), as the paper does."],
+    "table2": ["Linear probe: logistic regression on frozen features of k images per class (the field's "
+               "convention: CLIP, FLAIR). Disjoint prompts: the zero-shot classes from templates and paraphrases "
+               "no pretraining text holds. Unseen diseases: classes no pretraining image or text has, named from "
+               "their knowledge-base entries alone. Both zero-shot columns go beyond the paper."],
+}
+
+# k-shot curves: (protocol, head in its result, label)
+CURVE_HEADS = (("few_shot", "fine_tune", "fine-tune"), ("linear_probe", "probe", "probe"),
+               ("linear_probe", "prompt_head", "prompt head"))
+
+
+def shot_curve_rows(method: str, records: Mapping[str, Sequence[dict]]) -> list[dict]:
+    """The k-shot curves of one method as long rows ``{method, model, protocol, head, k, metric,
+    mean, std, n}`` (one per head and k; ``method`` is "<model> (<head>)"), pooling the runs of
+    every record (pretraining seed) of ``records`` = {protocol: [evaluation record, ...]}:
+    few-shot fine-tuning, and the linear probe and prompt head of ``linear_probe``."""
+    rows = []
+    for protocol, head, label in CURVE_HEADS:
+        per_k: dict[int, list[float]] = {}
+        metric = None
+        for res in records.get(protocol, ()):
+            if not res.get("available"):
+                continue
+            metric = res["metric"]
+            for k, block in (res["result"].get("shots") or {}).items():
+                per_k.setdefault(int(k), []).extend(r["metrics"][metric] for r in (block.get(head) or {}).get("runs", []))
+        for k in sorted(per_k):
+            if per_k[k]:
+                cell = summarise(per_k[k])
+                rows.append({"method": f"{method} ({label})", "model": method, "protocol": protocol, "head": head,
+                             "k": k, "metric": metric, **cell})
+    return rows
+
+
 def write_few_shot_curves(results: dict, cfg: "C.Config", out_dir: Path) -> dict[str, Path]:
-    """``few_shot.{csv,md,tex}``: the in-domain few-shot metric for every k, probe and prompt head."""
-    rows, metric = [], None
+    """``few_shot.{csv,md,tex}``: the in-domain metric for every k, of the few-shot fine-tuning
+    and of the linear probe and prompt head."""
     shots = [int(k) for k in cfg.eval.shots]
+    by_row: dict[str, dict] = {}
+    metric = None
     for method, per_protocol in results.items():
-        for head in ("probe", "prompt_head"):
-            row = {"method": f"{method} ({head.replace('_', ' ')})"}
-            for k in shots:
-                values = []
-                for res in per_protocol["few_shot"]:
-                    if not res.get("available"):
-                        continue
-                    metric = res["metric"]
-                    block = res["result"]["shots"].get(str(k)) or {}
-                    values += [r["metrics"][metric] for r in (block.get(head) or {}).get("runs", [])]
-                row[f"k{k}"] = summarise(values) if values else None
-            if any(row[f"k{k}"] for k in shots):
-                rows.append(row)
+        for r in shot_curve_rows(method, per_protocol):
+            by_row.setdefault(r["method"], {"method": r["method"]})[f"k{r['k']}"] = {
+                "mean": r["mean"], "std": r["std"], "n": r["n"]}
+            metric = r["metric"]
+    rows = [row for row in by_row.values() if any(row.get(f"k{k}") for k in shots)]
     columns = [(f"k{k}", f"k={k}") for k in shots]
     caption = (f"Few-shot on {cfg.eval.few_shot_dataset}, in-domain test ({METRIC_NAMES.get(metric, metric)}), "
-               "mean ± std over seeds, in percent")
+               "mean ± std over seeds, in percent: fine-tune (Table 1's few-shot), probe (Table 2's linear probe) "
+               "and prompt head")
     return write_table(rows, out_dir, columns, name="few_shot", caption=caption)
 
 
@@ -179,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     """``fundus-lab compare --preset P --methods clip,coca,eva,ours [--external NAME=PATH ...]
     [--data-root DIR] [key=value ...]``"""
     parser = argparse.ArgumentParser(prog="fundus-lab compare",
-                                     description="Pretrain methods under one budget and write Table 1.")
+                                     description="Pretrain methods under one budget and write Tables 1 and 2.")
     parser.add_argument("--preset", default=None, help="smoke | default | paper")
     parser.add_argument("--methods", nargs="+", default=["clip,coca,eva,ours"],
                         help="method names, comma-separated (clip,coca,ours) or space-separated")
@@ -214,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     except (C.ConfigError, CheckpointError, ExternalModelError) as err:
         print(f"fundus-lab compare: {err}", file=sys.stderr)
         return 2
-    print(Path(paths["md"]).read_text())
+    for kind in ("md", "table2_md"):
+        if kind in paths:
+            print(Path(paths[kind]).read_text())
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
@@ -310,4 +370,4 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["compare", "evaluate_main", "main", "table_metric", "write_results"]
+__all__ = ["compare", "evaluate_main", "main", "shot_curve_rows", "table_metric", "write_results"]

@@ -1,6 +1,10 @@
-"""Few-shot learning: k labelled images per class, several seeds, frozen features.
+"""Few-shot learning: k labelled images per class, several seeds.
 
-Two heads are trained on the same k-shot samples:
+The paper's protocol, :func:`few_shot_fine_tune` (Table 1's few-shot column), fine-tunes the
+image encoder on the k-shot set with the fine-tune column's recipe (layer-wise lr decay,
+early stopping on a validation subset of max(k, 4) images per class). The field's
+convention, :func:`few_shot` (Table 2's linear probe), keeps the encoder frozen; two heads
+are trained on the same k-shot samples:
 
 - ``probe``: logistic regression on frozen image features (:mod:`fundus_lab.eval.probe`),
   its regularisation C chosen on a validation subset drawn from the *training* data
@@ -19,7 +23,7 @@ Shapes: features [N, D]; labels [N] int or [N, C] multi-hot; shots sampled per c
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -235,4 +239,77 @@ def few_shot(
     return {"shots": results, "task": task, "classes": list(test_ds.classes), "features": features}
 
 
-__all__ = ["LAMBDA_GRID", "PromptHead", "few_shot", "sample_few_shot", "train_prompt_head"]
+def few_shot_fine_tune(
+    model,
+    train_ds,
+    val_ds,
+    test_ds,
+    shots: Sequence[int] = (1, 2, 4, 8, 16),
+    seeds: int | Sequence[int] = 5,
+    score_at: int | None = None,
+    other_tests: Mapping[str, Any] | None = None,
+    epochs: int = 30,
+    patience: int = 10,
+    progress: bool = True,
+    **fine_tune_kwargs,
+) -> dict:
+    """The paper's few-shot protocol: fine-tune a copy of ``model`` on k labelled images per
+    class, for each k in ``shots`` and each seed, with :func:`fundus_lab.eval.fine_tune.fine_tune`.
+
+    The shots are drawn from ``train_ds`` and the validation subset (max(k, 4) per class,
+    which picks the epoch and stops training) from ``val_ds``, with the same draws as
+    :func:`few_shot`'s probe (``sample_few_shot(labels, k, seed)`` and
+    ``(..., max(k, 4), seed + 10_000)``), so both protocols see the same images.
+    ``test_ds`` is scored for every k (the curve); at ``k == score_at`` the fine-tuned
+    classifier also scores ``other_tests`` ({name: dataset}) and the test predictions of
+    every seed are returned. ``fine_tune_kwargs``: lr, layer_decay, weight_decay,
+    batch_size, class_balanced, warmup_epochs (:func:`~fundus_lab.eval.fine_tune.fine_tune`).
+
+    Returns:
+        {"shots": {k: {"fine_tune": {"mean", "std", "n_seeds", "runs"}}}, "task", "classes",
+         "predictions": {"test" | name: [probs per seed]}, "labels": {"test" | name: labels}}
+        (predictions and labels empty unless ``score_at`` is one of ``shots``); each run
+        records its seed, shot and validation indices, best epoch and validation score.
+    """
+    from tqdm.auto import tqdm
+
+    from fundus_lab.eval.features import dataset_labels, is_main_process
+    from fundus_lab.eval.fine_tune import fine_tune, predict
+
+    task = test_ds.task
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    train_y, val_y = dataset_labels(train_ds), dataset_labels(val_ds)
+    batch_size = int(fine_tune_kwargs.get("batch_size", 32))
+    results, predictions, labels = {}, {}, {}
+    bar = tqdm(total=len(shots) * len(seed_list), desc="few-shot fine-tunes", unit="run",
+               disable=not (progress and is_main_process()), leave=False)
+    for k in shots:
+        runs = []
+        for seed in seed_list:
+            bar.set_postfix(k=k, seed=seed)
+            idx = sample_few_shot(train_y, k, seed)
+            val_idx = sample_few_shot(val_y, max(k, 4), seed + 10_000)
+            scored = k == score_at
+            r = fine_tune(model, train_ds.subset(idx), val_ds.subset(val_idx), test_ds, epochs=epochs,
+                          patience=patience, seed=seed, return_model=scored and bool(other_tests), progress=False,
+                          **fine_tune_kwargs)
+            classifier = r.pop("model", None)
+            if scored:
+                predictions.setdefault("test", []).append(r["probs"])
+                labels["test"] = r["labels"]
+                for name, ds in (other_tests or {}).items():
+                    probs, y = predict(classifier, ds, task, batch_size)
+                    predictions.setdefault(name, []).append(probs)
+                    labels[name] = y
+            del classifier
+            runs.append({"seed": seed, "shots": idx.tolist(), "val": val_idx.tolist(), "best_epoch": r["best_epoch"],
+                         "best_val": r["best_val"], "selection_metric": r["selection_metric"],
+                         "epochs_run": len(r["history"]), "metrics": r["metrics"]})
+            bar.update()
+        results[int(k)] = {"fine_tune": _aggregate(runs)}
+    bar.close()
+    return {"shots": results, "task": task, "classes": list(test_ds.classes), "predictions": predictions,
+            "labels": labels}
+
+
+__all__ = ["LAMBDA_GRID", "PromptHead", "few_shot", "few_shot_fine_tune", "sample_few_shot", "train_prompt_head"]

@@ -14,14 +14,14 @@ manifest like any real dataset.
 from .cameras import CAMERAS, HELD_OUT, TRAIN_CAMERAS, CameraProfile, get_camera
 from .writer import (DATASET_NAMES, LABEL_COLUMNS, SynthSettingsError, generate, generate_benchmark,
                      manifest_template, sample_one, write_dataset)
-from .labels import ODIR_CODES, TASKS, EyeLabels, Patient, sample_patient
+from .labels import ODIR_CODES, TASKS, UNSEEN, EyeLabels, Patient, sample_patient
 from .render import CALIBRATION, RenderedEye, calibration, render_eye, render_fundus
 from .reports import definition_text, short_text, write_report
 
 __all__ = [
     "CAMERAS", "HELD_OUT", "TRAIN_CAMERAS", "CameraProfile", "get_camera",
     "DATASET_NAMES", "LABEL_COLUMNS", "SynthSettingsError", "generate", "generate_benchmark", "manifest_template",
-    "sample_one", "write_dataset", "ODIR_CODES", "TASKS", "EyeLabels", "Patient", "sample_patient",
+    "sample_one", "write_dataset", "ODIR_CODES", "TASKS", "UNSEEN", "EyeLabels", "Patient", "sample_patient",
     "RenderedEye", "render_eye", "render_fundus", "definition_text", "short_text", "write_report",
     "CALIBRATION", "calibration", "benchmark_options",
 ]

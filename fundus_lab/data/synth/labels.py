@@ -8,6 +8,12 @@ usually one-sided. Each task draws from its own mix:
 - pretrain / odir: multi-label, eight ODIR categories, most eyes single-label
 - fives: exactly one of A, D, G, N per eye, balanced over patients
 - aptos: diabetic patients with every DR grade 0-4 well represented
+- unseen: diseases no pretraining image or text has (``UNSEEN``), alternating by patient,
+  drawn from lesions the seen diseases share: Purtscher retinopathy (cotton-wool spots
+  and flame haemorrhages around the disc, both eyes as after trauma or pancreatitis) and
+  ocular ischaemic syndrome (mid-peripheral dot-blot haemorrhages and microaneurysms,
+  narrowed arterioles; one-sided in about 80 % of patients, but both eyes here so that the
+  class is the patient's)
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from typing import Optional
 import numpy as np
 
 ODIR_CODES = ("N", "D", "G", "C", "A", "H", "M", "O")
-TASKS = ("pretrain", "odir", "fives", "aptos")
+TASKS = ("pretrain", "odir", "fives", "aptos", "unseen")
+# Unseen diseases (knowledge keys, ``in_pretraining: false``) and their label codes.
+UNSEEN = {"P": "purtscher_retinopathy", "I": "ocular_ischaemic_syndrome"}
 TASK_IDS = {t: i for i, t in enumerate(TASKS)}
 
 
@@ -37,6 +45,7 @@ class EyeLabels:
     cdr: float = 0.3
     age: float = 55.0
     diabetic: bool = False             # a diabetic without DR is "no apparent DR"
+    unseen: Optional[str] = None       # a key of UNSEEN's values: a disease pretraining never sees
 
     def __post_init__(self):
         if not 0 <= int(self.dr_grade) <= 4:
@@ -51,6 +60,8 @@ class EyeLabels:
             raise ValueError(f"EyeLabels.other: expected None, 'brvo', 'crvo' or 'laser', got {self.other!r}")
         if not 0 <= self.hypertensive <= 3:
             raise ValueError(f"EyeLabels.hypertensive: expected 0-3, got {self.hypertensive}")
+        if self.unseen not in (None, *UNSEEN.values()):
+            raise ValueError(f"EyeLabels.unseen: expected None or one of {list(UNSEEN.values())}, got {self.unseen!r}")
         if not 0.05 <= self.cdr <= 0.95:
             raise ValueError(f"EyeLabels.cdr: expected 0.05-0.95, got {self.cdr}")
 
@@ -63,7 +74,7 @@ class EyeLabels:
             "A": int(self.amd is not None),
             "H": int(self.hypertensive > 0),
             "M": int(self.myopia),
-            "O": int(self.other is not None),
+            "O": int(self.other is not None or self.unseen is not None),  # ODIR files rare diseases as other
         }
         return {"N": int(not any(d.values())), **d}
 
@@ -72,9 +83,13 @@ class EyeLabels:
         on = [k for k, v in self.odir().items() if v]
         return on[0] if len(on) == 1 and on[0] in "ADGN" else ""
 
+    def unseen_class(self) -> str:
+        """The UNSEEN code (P, I) of the eye's unseen disease, else ''."""
+        return next((c for c, k in UNSEEN.items() if k == self.unseen), "")
+
     def keys(self) -> list[str]:
         """Knowledge keys of what the eye has, most important first."""
-        out = []
+        out = [self.unseen] if self.unseen else []
         if self.dr_grade:
             out.append(f"dr_grade_{self.dr_grade}")
         if self.dme:
@@ -165,6 +180,13 @@ def _fives_patient(rng, age, cls):
     return age, eyes
 
 
+def _unseen_patient(rng, age, code):
+    """Both eyes with the unseen disease ``code`` (UNSEEN), nothing else."""
+    if code == "I":  # carotid disease: older patients
+        age = rng.uniform(55, 85)
+    return age, {eye: _eye(rng, age) for eye in ("right", "left")}
+
+
 def _aptos_patient(rng, age, base_grade):
     eyes = {}
     for eye in ("right", "left"):
@@ -218,6 +240,11 @@ def sample_patient(rng: np.random.Generator, task: str, index: int, cameras: lis
         age, eyes = _odir_patient(rng, age)
     elif task == "fives":
         age, eyes = _fives_patient(rng, age, "ADGN"[index % 4])
+    elif task == "unseen":
+        code = tuple(UNSEEN)[index % len(UNSEEN)]
+        age, eyes = _unseen_patient(rng, age, code)
+        for e in eyes.values():
+            e.unseen = UNSEEN[code]
     else:
         age, eyes = _aptos_patient(rng, age, index % 5)
     for e in eyes.values():

@@ -177,6 +177,12 @@ def render_eye(rng: np.random.Generator, labels: EyeLabels | None = None, camera
         c = [(anat.fovea[0] + rng.normal(0, 0.02), anat.fovea[1] + rng.normal(0, 0.02))]
         found["hard_exudate"] = found.get("hard_exudate", []) + L.hard_exudates(rng, canvas, c, ring=True)
 
+    if lab.unseen == "ocular_ischaemic_syndrome":  # mid-peripheral blots and dots from hypoperfusion
+        pts = L.sample_points(rng, anat, int(rng.integers(8, 24)), r_min=0.45, r_max=0.85)
+        found["dot_blot_haemorrhage"] = found.get("dot_blot_haemorrhage", []) + L.dot_blot_haemorrhages(rng, canvas, pts)
+        pts = L.sample_points(rng, anat, int(rng.integers(4, 12)), r_min=0.45, r_max=0.85)
+        found["microaneurysm"] = found.get("microaneurysm", []) + L.microaneurysms(rng, canvas, pts)
+
     # -- vessels
     tortuous = ()
     if lab.other == "brvo":
@@ -184,14 +190,15 @@ def render_eye(rng: np.random.Generator, labels: EyeLabels | None = None, camera
     elif lab.other == "crvo":
         tortuous = ("superotemporal", "inferotemporal", "superonasal", "inferonasal")
     hyp = lab.hypertensive
-    tree = grow_vessels(rng, frame, anat, artery_scale=rng.uniform(0.5, 0.65) if hyp else 1.0,
-                        artery_noise=0.4 if hyp else 1.0, tortuous=tortuous)
+    narrow = bool(hyp) or lab.unseen == "ocular_ischaemic_syndrome"  # thin arterioles: pressure or hypoperfusion
+    tree = grow_vessels(rng, frame, anat, artery_scale=rng.uniform(0.5, 0.65) if narrow else 1.0,
+                        artery_noise=0.4 if narrow else 1.0, tortuous=tortuous)
     beaded = apply_beading(rng, tree, anat, plan["beading"], frame) if plan.get("beading") else []
     if plan.get("beading") and len({quadrant_of(anat, *b.pts.mean(0)).item() for b in beaded}) < 2:
         plan["irma"] = int(rng.integers(1, 4))      # beading too short to count: IRMA instead
     sites = render_vessels(rng, canvas, tree, anat, av_nicking=int(rng.integers(2, 5)) if hyp else 0,
-                           narrowing_mask=bool(hyp), beaded=beaded, tortuous=tortuous)
-    if hyp:
+                           narrowing_mask=narrow, beaded=beaded, tortuous=tortuous)
+    if narrow:
         found["arteriolar_narrowing"] = []
         if sites:
             found["av_nicking"] = sites
@@ -226,15 +233,23 @@ def render_eye(rng: np.random.Generator, labels: EyeLabels | None = None, camera
         for q in QUADRANTS:
             flames += list(L.sample_points(rng, anat, int(rng.integers(6, 14)), r_min=0.1, r_max=0.85, quadrant=q))
         plan["cws"] = plan.get("cws", 0) + int(rng.integers(1, 4))
+    purtscher = []
+    if lab.unseen == "purtscher_retinopathy":  # white patches clustered around the disc, a few flames
+        purtscher = L.sample_points(rng, anat, int(rng.integers(6, 14)), around=anat.disc, r_min=0.8 * dd,
+                                    r_max=3.0 * dd, avoid_disc=0.7)
+        flames += list(L.sample_points(rng, anat, int(rng.integers(2, 6)), around=anat.disc, r_min=0.6 * dd,
+                                       r_max=2.0 * dd, avoid_disc=0.6))
     if flames:
         found["flame_haemorrhage"] = L.flame_haemorrhages(rng, canvas, anat, flames)
+    if len(purtscher):
+        found["cotton_wool_spot"] = L.cotton_wool_spots(rng, canvas, purtscher)
     if plan.get("cws"):
         arc, _ = tree.points("vein", max_depth=0)
         far = np.hypot(arc[:, 0] - anat.disc[0], arc[:, 1] - anat.disc[1]) > 0.8 * dd
         arc = arc[far & (np.hypot(arc[:, 0], arc[:, 1]) < 0.8)]
         if len(arc):
             pick = arc[rng.integers(len(arc), size=plan["cws"])] + rng.normal(0, 0.035, (plan["cws"], 2))
-            found["cotton_wool_spot"] = L.cotton_wool_spots(rng, canvas, pick)
+            found["cotton_wool_spot"] = found.get("cotton_wool_spot", []) + L.cotton_wool_spots(rng, canvas, pick)
     if plan.get("irma"):
         c = L.sample_points(rng, anat, plan["irma"], r_min=0.3, r_max=0.7)
         found["irma"] = sum((L.new_vessels(rng, canvas, p, 0.035, "irma", (4, 8)) for p in c), [])

@@ -206,6 +206,8 @@ def _impression_terms(rng, lab: EyeLabels) -> list[str]:
         return [e["name"], *[s for s in e["synonyms"] if "ICDR" not in s], *e["abbreviations"], *extra]
 
     terms = []
+    if lab.unseen:  # only in the unseen evaluation task, never in a pretraining report
+        terms.append(_pick(rng, variants(lab.unseen)))
     if lab.dr_grade:
         t = _pick(rng, variants(f"dr_grade_{lab.dr_grade}"))
         if lab.dme == 1:

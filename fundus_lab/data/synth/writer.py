@@ -38,7 +38,8 @@ from .render import calibration, render_eye
 from .reports import definition_text, short_text, write_report
 
 LABEL_COLUMNS = ("image_id", "image", "mask", "patient_id", "eye", "age", "camera", "split",
-                 *ODIR_CODES, "dr_grade", "dme", "cdr", "fives_class", "text", "short_text", "definition_text")
+                 *ODIR_CODES, "dr_grade", "dme", "cdr", "fives_class", "text", "short_text", "definition_text",
+                 "unseen_class")
 DATASET_NAMES = {t: f"synth-{t}" for t in TASKS}
 PATIENT_TAG = 0x50415431          # "PAT1": keeps patient streams apart from image streams
 FORMAT_VERSION = 3  # 2: splits by patient slot (index*3 mod 7); 3: + in-domain test, test_camera, calibration
@@ -80,7 +81,7 @@ def sample_one(task: str, i: int, seed: int, cameras: Sequence[str], image_size:
         "image_id": f"{patient.patient_id}-{'R' if eye == 'right' else 'L'}",
         "patient_id": patient.patient_id, "eye": eye, "age": patient.age, "camera": patient.camera,
         "split": patient.split, **codes, "dr_grade": lab.dr_grade, "dme": lab.dme, "cdr": lab.cdr,
-        "fives_class": lab.fives_class(),
+        "fives_class": lab.fives_class(), "unseen_class": lab.unseen_class(),
         "text": write_report(r_txt, lab, out.findings, out.anatomy, eye),
         "short_text": short_text(lab), "definition_text": definition_text(lab),
     }
@@ -241,7 +242,7 @@ def _remove_leftovers(out: Path) -> None:
 def generate(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
              cameras: Optional[Sequence[str]] = None, image_size: int = 224,
              workers: Optional[int] = None, overwrite: bool = False, progress: bool = False, **calib) -> Path:
-    """Write a synthetic ``task`` dataset (pretrain | odir | fives | aptos) to ``out_dir``.
+    """Write a synthetic ``task`` dataset (pretrain | odir | fives | aptos | unseen) to ``out_dir``.
 
     Args:
         n: number of images (patients = ceil(n / 2), both eyes).
@@ -286,12 +287,14 @@ def generate(out_dir, task: str = "pretrain", n: int = 1000, seed: int = 0,
 def generate_benchmark(root, n_pretrain: int = 2000, n_eval: int = 600, seed: int = 0,
                        image_size: int = 224, workers: Optional[int] = None,
                        overwrite: bool = False, progress: bool = False, **calib) -> dict[str, Path]:
-    """All four synthetic datasets under ``root/synth-<task>/``; returns {task: manifest path}.
+    """Every synthetic dataset (TASKS) under ``root/synth-<task>/``; returns {task: manifest path}.
 
+    The unseen-disease set is only scored zero-shot (its test splits), so it has half ``n_eval``.
     A folder of ``root`` that holds a dataset generated with other settings is refused
     (:class:`SynthSettingsError`) before anything is written, unless ``overwrite``."""
-    sizes = {"pretrain": n_pretrain, "odir": n_eval, "fives": n_eval, "aptos": n_eval}
-    if not overwrite:  # every folder checked before any is written: all four or none
+    sizes = {"pretrain": n_pretrain, "odir": n_eval, "fives": n_eval, "aptos": n_eval,
+             "unseen": max(1, n_eval // 2)}
+    if not overwrite:  # every folder checked before any is written: all or none
         for t, n in sizes.items():
             out = Path(os.path.abspath(Path(root) / DATASET_NAMES[t]))
             _refuse_other_settings(out, t, n, seed, _check(t, None), image_size, calibration(**calib))
