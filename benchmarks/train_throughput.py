@@ -425,6 +425,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per method")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocator, lazy init)")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--reverse", action="store_true", help="run the methods in reverse order (clip last)")
     parser.add_argument("--device", default="auto", help="auto (a GPU when visible), cpu or cuda")
     parser.add_argument("--peak", type=float, help="the GPU's dense bf16 peak in TFLOP/s (default: by device name)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -454,6 +455,8 @@ def main(argv=None) -> int:
     if "clip" in methods:  # the reference first
         methods.remove("clip")
         methods.insert(0, "clip")
+    if args.reverse:  # a second run in the other order: a drift in the machine's load hits the other end
+        methods.reverse()
     rates_before = run_matmul_child(args)
     results = []
     for method in methods:
