@@ -57,3 +57,32 @@ def test_parallel_pretraining_is_byte_identical_to_sequential(tmp_path):
         assert parallel.checkpoint(method) == made[(method, 0)]  # used as made, not trained again
         a, b = (Path(p) / "model.safetensors" for p in (path, made[(method, 0)]))
         assert a.read_bytes() == b.read_bytes(), method
+
+
+def test_reproduce_with_jobs_pretrains_first_with_the_notebooks_settings(tmp_path, monkeypatch):
+    """``reproduce --jobs 2`` hands every method and reference row to ``pretrain_parallel``
+    before the first notebook, under the thread count it also passes to the notebooks (so the
+    notebooks' Run finds the same cache keys)."""
+    from fundus_lab import reproduce as R
+    from fundus_lab.experiment import REFERENCES
+
+    seen = {}
+
+    def record_pretraining(run, rows, jobs):
+        seen.update(rows=list(rows), jobs=jobs, overrides=dict(run.overrides), run_dir=run.run_dir)
+        return {}
+
+    def record_notebook(path, out, parameters, *args, **kwargs):
+        seen.setdefault("parameters", parameters)
+        assert "rows" in seen, "a notebook ran before the parallel pretraining"
+
+    monkeypatch.setattr(Run, "pretrain_parallel", record_pretraining)
+    monkeypatch.setattr(R, "run_notebook", record_notebook)
+    run_dir = R.reproduce("smoke", data_root=tmp_path / "data", methods=["clip", "eva"], run_name="r",
+                          notebooks=["00"], runs_dir=tmp_path, overrides=["train.steps=2"], progress=False,
+                          log=lambda line: None, jobs=2)
+    assert seen["rows"] == ["clip", "eva", *REFERENCES] and seen["jobs"] == 2
+    threads = f"train.num_threads={threads_per_job(2)}"
+    assert seen["parameters"]["overrides"] == ["train.steps=2", threads]
+    assert seen["overrides"] == {"train.steps": 2, "train.num_threads": threads_per_job(2)}
+    assert seen["run_dir"] == run_dir
