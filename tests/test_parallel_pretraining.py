@@ -86,3 +86,28 @@ def test_reproduce_with_jobs_pretrains_first_with_the_notebooks_settings(tmp_pat
     assert seen["parameters"]["overrides"] == ["train.steps=2", threads]
     assert seen["overrides"] == {"train.steps": 2, "train.num_threads": threads_per_job(2)}
     assert seen["run_dir"] == run_dir
+
+
+def test_notebook_01_pretrains_every_method_and_reference_row():
+    """Training happens in 01_pretrain: its last cell makes the checkpoint of every method of
+    the run and every reference row, so that 02 (attention scores) and later only load them."""
+    import json
+
+    import fundus_lab as fl
+    from fundus_lab.experiment import REFERENCES
+    from fundus_lab.reproduce import NOTEBOOK_DIR
+
+    nb = json.loads((NOTEBOOK_DIR / "01_pretrain.ipynb").read_text())
+    last = "".join(next(c for c in reversed(nb["cells"]) if c["cell_type"] == "code")["source"])
+
+    class Context:
+        methods = ["clip", "coca", "eva", "ours"]
+        made = []
+
+        def checkpoint(self, name):
+            self.made.append(name)
+            return Path("runs") / name
+
+    ctx = Context()
+    exec(compile(last, "01_pretrain.ipynb", "exec"), {"ctx": ctx, "fl": fl})
+    assert ctx.made == [*Context.methods, *REFERENCES]
