@@ -315,9 +315,11 @@ def measure_open_clip(preset: str, kind: str, steps: int, warmup: int, overrides
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
+    warm_start = time.perf_counter()
     for _ in range(warmup):
         step()
     sync()
+    warmup_s = time.perf_counter() - warm_start
     start = time.perf_counter()
     for _ in range(steps):
         step()
@@ -337,7 +339,8 @@ def measure_open_clip(preset: str, kind: str, steps: int, warmup: int, overrides
     result = {
         "method": f"open_clip:{kind}", "preset": preset, "device": str(device), "precision": "bf16" if cuda else "no",
         "params_m": params / 1e6, "batch_size": n, "img_size": cfg.model.img_size, "steps": steps,
-        "step_s": elapsed / steps, "images_per_s": steps * n / elapsed, "peak_mem_mib": peak, "peak_kind": peak_kind,
+        "step_s": elapsed / steps, "images_per_s": steps * n / elapsed, "warmup_s": warmup_s,
+        "peak_mem_mib": peak, "peak_kind": peak_kind,
         "step_extra_mib": extra, "gflops_per_image": flops / n / 1e9, "achieved_tflops": flops * steps / elapsed / 1e12,
         "threads": torch.get_num_threads(), "optimizer": optimizer_kind(optimizer),
     }
