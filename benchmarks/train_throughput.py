@@ -19,6 +19,14 @@ images and the texts of the configured ``data.text_source`` (definitions of draw
 knowledge-base classes by default; knowledge-base sentences for ``report``), so disk and
 JPEG/PNG decoding are left out and only the model's cost is compared.
 
+The same run also measures the machine's own sustained matmul rate (fp32 on a CPU, bf16 on a
+GPU) in a child of its own, before and after the methods: at the default model's shapes
+(``tokens x width x mlp_width`` and back, ``tokens`` = the image tower's batch of tokens)
+and at ``2048^3``. Each method's achieved GFLOP/s (forward + backward FLOPs / step time)
+is printed with its percentage of each, the figure that says how much is left to win on
+this machine. ``--device cuda`` also prints the model FLOPs utilisation against the GPU's
+dense bf16 peak (:data:`GPU_PEAK_FLOPS` by device name, or ``--peak`` in TFLOP/s).
+
 Reported per method: parameters, images/s over the timed steps, the ratio to ``clip``,
 peak memory (GPU: ``torch.cuda.max_memory_allocated``, and its growth from before the first step;
 CPU: the process's max RSS, and its growth from before the first step, i.e. activations +
@@ -40,6 +48,49 @@ import time
 # dense tensor-core peaks (FLOP/s) for bf16/fp16, by a substring of the device name
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
                   "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12, "T4": 65e12}
+
+
+def matmul_shapes(preset: str, overrides: list[str]) -> dict[str, tuple[int, int, int]]:
+    """``(m, k, n)`` of the matmuls that dominate the model at ``preset``: the image tower's
+    tokens (batch x (1 + patches)) through the MLP (width -> mlp width and back), and a
+    large square product as the machine's best case."""
+    from fundus_lab.config import load_config
+
+    cfg = load_config(preset=preset, method="clip", overrides=overrides)
+    m = cfg.model
+    tokens = cfg.train.batch_size * (1 + (m.img_size // m.patch_size) ** 2)
+    hidden = int(m.vision_width * m.mlp_ratio)
+    return {f"{tokens}x{m.vision_width}x{hidden}": (tokens, m.vision_width, hidden),
+            f"{tokens}x{hidden}x{m.vision_width}": (tokens, hidden, m.vision_width),
+            "2048^3": (2048, 2048, 2048)}
+
+
+def matmul_rate(shapes: dict[str, tuple[int, int, int]], device: str = "cpu", seconds: float = 1.0) -> dict[str, float]:
+    """Sustained matmul rate in GFLOP/s per shape (fp32 on a CPU, bf16 on a GPU): the best
+    of five windows of about ``seconds / 5`` each, after one untimed product."""
+    import torch
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    rates = {}
+    for name, (m, k, n) in shapes.items():
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        out = torch.empty(m, n, device=device, dtype=dtype)
+        torch.mm(a, b, out=out)
+        sync()
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        sync()
+        reps = max(1, int(seconds / 5 / max(time.perf_counter() - start, 1e-6)))
+        best = 0.0
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(reps):
+                torch.mm(a, b, out=out)
+            sync()
+            best = max(best, 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9)
+        rates[name] = best
+    return rates
 
 
 def _batch(cfg, n: int, seed: int = 0) -> dict:
@@ -79,7 +130,32 @@ def _max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def measure(preset: str, method: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+def gpu_peak_flops(device_name: str, peak_tflops: float | None = None) -> float | None:
+    """Dense bf16 peak in FLOP/s: ``--peak`` (TFLOP/s) when given, else :data:`GPU_PEAK_FLOPS`
+    by the longest key found in the device name (None for an unknown GPU)."""
+    if peak_tflops is not None:
+        if peak_tflops <= 0:
+            raise SystemExit(f"--peak {peak_tflops}: expected the GPU's dense bf16 peak in TFLOP/s, > 0")
+        return peak_tflops * 1e12
+    matches = [k for k in GPU_PEAK_FLOPS if k in device_name]
+    return GPU_PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def resolve_device(choice: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without one is an error."""
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible to torch")
+    if choice not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {choice!r}: expected auto, cpu or cuda")
+    return choice
+
+
+def measure(preset: str, method: str, steps: int, warmup: int, overrides: list[str], device: str = "auto",
+            peak_tflops: float | None = None) -> dict:
     """Build ``method`` at ``preset`` and time ``steps`` optimizer steps after ``warmup``."""
     import torch
     from accelerate import Accelerator
@@ -95,12 +171,13 @@ def measure(preset: str, method: str, steps: int, warmup: int, overrides: list[s
         raise SystemExit(f"--methods: {method!r}: the only variant is '+compile' (train.compile=true)")
     cfg = load_config(preset=preset, method=name, overrides=[*overrides, *(["train.compile=true"] if variant else [])])
     torch.manual_seed(cfg.train.seed)
-    accelerator = Accelerator(mixed_precision=T.resolve_mixed_precision(cfg.train.mixed_precision))
+    accelerator = Accelerator(mixed_precision=T.resolve_mixed_precision(cfg.train.mixed_precision),
+                              cpu=resolve_device(device) == "cpu")
     tokenizer = train_tokenizer(default_corpus(), vocab_size=cfg.model.vocab_size,
                                 model_max_length=cfg.model.text_max_length)
     model = T.compile_model(build_model(cfg.model, cfg.method, tokenizer).train(), cfg.train)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = T.build_optimizer(model, cfg.train)
+    optimizer = T.build_optimizer(model, cfg.train, accelerator.device)
     scheduler = T.build_scheduler(optimizer, cfg.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     batch = T.to_device(_batch(cfg, cfg.train.batch_size), accelerator.device)
@@ -151,11 +228,12 @@ def measure(preset: str, method: str, steps: int, warmup: int, overrides: list[s
         "step_s": elapsed / steps, "images_per_s": images / elapsed, "warmup_s": warmup_s,
         "peak_mem_mib": peak, "peak_kind": peak_kind, "step_extra_mib": step_extra,
         "gflops_per_image": flops / cfg.train.batch_size / 1e9,
-        "achieved_tflops": flops * steps / elapsed / 1e12,
+        "achieved_tflops": flops * steps / elapsed / 1e12, "threads": torch.get_num_threads(),
+        "optimizer": optimizer_kind(optimizer),
     }
     if cuda:
         name = torch.cuda.get_device_name()
-        peak_flops = next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+        peak_flops = gpu_peak_flops(name, peak_tflops)
         result["gpu"] = name
         if peak_flops and accelerator.mixed_precision in ("bf16", "fp16"):
             result["mfu"] = flops * steps / elapsed / peak_flops
@@ -192,7 +270,8 @@ def build_open_clip(kind: str, cfg, tokenizer, context_length: int):
     raise ValueError(f"open_clip:{kind}: expected open_clip:clip or open_clip:coca")
 
 
-def measure_open_clip(preset: str, kind: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+def measure_open_clip(preset: str, kind: str, steps: int, warmup: int, overrides: list[str], device: str = "auto",
+                      peak_tflops: float | None = None) -> dict:
     """open_clip's ``kind`` model at ``preset``'s sizes, timed like :func:`measure` (forward,
     loss, backward, clipping, AdamW) on the same batch, tokenised by our tokenizer."""
     import torch
@@ -203,7 +282,7 @@ def measure_open_clip(preset: str, kind: str, steps: int, warmup: int, overrides
 
     cfg = load_config(preset=preset, method="coca" if kind == "coca" else "clip", overrides=overrides)
     torch.manual_seed(cfg.train.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(resolve_device(device))
     tokenizer = train_tokenizer(default_corpus(), vocab_size=cfg.model.vocab_size, model_max_length=cfg.model.text_max_length)
     batch = _batch(cfg, cfg.train.batch_size)
     ids = tokenizer(batch["text"], padding=True, truncation=True, max_length=cfg.model.text_max_length,
@@ -236,9 +315,11 @@ def measure_open_clip(preset: str, kind: str, steps: int, warmup: int, overrides
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
+    warm_start = time.perf_counter()
     for _ in range(warmup):
         step()
     sync()
+    warmup_s = time.perf_counter() - warm_start
     start = time.perf_counter()
     for _ in range(steps):
         step()
@@ -258,12 +339,14 @@ def measure_open_clip(preset: str, kind: str, steps: int, warmup: int, overrides
     result = {
         "method": f"open_clip:{kind}", "preset": preset, "device": str(device), "precision": "bf16" if cuda else "no",
         "params_m": params / 1e6, "batch_size": n, "img_size": cfg.model.img_size, "steps": steps,
-        "step_s": elapsed / steps, "images_per_s": steps * n / elapsed, "peak_mem_mib": peak, "peak_kind": peak_kind,
+        "step_s": elapsed / steps, "images_per_s": steps * n / elapsed, "warmup_s": warmup_s,
+        "peak_mem_mib": peak, "peak_kind": peak_kind,
         "step_extra_mib": extra, "gflops_per_image": flops / n / 1e9, "achieved_tflops": flops * steps / elapsed / 1e12,
+        "threads": torch.get_num_threads(), "optimizer": optimizer_kind(optimizer),
     }
     if cuda:
         name = torch.cuda.get_device_name()
-        peak_flops = next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+        peak_flops = gpu_peak_flops(name, peak_tflops)
         result["gpu"] = name
         if peak_flops:
             result["mfu"] = flops * steps / elapsed / peak_flops
@@ -278,7 +361,8 @@ def open_clip_available() -> bool:
 
 def run_child(args, method: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--preset", args.preset,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), *args.overrides]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+           *(["--peak", str(args.peak)] if args.peak is not None else []), *args.overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -286,10 +370,40 @@ def run_child(args, method: str) -> dict:
     return json.loads(lines[-1])
 
 
+def run_matmul_child(args) -> dict:
+    """The machine's matmul rate (:func:`matmul_rate`) measured in a child like the methods'."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "matmul", "--preset", args.preset,
+           "--device", args.device, *args.overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"matmul rate: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return json.loads(lines[-1])
+
+
+def optimizer_kind(optimizer) -> str:
+    """How AdamW steps: ``fused`` (one kernel per parameter), ``foreach`` or ``for-loop``."""
+    group = getattr(optimizer, "optimizer", optimizer).param_groups[0]  # accelerate wraps it
+    return "fused" if group.get("fused") else "foreach" if group.get("foreach") else "for-loop"
+
+
+def with_matmul_share(results: list[dict], rates: dict[str, float]) -> None:
+    """Add achieved GFLOP/s and its percentage of the model-shape matmul rate (mean over the
+    model's shapes) and of the large square one to each result, in place."""
+    model_shapes = [v for k, v in rates.items() if k != "2048^3"]
+    model_rate = sum(model_shapes) / len(model_shapes)
+    for r in results:
+        if "error" in r:
+            continue
+        r["gflops_per_s"] = r["achieved_tflops"] * 1e3
+        r["pct_model_matmul"] = 100 * r["gflops_per_s"] / model_rate
+        r["pct_square_matmul"] = 100 * r["gflops_per_s"] / rates["2048^3"]
+
+
 def table(results: list[dict]) -> str:
     clip = next((r for r in results if r["method"] == "clip" and "error" not in r), None)
     head = (f"{'method':<16}{'params M':>9}{'img/s':>9}{'vs clip':>9}{'step s':>9}{'warm-up s':>10}{'peak MiB':>10}"
-            f"{'step +MiB':>10}{'GFLOP/img':>10}{'MFU':>7}")
+            f"{'step +MiB':>10}{'GFLOP/img':>10}{'GFLOP/s':>9}{'%mm model':>10}{'%mm 2048':>9}{'MFU':>7}")
     lines = [head, "-" * len(head)]
     for r in results:
         if "error" in r:
@@ -300,7 +414,9 @@ def table(results: list[dict]) -> str:
         lines.append(
             f"{r['method']:<16}{r['params_m']:>9.2f}{r['images_per_s']:>9.1f}{ratio:>9}{r['step_s']:>9.3f}"
             f"{r.get('warmup_s', float('nan')):>10.1f}"
-            f"{r['peak_mem_mib']:>10.0f}{r['step_extra_mib']:>10.0f}{r['gflops_per_image']:>10.2f}{mfu:>7}"
+            f"{r['peak_mem_mib']:>10.0f}{r['step_extra_mib']:>10.0f}{r['gflops_per_image']:>10.2f}"
+            f"{r.get('gflops_per_s', float('nan')):>9.1f}{r.get('pct_model_matmul', float('nan')):>9.1f}%"
+            f"{r.get('pct_square_matmul', float('nan')):>8.1f}%{mfu:>7}"
         )
     return "\n".join(lines)
 
@@ -312,15 +428,23 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per method")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocator, lazy init)")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--reverse", action="store_true", help="run the methods in reverse order (clip last)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when visible), cpu or cuda")
+    parser.add_argument("--peak", type=float, help="the GPU's dense bf16 peak in TFLOP/s (default: by device name)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.batch_size=16")
     args = parser.parse_args(argv)
 
     if args.child:
-        if args.child.startswith("open_clip:"):
-            print(json.dumps(measure_open_clip(args.preset, args.child.split(":", 1)[1], args.steps, args.warmup, args.overrides)))
+        if args.child == "matmul":
+            # torch's default threads, as every method's child (OMP_NUM_THREADS where set)
+            print(json.dumps(matmul_rate(matmul_shapes(args.preset, args.overrides), resolve_device(args.device))))
+        elif args.child.startswith("open_clip:"):
+            print(json.dumps(measure_open_clip(args.preset, args.child.split(":", 1)[1], args.steps, args.warmup,
+                                               args.overrides, args.device, args.peak)))
         else:
-            print(json.dumps(measure(args.preset, args.child, args.steps, args.warmup, args.overrides)))
+            print(json.dumps(measure(args.preset, args.child, args.steps, args.warmup, args.overrides, args.device,
+                                     args.peak)))
         return 0
 
     from fundus_lab.config import available_methods
@@ -334,19 +458,28 @@ def main(argv=None) -> int:
     if "clip" in methods:  # the reference first
         methods.remove("clip")
         methods.insert(0, "clip")
+    if args.reverse:  # a second run in the other order: a drift in the machine's load hits the other end
+        methods.reverse()
+    rates_before = run_matmul_child(args)
     results = []
     for method in methods:
         results.append(run_child(args, method))
         r = results[-1]
         print(f"  {method}: " + (f"{r['images_per_s']:.1f} img/s" if "error" not in r else f"failed ({r['error']})"),
               file=sys.stderr, flush=True)
+    rates_after = run_matmul_child(args)  # before and after: a shared machine's rate drifts
+    rates = {k: (rates_before[k] + rates_after[k]) / 2 for k in rates_before}
+    with_matmul_share(results, rates)
     first = next((r for r in results if "error" not in r), {})
     print(f"preset {args.preset}, device {first.get('gpu', first.get('device'))}, precision {first.get('precision')}, "
           f"batch {first.get('batch_size')} x {first.get('img_size')}px, {args.steps} timed steps after {args.warmup} warm-up")
+    unit = "bf16" if first.get("gpu") else "fp32"
+    print(f"machine {unit} matmul GFLOP/s (before / after the methods): "
+          + ", ".join(f"{k} {rates_before[k]:.1f} / {rates_after[k]:.1f}" for k in rates))
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"matmul_gflops": {"before": rates_before, "after": rates_after}, "results": results}, f, indent=1)
     return 0 if all("error" not in r for r in results) else 1
 
 

@@ -742,6 +742,65 @@ class Run:
             write_json(run_dir / KEY_FILE, {"key": key, "complete": True, "seconds": time.time() - start})
         return out
 
+    def pretraining_waves(self, rows: Sequence[str]) -> list[list[tuple[str, int]]]:
+        """The (row, seed) trainings of ``rows`` (methods and trained reference rows; outside
+        models and the pixel row train nothing), in waves whose jobs do not depend on each
+        other: a method that distils a teacher (``eva``) waits for the wave holding its
+        ``clip`` teacher of the same seed, which joins the first wave if not listed."""
+        first, second = [], []
+        for row in dict.fromkeys(rows):
+            if row in self.externals or (row in REFERENCES and REFERENCES[row].build is None):
+                continue
+            for seed in self.seeds_of(row):
+                if row not in REFERENCES and needs_teacher(self.config(row, seed)):
+                    second.append((row, seed))
+                    first.append(("clip", seed))
+                else:
+                    first.append((row, seed))
+        first = list(dict.fromkeys(first))
+        return [wave for wave in (first, [job for job in second if job not in first]) if wave]
+
+    def pretrain_parallel(self, rows: Sequence[str], jobs: int) -> dict[tuple[str, int], Path]:
+        """Pretrain every (row, seed) of ``rows`` in ``jobs`` processes at once, before anything
+        needs the models (:meth:`pretraining_waves` orders teachers first).
+
+        Each job is what :meth:`checkpoint` would do in this process: the same config, cache
+        key and code, so its checkpoint is byte-identical to a sequential run's. Each process
+        runs ``train.num_threads`` threads (the CLI's ``--jobs N`` sets it to cores / N); on a
+        machine with several GPUs job ``i`` sees GPU ``i mod jobs`` only. The synthetic data is
+        written here first, so jobs never write it at once. ``jobs`` = 1 does nothing: the
+        checkpoints are then made when first used, as always. Returns the checkpoints made.
+        """
+        if jobs < 1:
+            raise C.ConfigError(f"jobs={jobs}: expected 1 or more pretraining processes")
+        if jobs == 1:
+            return {}
+        import concurrent.futures
+        import multiprocessing
+
+        waves = self.pretraining_waves(rows)
+        for row, seed in (job for wave in waves for job in wave):
+            cfg = self.config(row, seed)
+            ensure_synthetic(cfg, [cfg.data.dataset], self.data_root)
+        spec = {"preset": self.preset, "run_dir": str(self.run_dir), "data_root": self.data_root,
+                "overrides": self.overrides, "force": self.force, "path": self.path}
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked thread pools
+        made: dict[tuple[str, int], Path] = {}
+        for wave in waves:
+            slots = context.Queue()
+            for slot in range(jobs):
+                slots.put(slot)
+            with concurrent.futures.ProcessPoolExecutor(min(jobs, len(wave)), mp_context=context,
+                                                        initializer=_pretrain_worker_init,
+                                                        initargs=(slots, gpus, jobs)) as pool:
+                done = {f"{row}|{seed}": str(path) for (row, seed), path in made.items()}  # teachers, not redone
+                futures = [pool.submit(_pretrain_job, {**spec, "made": done}, row, seed) for row, seed in wave]
+                for future in futures:
+                    row, seed, path = future.result()
+                    made[(row, seed)] = self._checkpoints[(row, seed)] = Path(path)
+        return made
+
     def model(self, method: str, seed: int | None = None):
         """The method's model in eval mode (trained first if needed), kept in memory."""
         seed = self.seeds()[0] if seed is None else seed
@@ -830,11 +889,12 @@ class Run:
 
     def table(self, methods: Sequence[str], protocols: Sequence[str] = DEFAULT_PROTOCOLS,
               references: Sequence[str] = tuple(REFERENCES),
-              external: Mapping[str, str | Path] | None = None) -> dict[str, Path]:
+              external: Mapping[str, str | Path] | None = None, jobs: int = 1) -> dict[str, Path]:
         """Evaluate ``methods`` and ``references`` over every pretraining seed, and every outside
         model (those of ``external`` = {name: path} are registered first, see
         :meth:`add_external`) once; write Tables 1 and 2 (rows: methods, outside models, references;
         each protocol's columns in its ``Protocol.table``).
+        ``jobs`` > 1 first pretrains every row in that many processes (:meth:`pretrain_parallel`).
 
         Outside models are evaluated first, so a checkpoint that does not load fails before
         any pretraining."""
@@ -857,6 +917,7 @@ class Run:
         if unknown:
             raise C.ConfigError(f"references: unknown {unknown}; expected some of {list(REFERENCES)}")
         rows = list(dict.fromkeys([*methods, *self.externals, *references]))
+        self.pretrain_parallel(rows, jobs)
         results: dict[str, dict[str, list]] = {}
         for method in sorted(rows, key=lambda m: m not in self.externals):  # stable: outside models first
             results[method] = {p: [] for p in protocols}
@@ -1034,6 +1095,41 @@ def write_explanation_scores(summary, run_dir: str | Path, split: str = "test") 
 
 # ---------------------------------------------------------------------------------------
 # pretraining, cached
+
+
+def threads_per_job(jobs: int, cores: int | None = None) -> int:
+    """``train.num_threads`` for ``jobs`` pretraining processes sharing ``cores`` (default: this
+    process's CPUs): cores / jobs, at least one."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, jobs))
+
+
+def jobs_overrides(jobs: int, overrides: Sequence[str]) -> list[str]:
+    """``overrides`` plus ``train.num_threads=cores/jobs`` when ``jobs`` > 1 and the user set no
+    thread count: every config of the run (and so every cache key) then says what ran."""
+    if jobs < 1:
+        raise C.ConfigError(f"--jobs {jobs}: expected 1 or more pretraining processes")
+    if jobs == 1 or any(str(o).split("=", 1)[0].strip() == "train.num_threads" for o in overrides):
+        return list(overrides)
+    return [*overrides, f"train.num_threads={threads_per_job(jobs)}"]
+
+
+def _pretrain_worker_init(slots, gpus: int, jobs: int) -> None:
+    """A pretraining worker's place: with several GPUs, the one of its slot (before CUDA starts)."""
+    slot = slots.get()
+    if gpus > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(slot % min(gpus, jobs))
+
+
+def _pretrain_job(spec: dict, row: str, seed: int) -> tuple[str, int, str]:
+    """One (row, seed) of :meth:`Run.pretrain_parallel`, in its own process: a :class:`Run`
+    like the caller's makes the checkpoint exactly as the caller would have."""
+    run = Run(spec["preset"], spec["run_dir"], spec["data_root"], spec["overrides"], spec["force"], path=spec["path"])
+    for key, path in spec.get("made", {}).items():
+        name, _, made_seed = key.rpartition("|")
+        run._checkpoints[(name, int(made_seed))] = Path(path)
+    return row, seed, str(run.checkpoint(row, seed))
 
 
 def needs_teacher(mcfg: "C.Config") -> bool:

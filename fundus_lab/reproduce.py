@@ -299,6 +299,7 @@ def reproduce(
     overrides: Sequence[str] | None = None,
     command: str | None = None,
     progress: bool = True,
+    jobs: int = 1,
 ) -> Path:
     """Run the notebooks in order into ``runs_dir/<run_name>`` and write its index; returns the run folder.
 
@@ -316,6 +317,9 @@ def reproduce(
             from these arguments).
         progress: a bar per notebook on stderr, counting its cells (notebook i/N, cell j/M);
             False keeps stderr quiet (``log`` still gets one line per notebook).
+        jobs: > 1 pretrains every (method, seed) of the run and the trained reference rows in
+            that many processes before the first notebook (:meth:`Run.pretrain_parallel`), with
+            ``train.num_threads`` = cores / jobs added to ``overrides`` unless they set it.
 
     Raises:
         NotebookFailed: after writing the index, which shows what finished.
@@ -326,6 +330,9 @@ def reproduce(
     run_name = run_name or f"{preset}-{datetime.utcnow():%Y%m%d-%H%M%S}"
     run_dir = resolve_path(runs_dir) / run_name
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+    from fundus_lab.experiment import jobs_overrides
+
+    overrides = jobs_overrides(jobs, list(overrides or []))
     parameters = {
         "preset": preset,
         "run_dir": str(run_dir),
@@ -341,6 +348,13 @@ def reproduce(
     started = time.perf_counter()
     commit_at_start = git_commit()  # the code the notebooks run, even if HEAD moves during the run
     log(f"fundus-lab reproduce: preset={preset}, {len(paths)} notebooks -> {run_dir}")
+    if jobs > 1:  # the notebooks' own Run (same preset, folder, data, overrides) then finds them cached
+        from fundus_lab.experiment import REFERENCES, Run
+
+        start = time.perf_counter()
+        rows = list(methods or DEFAULT_METHODS[preset]) + list(REFERENCES)
+        Run(preset, run_dir, parameters["data_root"], parse_overrides(overrides)).pretrain_parallel(rows, jobs)
+        log(f"pretrained {', '.join(rows)} in {jobs} processes ({time.perf_counter() - start:.0f} s)")
     for i, path in enumerate(paths, 1):
         out = run_dir / "notebooks" / path.name
         log(f"[{i}/{len(paths)}] {path.stem} ...")
@@ -591,6 +605,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--notebooks", nargs="+", default=None, help="run only these (names or numbers, e.g. 00 04)")
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--no-progress", action="store_true", help="no per-cell progress bars on stderr")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="pretrain the (method, seed) jobs in this many processes first, cores/N threads each "
+                             "(default 1: results/benchmarks/parallel_jobs.md)")
     parser.add_argument("overrides", nargs="*", default=[],
                         help="config overrides for every notebook, e.g. eval.zero_shot_dataset=odir5k eval.seeds=3")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -609,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         command = "fundus-lab reproduce " + shlex.join(list(sys.argv[1:] if argv is None else argv))
         run_dir = reproduce(args.preset, args.data_root, methods, args.name, args.notebooks, args.runs_dir,
-                            overrides=args.overrides, command=command, progress=not args.no_progress)
+                            overrides=args.overrides, command=command, progress=not args.no_progress, jobs=args.jobs)
     except NotebookFailed as err:
         print(f"fundus-lab reproduce: {err}", file=sys.stderr)
         return 1

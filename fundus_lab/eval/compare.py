@@ -252,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="an outside model as a row (Hugging Face CLIP folder, open_clip checkpoint, timm or "
                              "RETFound image weights (image-only: zero-shot n/a), or any checkpoint fl.load_model "
                              "reads); repeat for several")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="pretrain the (method, seed) jobs in this many processes at once, each with cores/N "
+                             "threads (train.num_threads, unless given); one per GPU on a multi-GPU machine. "
+                             "Default 1: results/benchmarks/parallel_jobs.md")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=50 eval.seeds=2")
     args = parser.parse_args(argv)
     split = C.split_names
@@ -267,8 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     from fundus_lab.models.external import ExternalModelError
 
     try:
-        run = Run(args.preset, args.out, args.data_root, args.overrides, args.force, path=args.config)
-        paths = run.table(split(args.methods), split(args.protocols), split(args.references), external=external)
+        from fundus_lab.experiment import jobs_overrides
+
+        overrides = jobs_overrides(args.jobs, args.overrides)
+        run = Run(args.preset, args.out, args.data_root, overrides, args.force, path=args.config)
+        paths = run.table(split(args.methods), split(args.protocols), split(args.references), external=external,
+                          jobs=args.jobs)
     except (C.ConfigError, CheckpointError, ExternalModelError) as err:
         print(f"fundus-lab compare: {err}", file=sys.stderr)
         return 2

@@ -390,7 +390,10 @@ class ConvNetTower(ImageTower):
         if mask_ratio > 0 or mask is not None:
             raise ValueError(f"image tower {self.name!r} is a CNN and cannot mask patches (supports_masking=False); "
                              "use a ViT for methods with masked image modelling")
-        fmap = self.trunk.forward_features(self.normalize(images))  # [N, C, h, w]
+        x = self.normalize(images)
+        if self.channels_last:  # NHWC input for NHWC weights (fundus_lab.train.channels_last_for)
+            x = x.contiguous(memory_format=torch.channels_last)
+        fmap = self.trunk.forward_features(x)  # [N, C, h, w]
         n = fmap.shape[0]
         patches = fmap.flatten(2).transpose(1, 2)  # [N, h * w, C]
         if patches.shape[1] != self.num_patches:
@@ -399,6 +402,12 @@ class ConvNetTower(ImageTower):
         cls = self.trunk.forward_head(fmap, pre_logits=True)  # [N, C] global average
         mask_out, ids_restore = self._unmasked(patches, n)
         return {"tokens": torch.cat([cls.unsqueeze(1), patches], dim=1), "cls": cls, "mask": mask_out, "ids_restore": ids_restore}
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the trunk's first 4-D weight is stored ``channels_last``."""
+        weight = next((p for p in self.trunk.parameters() if p.ndim == 4), None)
+        return weight is not None and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
     def attention_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         raise TypeError(f"image tower {self.name!r} is a CNN: it has no self-attention maps (use a ViT image encoder)")
