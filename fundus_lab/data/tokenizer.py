@@ -114,7 +114,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
         raise FileNotFoundError(f"{path} holds no tokenizer (expected tokenizer.json or vocab.txt)")
     check_no_remote_code(path)
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
     missing = [name for name in ("pad_token", "cls_token", "mask_token") if getattr(tok, name) is None]
     if missing:
         raise ValueError(f"tokenizer {path}: no {', '.join(missing)}; fundus_lab needs [PAD], [CLS] and [MASK]")

@@ -25,7 +25,11 @@ preprocessing: resize the shorter side to ``image_size`` (bicubic, antialiased),
 crop, normalise with the source's mean and std.
 
 Loading never executes code: safetensors, or ``torch.load(weights_only=True)``;
-transformers runs with ``trust_remote_code=False``.
+transformers runs with ``trust_remote_code=False`` and ``local_files_only=True``. A
+checkpoint's own config never passes keyword arguments to ``from_pretrained``, and every
+folder it names (an open_clip ``text_cfg.hf_tokenizer_name`` / ``hf_model_name``) must lie
+inside the checkpoint folder and carry no ``auto_map`` (:func:`checkpoint_subfolder`): a
+:class:`~fundus_lab.checkpoint.CheckpointError` otherwise, and nothing reaches a model hub.
 
     model = load_external("path/to/clip-folder")                       # HF CLIPModel
     model = load_external("ckpt.safetensors", model_config="ViT-B-16.json")  # open_clip
@@ -95,6 +99,72 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ExternalModelError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+# ---------------------------------------------------------------------- what a checkpoint may name
+
+# keyword arguments of open_clip's tokenizers themselves (how text is cleaned), the only ones a
+# checkpoint's text_cfg.tokenizer_kwargs may set: anything else would reach
+# AutoTokenizer.from_pretrained (trust_remote_code, cache_dir, revision, token, ...)
+HF_TOKENIZER_OPTIONS = ("clean", "strip_sep_token", "language", "tokenizer_mode")
+SIMPLE_TOKENIZER_OPTIONS = ("clean", "reduction_mask")
+
+
+def checkpoint_subfolder(value, checkpoint_dir: Path, field: str, src: Path) -> Path:
+    """The folder a checkpoint's config names in ``field``, checked to lie inside
+    ``checkpoint_dir`` (relative paths are relative to it; an absolute path, a ``..`` escape
+    or a hub name such as ``bert-base-uncased`` is refused) and to ask for no code
+    (:func:`~fundus_lab.data.tokenizer.check_no_remote_code`: ``auto_map``, ``*.py``)."""
+    from fundus_lab.checkpoint import CheckpointError
+    from fundus_lab.data.tokenizer import check_no_remote_code
+
+    if not isinstance(value, str) or not value.strip():
+        raise CheckpointError(f"{src}: {field} must be a folder inside the checkpoint, got {value!r}")
+    root = checkpoint_dir.resolve()
+    candidate = Path(value)
+    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if not resolved.is_relative_to(root):
+        raise CheckpointError(
+            f"{src}: {field}={value!r} lies outside the checkpoint folder {root}; tokenizer and text-tower files "
+            "are read only from inside it (never from elsewhere or from a model hub)")
+    if not resolved.is_dir():
+        raise CheckpointError(
+            f"{src}: {field}={value!r} is not a folder inside the checkpoint folder {root} (a model-hub name is "
+            "never downloaded: put the files in the checkpoint folder and name them by relative path)")
+    check_no_remote_code(resolved)
+    return resolved
+
+
+def tokenizer_options(text_cfg: dict, allowed: Sequence[str], src: Path) -> dict:
+    """``text_cfg.tokenizer_kwargs`` limited to the tokenizer's own options (``allowed``), each a
+    plain str/bool/None: a :class:`~fundus_lab.checkpoint.CheckpointError` naming any other key."""
+    from fundus_lab.checkpoint import CheckpointError
+
+    kwargs = text_cfg.get("tokenizer_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{src}: text_cfg.tokenizer_kwargs must be a mapping, got {type(kwargs).__name__}")
+    refused = sorted(str(k) for k in kwargs if k not in allowed)
+    if refused:
+        raise CheckpointError(
+            f"{src}: text_cfg.tokenizer_kwargs {refused} refused: a checkpoint's config never passes arguments to "
+            f"from_pretrained (trust_remote_code and the like); only the tokenizer's own options {list(allowed)} are read")
+    bad = sorted(k for k, v in kwargs.items() if not (v is None or isinstance(v, (str, bool))))
+    if bad:
+        raise CheckpointError(f"{src}: text_cfg.tokenizer_kwargs {bad} must be text, true/false or null")
+    return dict(kwargs)
+
+
+def check_timm_name(vision_cfg: dict, src: Path) -> None:
+    """A ``vision_cfg.timm_model_name`` must be a timm architecture name: ``hf-hub:`` and
+    other sourced names make timm fetch a config from a hub even without weights."""
+    from fundus_lab.checkpoint import CheckpointError
+
+    name = vision_cfg.get("timm_model_name")
+    if name is None:
+        return
+    if not isinstance(name, str) or ":" in name or "/" in name or "\\" in name:
+        raise CheckpointError(f"{src}: vision_cfg.timm_model_name={name!r}; expected a timm architecture name "
+                              "(hub names such as 'hf-hub:...' are never fetched)")
 
 
 # ---------------------------------------------------------------------- the shared wrapper
@@ -286,7 +356,7 @@ def load_hf_clip(path: str | Path) -> HFCLIP:
     from fundus_lab.data.tokenizer import check_no_remote_code
 
     check_no_remote_code(path)  # an auto_map asks to run the folder's Python: a CheckpointError naming the file
-    config = CLIPConfig.from_pretrained(str(path))
+    config = CLIPConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     model = CLIPModel(config)
     state = read_state_dict(weights)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -296,7 +366,7 @@ def load_hf_clip(path: str | Path) -> HFCLIP:
         raise ExternalModelError(f"{weights}: does not fit the CLIPModel of {config_path}: "
                                  f"missing {missing[:8]}, unexpected {unexpected[:8]}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
     except Exception as err:
         raise ExternalModelError(f"{path}: no usable tokenizer files ({err})") from None
     mean, std = OPENAI_MEAN, OPENAI_STD
@@ -439,10 +509,24 @@ def load_open_clip(path: str | Path, model_config: str | Path | dict | None = No
     cfg, preprocess, src = _open_clip_config(path, model_config)
     cfg = deepcopy(cfg)
     text_cfg = cfg.get("text_cfg", {})
-    if "hf_model_name" in text_cfg:
+    vision_cfg = cfg.get("vision_cfg", {})
+    if not isinstance(text_cfg, dict) or not isinstance(vision_cfg, dict):
+        raise ExternalModelError(f"{src}: text_cfg and vision_cfg must be mappings")
+    # everything the config names is checked before anything is built or read
+    folder = path.parent
+    hf_tokenizer = text_cfg.get("hf_tokenizer_name") is not None
+    tokenizer_kwargs = tokenizer_options(text_cfg, HF_TOKENIZER_OPTIONS if hf_tokenizer else SIMPLE_TOKENIZER_OPTIONS, src)
+    tokenizer_dir = None
+    if hf_tokenizer:
+        tokenizer_dir = checkpoint_subfolder(text_cfg["hf_tokenizer_name"], folder, "text_cfg.hf_tokenizer_name", src)
+    if text_cfg.get("hf_model_name") is not None:
+        text_cfg["hf_model_name"] = str(checkpoint_subfolder(text_cfg["hf_model_name"], folder, "text_cfg.hf_model_name", src))
         text_cfg["hf_model_pretrained"] = False  # weights come from the checkpoint, never a download
-    if "timm_model_name" in cfg.get("vision_cfg", {}):
-        cfg["vision_cfg"]["timm_model_pretrained"] = False
+    check_timm_name(vision_cfg, src)
+    if "timm_model_name" in vision_cfg:
+        vision_cfg["timm_model_pretrained"] = False
+    text_cfg.pop("tokenizer_kwargs", None)
+    text_cfg.pop("hf_tokenizer_name", None)
     custom = cfg.pop("custom_text", False) or "hf_model_name" in text_cfg
     if "multimodal_cfg" in cfg:
         from open_clip.coca_model import CoCa
@@ -463,11 +547,12 @@ def load_open_clip(path: str | Path, model_config: str | Path | dict | None = No
         raise ExternalModelError(f"{path}: does not fit the open_clip model of {src}: "
                                  f"missing {list(missing)[:8]}, unexpected {list(unexpected)[:8]}")
     context = text_cfg.get("context_length", 77)
-    if text_cfg.get("hf_tokenizer_name"):
-        tokenizer = open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context,
-                                                    **text_cfg.get("tokenizer_kwargs", {}))
+    if tokenizer_dir is not None:
+        # the folder was checked above; these arguments are ours, never the checkpoint's
+        tokenizer = open_clip.tokenizer.HFTokenizer(str(tokenizer_dir), context_length=context, **tokenizer_kwargs,
+                                                    trust_remote_code=False, local_files_only=True)
     else:
-        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context, **text_cfg.get("tokenizer_kwargs", {}))
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context, **tokenizer_kwargs)
     mean = tuple(preprocess.get("mean", getattr(model.visual, "image_mean", None) or OPENAI_MEAN))
     std = tuple(preprocess.get("std", getattr(model.visual, "image_std", None) or OPENAI_STD))
     return OpenCLIP(model.eval(), tokenizer, mean, std, source=str(path)).eval()
@@ -571,7 +656,8 @@ class CLIPTextEncoder(nn.Module):
         from fundus_lab.data.tokenizer import check_no_remote_code
 
         check_no_remote_code(path)
-        config = CLIPTextConfig.from_pretrained(str(path))  # reads text_config of a CLIPConfig
+        # reads text_config of a CLIPConfig
+        config = CLIPTextConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         weights = _hf_weights(path)
         if weights is None:
             raise ExternalModelError(f"{path}: no model.safetensors or pytorch_model.bin")
@@ -601,6 +687,6 @@ def clip_text_encoder(path: str | Path) -> CLIPTextEncoder:
 
 
 __all__ = [
-    "CLIPTextEncoder", "ExternalModel", "ExternalModelError", "HFCLIP", "OpenCLIP", "clip_text_encoder",
-    "detect_kind", "is_external", "load_external", "load_hf_clip", "load_open_clip", "read_state_dict",
+    "CLIPTextEncoder", "ExternalModel", "ExternalModelError", "HFCLIP", "OpenCLIP", "checkpoint_subfolder",
+    "clip_text_encoder", "detect_kind", "is_external", "load_external", "load_hf_clip", "load_open_clip", "read_state_dict",
 ]

@@ -702,17 +702,25 @@ def build_model(model_cfg: ModelConfig, method_cfg: MethodConfig, tokenizer=None
     return model
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> FundusVLM:
+def check_own_checkpoint(path: str | Path) -> dict:
+    """The ``config.json`` of a folder written by :meth:`FundusVLM.save_pretrained`; a
+    :class:`CheckpointError` for anything else (an outside model, a half-written folder).
+    Resume calls it first: a run's ``checkpoint-<step>`` is never loaded as an outside model."""
+    return _read_checkpoint_config(Path(path))
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", external: bool = True) -> FundusVLM:
     """Load a directory written by :meth:`FundusVLM.save_pretrained` (safetensors + JSON; no pickle),
     or an outside model: a Hugging Face ``CLIPModel`` folder or an open_clip checkpoint
-    (:func:`fundus_lab.models.external.load_external`), behind the same evaluation interface."""
+    (:func:`fundus_lab.models.external.load_external`), behind the same evaluation interface.
+    ``external=False`` reads only our own format (resume)."""
     from fundus_lab.config import ConfigError, from_dict
     from fundus_lab.data.tokenizer import load_tokenizer
     from fundus_lab.models.external import ExternalModelError, detect_kind, load_external
 
     path = Path(path)
     try:
-        kind = detect_kind(path)
+        kind = detect_kind(path) if external else None
     except ExternalModelError:
         kind = None
     # a folder with our config.json is ours (even a broken one, to be named as such); a
