@@ -411,7 +411,7 @@ def build_run_model(cfg: Config, tokenizer):
 def load_run_model(checkpoint_dir: Path):
     from fundus_lab.models import load_model
 
-    return load_model(checkpoint_dir)
+    return load_model(checkpoint_dir, external=False)  # a run's checkpoint is ours, never an outside model
 
 
 def save_split(dataset, path: Path) -> None:
@@ -470,6 +470,56 @@ def check_resumable(saved_config: Path, cfg: Config, allow_changes: Sequence[str
             + "; ".join(diffs) + "); pass resume=False (--no-resume) to start over, set another train.output_dir"
             + f", or allow one of {list(RESUME_OVERRIDABLE)} with --allow-change"
         )
+
+
+# what a run folder is a run *of*: a folder whose config.yaml agrees on these is this run's
+# (started again with other settings, e.g. another lr); one that differs holds another run
+RUN_IDENTITY = ("preset", "method.name", "data.dataset", "train.seed")
+
+
+def check_may_start_over(run_dir: Path, cfg: Config) -> None:
+    """Refuse to start a run over in ``run_dir`` (``--no-resume``, or no checkpoint to resume)
+    when the folder holds another run, since starting over deletes its checkpoints, tokenizer
+    and TensorBoard logs and rewrites its config.yaml and metrics.csv.
+
+    The folder is this run's when it is empty (a lock file aside) or its ``config.yaml`` agrees
+    with ``cfg`` on :data:`RUN_IDENTITY` (preset, method, dataset, seed). Anything else is
+    another run: a config.yaml naming another method/preset/dataset/seed, one that cannot be
+    read, or files without a config.yaml. The error names the folder and what differs.
+    """
+    import yaml
+
+    if not run_dir.is_dir():
+        return
+    contents = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+    if not contents:
+        return
+    advice = "set another train.output_dir, or delete the folder yourself if it is no longer wanted"
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"{run_dir}: refusing to start a run over in a folder that holds files but no config.yaml "
+                          f"({', '.join(contents[:5])}{' ...' if len(contents) > 5 else ''}), so nothing shows they "
+                          f"belong to this run; {advice}")
+    try:
+        saved = yaml.safe_load(saved_path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{saved_path}: cannot be read ({err}); refusing to start a run over in {run_dir}, which "
+                          f"may hold another run; {advice}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{saved_path}: expected a mapping of config sections, got {type(saved).__name__}; refusing "
+                          f"to start a run over in {run_dir}; {advice}")
+    now = to_dict(cfg)
+    diffs = []
+    for key in RUN_IDENTITY:
+        old_value, new_value = saved, now
+        for part in key.split("."):
+            old_value = old_value.get(part) if isinstance(old_value, dict) else None
+            new_value = new_value.get(part) if isinstance(new_value, dict) else None
+        if old_value != new_value:
+            diffs.append(f"{key}: folder has {old_value!r}, this run {new_value!r}")
+    if diffs:
+        raise ConfigError(f"{run_dir} holds another run ({'; '.join(diffs)}); refusing to start over there, which "
+                          f"would delete its checkpoints and logs; {advice}")
 
 
 def restore_trainer_state(last: Path, optimizer, scheduler, accelerator) -> tuple[int, int, int]:
@@ -687,7 +737,9 @@ def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = Tru
         callbacks: ``cb(step, logs)`` called at every log step with the logged values
             (``loss``, each ``*_loss`` term, ``lr``, ``grad_norm``, ``images_per_s`` ...).
         resume: continue from ``checkpoint-last`` if the folder has one (exactly: same
-            weights as an uninterrupted run); False starts over and removes old checkpoints.
+            weights as an uninterrupted run); False starts over and removes old checkpoints,
+            only in a folder of this same run (:func:`check_may_start_over`): another run's
+            folder is refused, never cleared.
             Resuming with a config that differs from the run's is refused (:func:`check_resumable`).
         allow_changes: keys of :data:`RESUME_OVERRIDABLE` allowed to differ on resume.
 
@@ -717,7 +769,14 @@ def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = Tru
     # where to start
     last = ckpt.last_checkpoint(run_dir) if resume else None
     if last is not None:
+        from fundus_lab.models.external import is_external
+
+        if is_external(last):  # before any data or model work: only our own format is resumed
+            raise ckpt.CheckpointError(f"{last}: holds an outside model (Hugging Face or open_clip files), not a "
+                                       "checkpoint this trainer wrote; refusing to resume from it")
         check_resumable(run_dir / "config.yaml", cfg, allow_changes)
+    if last is None:
+        check_may_start_over(run_dir, cfg)
     if is_main:
         if last is None and run_dir.is_dir():
             stale = ckpt.list_checkpoints(run_dir) + [run_dir / ckpt.LAST, run_dir / "tensorboard", run_dir / "tokenizer"]

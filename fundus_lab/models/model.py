@@ -702,13 +702,6 @@ def build_model(model_cfg: ModelConfig, method_cfg: MethodConfig, tokenizer=None
     return model
 
 
-def check_own_checkpoint(path: str | Path) -> dict:
-    """The ``config.json`` of a folder written by :meth:`FundusVLM.save_pretrained`; a
-    :class:`CheckpointError` for anything else (an outside model, a half-written folder).
-    Resume calls it first: a run's ``checkpoint-<step>`` is never loaded as an outside model."""
-    return _read_checkpoint_config(Path(path))
-
-
 def load_model(path: str | Path, map_location: str | torch.device = "cpu", external: bool = True) -> FundusVLM:
     """Load a directory written by :meth:`FundusVLM.save_pretrained` (safetensors + JSON; no pickle),
     or an outside model: a Hugging Face ``CLIPModel`` folder or an open_clip checkpoint
