@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -715,12 +716,37 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def _named_file(kind: str, name: str) -> Path:
+    check_name(name, f"{kind[:-1]} name")  # "../x" must not read a YAML file outside configs/
     path = CONFIG_DIR / kind / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
         close = difflib.get_close_matches(name, known, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
         raise ConfigError(f"no {kind[:-1]} named {name!r} in {CONFIG_DIR / kind}{hint}")
+    return path
+
+
+# names that become file or folder names (manifest name, run name, method, preset, outside
+# model, notebook): one path component, nothing a shell or glob reads specially
+SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_name(name: Any, what: str) -> str:
+    """``name`` if it is safe as one file or folder name (:data:`SAFE_NAME`, not ``.``/``..``);
+    a :class:`ConfigError` naming ``what`` otherwise (``"../x"`` would write outside its folder)."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"{what} {name!r} is not a usable name: use letters, digits, '.', '_' and '-' "
+                          "(it names a file or folder; '.' and '..' are not names)")
+    return name
+
+
+def path_inside(folder: str | Path, name: str, what: str) -> Path:
+    """``folder / name`` for a name checked by :func:`check_name`, and checked again after
+    resolving links to lie directly inside ``folder``: a derived path never leaves its folder."""
+    folder = Path(folder)
+    path = folder / check_name(name, what)
+    if path.resolve().parent != folder.resolve():
+        raise ConfigError(f"{what} {name!r}: {path} resolves to {path.resolve()}, outside {folder}")
     return path
 
 

@@ -29,7 +29,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from dataclasses import replace as dataclasses_replace  # noqa: F401  (tests swap a protocol's function)
@@ -487,9 +486,6 @@ REFERENCES: dict[str, Reference] = {r.name: r for r in (
 # ---------------------------------------------------------------------------------------
 # outside models: rows of the table that this run does not pretrain
 
-EXTERNAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
 def external_fingerprint(path: str | Path) -> str:
     """SHA-256 over the files an outside model is read from, by name and content: every file
     of its folder (hidden ones aside), or a weights file and the JSON configs beside it.
@@ -547,10 +543,7 @@ class Run:
         (``eval/<name>/seed<first pretraining seed>/``): it is not pretrained here. The name
         must not be a method's or a reference row's; the path must exist. Returns the path.
         """
-        name = str(name)
-        if not EXTERNAL_NAME.fullmatch(name):
-            raise C.ConfigError(f"external model name {name!r}: use letters, digits, '.', '_' and '-' "
-                                "(it names the folder eval/<name>/)")
+        name = C.check_name(str(name), "external model name")  # it names the folder eval/<name>/
         taken = "method" if name in C.available_methods() else "reference row" if name in REFERENCES else None
         if taken:
             raise C.ConfigError(f"external model name {name!r} is the name of a {taken}; give the outside model "

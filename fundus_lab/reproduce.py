@@ -188,7 +188,9 @@ def notebook_context(
     """
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}; expected one of {PRESETS}")
-    from fundus_lab.config import available_methods, split_names
+    from fundus_lab.config import available_methods, check_name, split_names
+
+    check_name(name, "notebook name")  # it names figures/<name>/ and tables/<name>/
 
     methods = split_names(methods)
 
@@ -299,9 +301,11 @@ def reproduce(
     """
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}; expected one of {PRESETS}")
-    paths = list_notebooks(notebook_dir, select=notebooks)
+    from fundus_lab.config import path_inside
+
     run_name = run_name or f"{preset}-{datetime.utcnow():%Y%m%d-%H%M%S}"
-    run_dir = resolve_path(runs_dir) / run_name
+    run_dir = path_inside(resolve_path(runs_dir), run_name, "run name")  # never "../elsewhere"
+    paths = list_notebooks(notebook_dir, select=notebooks)
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     parameters = {
         "preset": preset,
@@ -587,6 +591,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NotebookFailed as err:
         print(f"fundus-lab reproduce: {err}", file=sys.stderr)
         return 1
+    except ConfigError as err:  # a --name that is not one safe folder name
+        print(f"fundus-lab reproduce: {err}", file=sys.stderr)
+        return 2
     print(run_dir)
     return 0
 

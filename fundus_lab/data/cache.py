@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -116,7 +117,7 @@ class ImageCache:
         key = cache_key(ds.manifest, ds.split, ds.image_size, fov, records)
         stem = f"{ds.manifest.name}-{ds.split or 'all'}-{ds.image_size}"
         folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(ds.root)
-        path = folder / f"{stem}-{key[:20]}{SUFFIX}"
+        path = cache_path(folder, stem, key)
         meta_path = path.with_suffix(".json")
         ids = [record_id(r) for r in records]
         meta = _read_meta(meta_path)
@@ -128,11 +129,32 @@ class ImageCache:
                 "image_size": ds.image_size, "fov_crop": fov, "root": str(ds.root), "n": len(records),
                 "unreadable": int((~ok).sum()), "ids": ids, "ok": ok.tolist()}
         _atomic_text(meta_path, json.dumps(meta))
-        for old in folder.glob(f"{stem}-*{SUFFIX}"):        # stale versions of this split
-            if old != path:
-                old.unlink(missing_ok=True)
-                old.with_suffix(".json").unlink(missing_ok=True)
+        for old in stale_caches(folder, stem, path):        # stale versions of this split
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
         return cls(path, ids, ok)
+
+
+def cache_path(folder: Path, stem: str, key: str) -> Path:
+    """``folder/<stem>-<key>.u8.npy``, refused (:class:`DataError`) unless the stem (dataset
+    name, split, size) is one safe file name that stays inside ``folder``."""
+    from fundus_lab.config import ConfigError, path_inside
+
+    try:
+        return path_inside(folder, f"{stem}-{key[:20]}{SUFFIX}", "image cache file")
+    except ConfigError as err:
+        raise DataError(f"dataset {stem!r}: {err}") from None
+
+
+def stale_caches(folder: Path, stem: str, keep: Path) -> list[Path]:
+    """Older caches of one dataset/split/size: regular files directly in ``folder`` named
+    exactly ``<stem>-<20 hex digits>.u8.npy`` (the stem taken literally, never as a glob),
+    so the cleanup never deletes anything else, nor anything outside the cache folder."""
+    pattern = re.compile(re.escape(stem) + r"-[0-9a-f]{20}" + re.escape(SUFFIX))
+    root = folder.resolve()
+    return [p for p in sorted(folder.iterdir())
+            if p != keep and pattern.fullmatch(p.name) and p.is_file() and not p.is_symlink()
+            and p.resolve().parent == root]
 
 
 def _read_meta(path: Path) -> dict:
