@@ -726,6 +726,15 @@ def _named_file(kind: str, name: str) -> Path:
     return path
 
 
+def resolve_path(path: str | Path) -> Path:
+    """The one rule for relative paths (``data.synth_root``, ``train.output_dir``, run and data
+    folders) in every command and notebook: relative to the current working directory, as for
+    any command-line tool, never to the package's checkout. Made absolute at once, so what a
+    path means cannot change later (a notebook kernel started in another folder gets absolute
+    paths from ``reproduce``)."""
+    return Path(path).expanduser().absolute()
+
+
 # names that become file or folder names (manifest name, run name, method, preset, outside
 # model, notebook): one path component, nothing a shell or glob reads specially
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")

@@ -121,7 +121,7 @@ def read_json(path: Path):
 def dataset_root(cfg: "C.Config", name: str, data_root: str | None = None) -> str | None:
     """``<synth root>/<name>`` for synthetic sets, else ``data_root/<name>`` (or ``data_root``)."""
     if name.startswith("synth-"):
-        return str(Path(data_root or cfg.data.synth_root) / name)
+        return str(C.resolve_path(data_root or cfg.data.synth_root) / name)
     if data_root is None:
         return None
     return str(Path(data_root) / name) if (Path(data_root) / name).is_dir() else str(data_root)
@@ -129,7 +129,7 @@ def dataset_root(cfg: "C.Config", name: str, data_root: str | None = None) -> st
 
 def ensure_synthetic(cfg: "C.Config", names: Sequence[str] = (), data_root: str | None = None) -> Path:
     """Write the configured synthetic benchmark when any of ``names`` is synthetic (all when empty)."""
-    root = Path(data_root or cfg.data.synth_root)
+    root = C.resolve_path(data_root or cfg.data.synth_root)
     if names and not any(n.startswith("synth-") for n in names):
         return root
     from fundus_lab.data import synth
@@ -520,14 +520,12 @@ class Run:
     def __init__(self, preset: str = "default", run_dir: str | Path | None = None, data_root: str | Path | None = None,
                  overrides: Sequence[str] | Mapping[str, Any] | None = None, force: bool = False,
                  path: str | Path | None = None):
-        from fundus_lab.reproduce import resolve_path
-
         self.preset, self.path, self.force = preset, path, force
         self.overrides = normalise_overrides(overrides)
         base = C.resolve_config(preset, overrides=self.overrides, path=path)
         self.preset = base.preset
-        self.data_root = str(resolve_path(data_root if data_root is not None else base.data.synth_root))
-        self.run_dir = resolve_path(run_dir if run_dir is not None else base.eval.output_dir.format(preset=self.preset))
+        self.data_root = str(C.resolve_path(data_root if data_root is not None else base.data.synth_root))
+        self.run_dir = C.resolve_path(run_dir if run_dir is not None else base.eval.output_dir.format(preset=self.preset))
         apply_runtime(base)  # notebooks' own inference (attention, embeddings) runs under the same settings
         self._models: dict = {}
         self._checkpoints: dict = {}

@@ -64,7 +64,8 @@ class NotebookFailed(RuntimeError):
 def project_root() -> Path:
     """The checkout holding ``pyproject.toml`` (editable install), else the working directory.
 
-    Relative run and data folders resolve against it; notebooks and configs come from the package."""
+    Only to name the code that ran (:func:`git_commit`); relative run and data folders resolve
+    against the working directory (:func:`resolve_path`), never against the checkout."""
     root = PACKAGE_DIR.parent
     if (root / "pyproject.toml").is_file() and (root / "fundus_lab").is_dir():
         return root
@@ -72,9 +73,10 @@ def project_root() -> Path:
 
 
 def resolve_path(path: str | Path) -> Path:
-    """Relative paths are taken from the project root, not from wherever a kernel started."""
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else project_root() / p
+    """:func:`fundus_lab.config.resolve_path`: relative to the current working directory."""
+    from fundus_lab.config import resolve_path as resolve
+
+    return resolve(path)
 
 
 def list_notebooks(notebook_dir: str | Path | None = None, select: Sequence[str] | None = None) -> list[Path]:
@@ -327,7 +329,8 @@ def reproduce(
         log(f"[{i}/{len(paths)}] {path.stem} ...")
         start = time.perf_counter()
         try:
-            run_notebook(path, out, parameters, run_dir / "logs" / f"{path.stem}.log", project_root(), kernel_name,
+            # the kernel starts where reproduce was called, so relative paths mean the same inside
+            run_notebook(path, out, parameters, run_dir / "logs" / f"{path.stem}.log", Path.cwd(), kernel_name,
                          progress=f"notebook {i}/{len(paths)} {path.stem}" if progress else None)
         except NotebookFailed as err:
             status[path.stem] = {"state": "failed", "seconds": round(time.perf_counter() - start, 1), "error": str(err)}

@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fundus_lab import checkpoint as ckpt
-from fundus_lab.config import Config, ConfigError, TrainConfig, load_config, save_config, to_dict
+from fundus_lab.config import Config, ConfigError, TrainConfig, load_config, resolve_path, save_config, to_dict
 
 Callback = Callable[[int, dict], None]
 
@@ -339,11 +339,12 @@ def open_training_data(cfg: Config, is_main: bool = True, wait: Callable[[], Non
     root = cfg.data.root
     name = cfg.data.dataset
     if root is None and name.startswith("synth-"):
-        root = str(Path(cfg.data.synth_root) / name)
+        synth_root = resolve_path(cfg.data.synth_root)  # the one rule: relative to the working directory
+        root = str(synth_root / name)
         if is_main:
             from fundus_lab.data import synth
 
-            synth.generate_benchmark(cfg.data.synth_root, workers=None, **synth.benchmark_options(cfg.data))
+            synth.generate_benchmark(str(synth_root), workers=None, **synth.benchmark_options(cfg.data))
         wait()
     ds = fl_data.open_dataset(
         name, root=root, split="train", image_size=cfg.model.img_size,
