@@ -875,7 +875,7 @@ def _validation_split(cfg, dataset: str, train, image_size: int, data_root, spli
 
 
 def normalise_overrides(overrides: Sequence[str] | Mapping[str, Any] | str | None) -> dict[str, Any]:
-    """``["a.b=1", ...]`` (YAML values, as on the command line) or a mapping -> ``{"a.b": value}``."""
+    """``["a.b=1", ...]`` (texts typed later by the schema, as on the command line) or a mapping -> ``{"a.b": value}``."""
     if overrides is None:
         return {}
     if isinstance(overrides, Mapping):
