@@ -42,7 +42,7 @@ from fundus_lab import config as C
 
 # Table 1's two test columns: (key, split name, header). Real datasets have only `test`.
 COLUMNS = (("in_domain", "test", "in-domain"), ("held_out_camera", "test_camera", "held-out camera"))
-KEY_FILE = "cache_key.json"
+KEY_FILE = "cache_key.json"  # fundus_lab.train.RUN_BOOKKEEPING names it too
 METRIC_NAMES = {"single_label_accuracy": "single-label acc.", "accuracy": "acc.", "kappa": "QW kappa", "auc": "AUC",
                 "balanced_accuracy": "bal. acc."}
 
@@ -958,9 +958,10 @@ def pretrain_cached(mcfg: "C.Config", force: bool = False, callbacks=()) -> Path
         print(f"fundus_lab: {mcfg.method.name} seed {mcfg.train.seed}: pretraining unchanged, reusing {run_dir}")
         return run_dir
     resume = not force and saved.get("key") == key  # an interrupted run with the same inputs
+    ours = bool(saved)  # our key file: the folder is this cache's, a run of other inputs is replaced
     write_json(run_dir / KEY_FILE, {"key": key, "complete": False, **info})
     start = time.time()
-    run_dir = Path(pretrain(mcfg, callbacks=callbacks, resume=resume))
+    run_dir = Path(pretrain(mcfg, callbacks=callbacks, resume=resume, replace_run=ours))
     write_json(run_dir / KEY_FILE, {"key": key, "complete": True, "seconds": time.time() - start, **info})
     return run_dir
 

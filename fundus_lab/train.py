@@ -476,6 +476,9 @@ def check_resumable(saved_config: Path, cfg: Config, allow_changes: Sequence[str
 # what a run folder is a run *of*: a folder whose config.yaml agrees on these is this run's
 # (started again with other settings, e.g. another lr); one that differs holds another run
 RUN_IDENTITY = ("preset", "method.name", "data.dataset", "train.seed")
+# written into a run folder before training starts: the lock, and the pretraining key and
+# training-split inputs that ``fundus_lab.experiment.pretrain_cached`` (compare, notebooks) keeps
+RUN_BOOKKEEPING = (LOCK_FILE, "cache_key.json", "inputs")
 
 
 def check_may_start_over(run_dir: Path, cfg: Config) -> None:
@@ -483,7 +486,7 @@ def check_may_start_over(run_dir: Path, cfg: Config) -> None:
     when the folder holds another run, since starting over deletes its checkpoints, tokenizer
     and TensorBoard logs and rewrites its config.yaml and metrics.csv.
 
-    The folder is this run's when it is empty (a lock file aside) or its ``config.yaml`` agrees
+    The folder is this run's when it is empty (:data:`RUN_BOOKKEEPING` aside) or its ``config.yaml`` agrees
     with ``cfg`` on :data:`RUN_IDENTITY` (preset, method, dataset, seed). Anything else is
     another run: a config.yaml naming another method/preset/dataset/seed, one that cannot be
     read, or files without a config.yaml. The error names the folder and what differs.
@@ -492,7 +495,7 @@ def check_may_start_over(run_dir: Path, cfg: Config) -> None:
 
     if not run_dir.is_dir():
         return
-    contents = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+    contents = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_BOOKKEEPING)
     if not contents:
         return
     advice = "set another train.output_dir, or delete the folder yourself if it is no longer wanted"
@@ -724,7 +727,7 @@ def holding_run_lock(fn):
 
 @holding_run_lock
 def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = True,
-             allow_changes: Sequence[str] = ()) -> Path:
+             allow_changes: Sequence[str] = (), replace_run: bool = False) -> Path:
     """Pretrain ``cfg.method`` and return the run folder.
 
     The folder (``train.output_dir``, with ``{method}``/``{preset}``/``{seed}`` filled in)
@@ -743,6 +746,9 @@ def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = Tru
             folder is refused, never cleared.
             Resuming with a config that differs from the run's is refused (:func:`check_resumable`).
         allow_changes: keys of :data:`RESUME_OVERRIDABLE` allowed to differ on resume.
+        replace_run: the caller owns the folder and replaces whatever run it holds
+            (``fundus_lab.experiment.pretrain_cached``, whose key file shows the folder is its
+            cache); skips :func:`check_may_start_over`.
 
     Raises:
         NonFiniteLossError: a loss term became NaN/Inf ("step 17: image_gen_loss is nan"),
@@ -776,7 +782,7 @@ def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = Tru
             raise ckpt.CheckpointError(f"{last}: holds an outside model (Hugging Face or open_clip files), not a "
                                        "checkpoint this trainer wrote; refusing to resume from it")
         check_resumable(run_dir / "config.yaml", cfg, allow_changes)
-    if last is None:
+    if last is None and not replace_run:
         check_may_start_over(run_dir, cfg)
     if is_main:
         if last is None and run_dir.is_dir():

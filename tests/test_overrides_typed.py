@@ -114,6 +114,21 @@ def test_no_resume_still_starts_the_same_run_over(doubles, tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["lr"] == 0.01
 
 
+def test_compare_bookkeeping_is_not_another_run_and_its_cache_replaces_its_own(doubles, tmp_path):
+    """``pretrain_cached`` writes its key and split inputs before training (a fresh folder is
+    still this run's), and replaces a run of other inputs in the folder its key file marks."""
+    run = tmp_path / "run"
+    (run / "inputs").mkdir(parents=True)
+    (run / "cache_key.json").write_text("{}")
+    T.pretrain(make_cfg(run, steps=2), resume=False)
+    other = make_cfg(run, steps=2)
+    other.method.name = "clip"
+    with pytest.raises(ConfigError, match="holds another run"):
+        T.pretrain(other, resume=False)
+    T.pretrain(other, resume=False, replace_run=True)
+    assert yaml.safe_load((run / "config.yaml").read_text())["method"]["name"] == "clip"
+
+
 def test_cli_no_resume_names_the_folder_and_exits_2(doubles, tmp_path, capsys):
     T.pretrain(make_cfg(tmp_path / "exp", steps=2))
     code = T.main(["--preset", "smoke", "--method", "clip", "--no-resume", f"train.output_dir={tmp_path / 'exp'}"])

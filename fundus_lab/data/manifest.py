@@ -29,8 +29,6 @@ import fundus_lab
 from fundus_lab.config import NOT_FROM_FILE, ConfigError, SchemaError, build_dataclass, check_name, coerce, short_repr
 
 PACKAGE_ROOT = Path(fundus_lab.__file__).resolve().parent
-# the checkout (editable install) or site-packages (plain install): only a fallback for data/synth
-REPO_ROOT = PACKAGE_ROOT.parent
 # the shipped manifests live inside the package (``data_manifests/`` at the checkout root links
 # to them) so a plain install has them; FUNDUS_LAB_MANIFESTS points elsewhere (a site's own collection)
 MANIFEST_DIR = Path(os.environ.get("FUNDUS_LAB_MANIFESTS", PACKAGE_ROOT / "data_manifests"))
