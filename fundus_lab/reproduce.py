@@ -210,7 +210,7 @@ def notebook_context(
 
 
 def parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
-    """``["a.b=1", ...]`` (values parsed as YAML, as on the command line) or a mapping -> ``{"a.b": value}``."""
+    """``["a.b=1", ...]`` (texts typed by the schema, as on the command line) or a mapping -> ``{"a.b": value}``."""
     from fundus_lab.experiment import normalise_overrides
 
     return normalise_overrides(overrides)
