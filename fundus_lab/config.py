@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -243,6 +245,8 @@ def _fold_deprecated(layer: dict) -> dict:
         return layer
     train = dict(train)
     alias = train.pop("tensorboard")
+    if isinstance(alias, OverrideText):  # typed before it is read (the layer is checked by from_dict too)
+        alias = coerce_text(alias, Optional[bool], ("train", "tensorboard"))
     if alias is not None:
         train["log_with"] = log_with_from_alias(alias, train.get("log_with", "tensorboard"))
     return {**layer, "train": train}
@@ -320,6 +324,7 @@ class SchemaError(ValueError):
     """A value that does not fit its dataclass schema, with where and why kept as data.
 
     ``problem`` is ``"type"`` (a wrong type or value; ``expected`` is the annotation),
+    ``"finite"`` (a float that is inf or nan),
     ``"length"`` (a fixed-size tuple of the wrong size), ``"unknown"`` (a key the
     dataclass ``expected`` lacks; ``known`` lists its fields) or ``"missing"`` (required
     fields ``missing``). ``path`` locates the value from the root: field names and list
@@ -349,6 +354,8 @@ class SchemaError(ValueError):
             return f"missing required field(s) {list(self.missing)}"
         if self.problem == "length":
             return f"expected {len(typing.get_args(self.expected))} values, got {short_repr(self.value)}"
+        if self.problem == "finite":
+            return f"expected a finite number, got {short_repr(self.value)}"
         return f"expected {describe_type(self.expected)}, got {short_repr(self.value)}"
 
     def __str__(self) -> str:
@@ -407,14 +414,91 @@ def short_repr(value: Any, limit: int = 80) -> str:
     return text[:limit]
 
 
-def _comma_item(text: str, tp: Any) -> Any:
-    """One item of a comma list typed on the command line: a number where a number is wanted."""
-    if tp in (int, float):
+class OverrideText(str):
+    """The text after ``=`` in a ``key=value`` override, as typed.
+
+    :func:`coerce` types it by its field's schema (:func:`coerce_text`) instead of reading it
+    as YAML, so ``train.output_dir=/runs/exp #2`` stays that path (YAML read ``#2`` as a
+    comment), a newline, ``~`` or ``a: b`` stay text in a str field, and ``train.steps=1x``
+    is an error naming the key."""
+
+
+NULL_WORDS = ("null", "none")  # what sets an Optional field to None from the command line
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def coerce_text(text: str, tp: Any, path: tuple = ()) -> Any:
+    """An override's text typed by the annotation ``tp`` (:class:`OverrideText`).
+
+    str: the text verbatim. int/float: the number it spells (``1e-3``, ``1e3`` for an int).
+    bool: true/false/yes/no/on/off/1/0. Optional: ``null``/``none`` is None. Literal: one of
+    its values as written. list/tuple: ``a,b,c`` (each item typed) or a YAML flow list
+    ``[a, b]``. A mapping or nested section: YAML. Anything else: :class:`SchemaError`.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    raw = str(text)
+    word = raw.strip()
+    if tp is Any:
+        return raw
+    if origin in (typing.Union, types.UnionType):
+        if word.lower() in NULL_WORDS and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        # a plain str option last: "3" for Union[int, str] is the number, "x" the text
+        for arg in sorted(options, key=lambda a: a is str):
+            try:
+                return coerce_text(raw, arg, path)
+            except SchemaError as err:
+                if len(options) == 1:
+                    raise err from None
+        raise SchemaError("type", path, tp, raw)
+    if origin is Literal:
+        for arg in args:
+            if word == str(arg) or (isinstance(arg, bool) and word.lower() == str(arg).lower()):
+                return arg
+        raise SchemaError("type", path, tp, raw)
+    if dataclasses.is_dataclass(tp) or origin is dict or tp is dict:
         try:
-            return yaml.safe_load(text)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError:
-            return text
-    return text
+            raise SchemaError("type", path, tp, raw) from None
+        return coerce(value, tp, path, lenient=True)
+    if origin in (list, tuple):
+        if word.startswith("["):
+            try:
+                value = yaml.safe_load(word)
+            except yaml.YAMLError:
+                raise SchemaError("type", path, tp, raw) from None
+            return coerce(value, tp, path, lenient=True)
+        items = [OverrideText(v.strip()) for v in word.split(",") if v.strip()]
+        return coerce(items, tp, path, lenient=True)
+    if tp is bool:
+        if word.lower() in TRUE_WORDS:
+            return True
+        if word.lower() in FALSE_WORDS:
+            return False
+        raise SchemaError("type", path, tp, raw)
+    if tp is int:
+        try:
+            return int(word)
+        except ValueError:
+            pass
+        try:
+            number = float(word)
+        except ValueError:
+            raise SchemaError("type", path, tp, raw) from None
+        if math.isfinite(number) and number.is_integer():
+            return int(number)
+        raise SchemaError("type", path, tp, raw)
+    if tp is float:
+        try:
+            number = float(word)
+        except ValueError:
+            raise SchemaError("type", path, tp, raw) from None
+        return coerce(number, float, path)
+    if tp is str:
+        return str(raw)
+    return raw
 
 
 def coerce(value: Any, tp: Any, path: tuple = (), *, lenient: bool = False) -> Any:
@@ -426,6 +510,8 @@ def coerce(value: Any, tp: Any, path: tuple = (), *, lenient: bool = False) -> A
     Handles Any, Optional/Union, Literal, nested dataclasses (from mappings), list, tuple
     (fixed size or ``...``), dict, bool, int, float, str; other annotations pass through.
     """
+    if isinstance(value, OverrideText):
+        return coerce_text(value, tp, path)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
@@ -458,8 +544,8 @@ def coerce(value: Any, tp: Any, path: tuple = (), *, lenient: bool = False) -> A
             raise SchemaError("type", path, tp, value)
         return build_dataclass(tp, value, path, lenient=lenient)
     if origin in (list, tuple):
-        if lenient and isinstance(value, str):  # "a,b,c" from the command line (eval.shots=1,2,4)
-            value = [_comma_item(v.strip(), args[0] if args else Any) for v in value.split(",") if v.strip()]
+        if lenient and isinstance(value, str):  # "a,b,c" from a notebook parameter (eval.shots="1,2,4")
+            value = [OverrideText(v.strip()) for v in value.split(",") if v.strip()]
         if not (isinstance(value, list) or (isinstance(value, tuple) and (lenient or origin is tuple))):
             raise SchemaError("type", path, tp, value)
         if origin is tuple and args and args[-1] is not Ellipsis:
@@ -486,14 +572,19 @@ def coerce(value: Any, tp: Any, path: tuple = (), *, lenient: bool = False) -> A
             return int(value)
         raise SchemaError("type", path, tp, value)
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if lenient and isinstance(value, str):
+            number = float(value)
+        elif lenient and isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise SchemaError("type", path, tp, value)
+        if number is None:
+            raise SchemaError("type", path, tp, value)
+        if not math.isfinite(number):  # inf/nan pass every range check and poison training at step 1
+            raise SchemaError("finite", path, tp, value)
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -562,6 +653,8 @@ def _config_error(err: SchemaError, cls: type, source: str) -> ConfigError:
         return ConfigError(f"{source}: {key + ': ' if key else ''}missing required field(s) {list(err.missing)}")
     if err.problem == "length":
         return ConfigError(f"{source}: {key} needs {len(typing.get_args(tp))} values, got {value!r}")
+    if err.problem == "finite":
+        return ConfigError(f"{source}: {key} = {value!r}; expected a finite number (inf and nan are refused)")
     if typing.get_origin(tp) is Literal:
         return ConfigError(f"{source}: {key} = {value!r}; expected one of {list(typing.get_args(tp))}")
     if dataclasses.is_dataclass(tp):
@@ -592,21 +685,16 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"train.lr=1e-3"`` -> (["train", "lr"], 0.001); values are parsed as YAML."""
+def parse_override(text: str) -> tuple[list[str], "OverrideText"]:
+    """``"train.lr=1e-3"`` -> (["train", "lr"], OverrideText("1e-3")): the value stays text,
+    typed later by its field's schema (:func:`coerce_text`), never read as YAML blindly."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.steps=100)")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, str) and value.lower() in ("none", "null"):
-        value = None
-    return key.split("."), value
+    return key.split("."), OverrideText(raw)
 
 
 def overrides_to_dict(overrides: list[str] | dict | None) -> dict:
@@ -640,12 +728,46 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def _named_file(kind: str, name: str) -> Path:
+    check_name(name, f"{kind[:-1]} name")  # "../x" must not read a YAML file outside configs/
     path = CONFIG_DIR / kind / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
         close = difflib.get_close_matches(name, known, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
         raise ConfigError(f"no {kind[:-1]} named {name!r} in {CONFIG_DIR / kind}{hint}")
+    return path
+
+
+def resolve_path(path: str | Path) -> Path:
+    """The one rule for relative paths (``data.synth_root``, ``train.output_dir``, run and data
+    folders) in every command and notebook: relative to the current working directory, as for
+    any command-line tool, never to the package's checkout. Made absolute at once, so what a
+    path means cannot change later (a notebook kernel started in another folder gets absolute
+    paths from ``reproduce``)."""
+    return Path(path).expanduser().absolute()
+
+
+# names that become file or folder names (manifest name, run name, method, preset, outside
+# model, notebook): one path component, nothing a shell or glob reads specially
+SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_name(name: Any, what: str) -> str:
+    """``name`` if it is safe as one file or folder name (:data:`SAFE_NAME`, not ``.``/``..``);
+    a :class:`ConfigError` naming ``what`` otherwise (``"../x"`` would write outside its folder)."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"{what} {name!r} is not a usable name: use letters, digits, '.', '_' and '-' "
+                          "(it names a file or folder; '.' and '..' are not names)")
+    return name
+
+
+def path_inside(folder: str | Path, name: str, what: str) -> Path:
+    """``folder / name`` for a name checked by :func:`check_name`, and checked again after
+    resolving links to lie directly inside ``folder``: a derived path never leaves its folder."""
+    folder = Path(folder)
+    path = folder / check_name(name, what)
+    if path.resolve().parent != folder.resolve():
+        raise ConfigError(f"{what} {name!r}: {path} resolves to {path.resolve()}, outside {folder}")
     return path
 
 
@@ -688,7 +810,7 @@ def load_config(
     over = overrides_to_dict(overrides)
     over_method = over.get("method")
     if isinstance(over_method, str):  # "method=clip" picks a method file
-        method = over.pop("method")
+        method = str(over.pop("method"))
     if not method and user_method is None and (CONFIG_DIR / "methods" / f"{DEFAULT_METHOD}.yaml").is_file():
         method = DEFAULT_METHOD  # `fundus-lab pretrain` without --method is `--method ours`
     preset = str(over.pop("preset", None) or preset or user.pop("preset", None) or "default")

@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from dataclasses import replace as dataclasses_replace  # noqa: F401  (tests swap a protocol's function)
@@ -48,7 +47,7 @@ from fundus_lab import config as C
 
 # Table 1's two test columns: (key, split name, header). Real datasets have only `test`.
 COLUMNS = (("in_domain", "test", "in-domain"), ("held_out_camera", "test_camera", "held-out camera"))
-KEY_FILE = "cache_key.json"
+KEY_FILE = "cache_key.json"  # fundus_lab.train.RUN_BOOKKEEPING names it too
 METRIC_NAMES = {"single_label_accuracy": "single-label acc.", "accuracy": "acc.", "kappa": "QW kappa", "auc": "AUC",
                 "balanced_accuracy": "bal. acc."}
 
@@ -127,7 +126,7 @@ def read_json(path: Path):
 def dataset_root(cfg: "C.Config", name: str, data_root: str | None = None) -> str | None:
     """``<synth root>/<name>`` for synthetic sets, else ``data_root/<name>`` (or ``data_root``)."""
     if name.startswith("synth-"):
-        return str(Path(data_root or cfg.data.synth_root) / name)
+        return str(C.resolve_path(data_root or cfg.data.synth_root) / name)
     if data_root is None:
         return None
     return str(Path(data_root) / name) if (Path(data_root) / name).is_dir() else str(data_root)
@@ -135,7 +134,7 @@ def dataset_root(cfg: "C.Config", name: str, data_root: str | None = None) -> st
 
 def ensure_synthetic(cfg: "C.Config", names: Sequence[str] = (), data_root: str | None = None) -> Path:
     """Write the configured synthetic benchmark when any of ``names`` is synthetic (all when empty)."""
-    root = Path(data_root or cfg.data.synth_root)
+    root = C.resolve_path(data_root or cfg.data.synth_root)
     if names and not any(n.startswith("synth-") for n in names):
         return root
     from fundus_lab.data import synth
@@ -592,9 +591,6 @@ REFERENCES: dict[str, Reference] = {r.name: r for r in (
 # ---------------------------------------------------------------------------------------
 # outside models: rows of the table that this run does not pretrain
 
-EXTERNAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
 def external_fingerprint(path: str | Path) -> str:
     """SHA-256 over the files an outside model is read from, by name and content: every file
     of its folder (hidden ones aside), or a weights file and the JSON configs beside it.
@@ -629,14 +625,12 @@ class Run:
     def __init__(self, preset: str = "default", run_dir: str | Path | None = None, data_root: str | Path | None = None,
                  overrides: Sequence[str] | Mapping[str, Any] | None = None, force: bool = False,
                  path: str | Path | None = None):
-        from fundus_lab.reproduce import resolve_path
-
         self.preset, self.path, self.force = preset, path, force
         self.overrides = normalise_overrides(overrides)
         base = C.resolve_config(preset, overrides=self.overrides, path=path)
         self.preset = base.preset
-        self.data_root = str(resolve_path(data_root if data_root is not None else base.data.synth_root))
-        self.run_dir = resolve_path(run_dir if run_dir is not None else base.eval.output_dir.format(preset=self.preset))
+        self.data_root = str(C.resolve_path(data_root if data_root is not None else base.data.synth_root))
+        self.run_dir = C.resolve_path(run_dir if run_dir is not None else base.eval.output_dir.format(preset=self.preset))
         apply_runtime(base)  # notebooks' own inference (attention, embeddings) runs under the same settings
         self._models: dict = {}
         self._checkpoints: dict = {}
@@ -652,10 +646,7 @@ class Run:
         (``eval/<name>/seed<first pretraining seed>/``): it is not pretrained here. The name
         must not be a method's or a reference row's; the path must exist. Returns the path.
         """
-        name = str(name)
-        if not EXTERNAL_NAME.fullmatch(name):
-            raise C.ConfigError(f"external model name {name!r}: use letters, digits, '.', '_' and '-' "
-                                "(it names the folder eval/<name>/)")
+        name = C.check_name(str(name), "external model name")  # it names the folder eval/<name>/
         taken = "method" if name in C.available_methods() else "reference row" if name in REFERENCES else None
         if taken:
             raise C.ConfigError(f"external model name {name!r} is the name of a {taken}; give the outside model "
@@ -1058,7 +1049,7 @@ def _validation_split(cfg, dataset: str, train, image_size: int, data_root, spli
 
 
 def normalise_overrides(overrides: Sequence[str] | Mapping[str, Any] | str | None) -> dict[str, Any]:
-    """``["a.b=1", ...]`` (YAML values, as on the command line) or a mapping -> ``{"a.b": value}``."""
+    """``["a.b=1", ...]`` (texts typed later by the schema, as on the command line) or a mapping -> ``{"a.b": value}``."""
     if overrides is None:
         return {}
     if isinstance(overrides, Mapping):
@@ -1187,9 +1178,10 @@ def pretrain_cached(mcfg: "C.Config", force: bool = False, callbacks=()) -> Path
         print(f"fundus_lab: {mcfg.method.name} seed {mcfg.train.seed}: pretraining unchanged, reusing {run_dir}")
         return run_dir
     resume = not force and saved.get("key") == key  # an interrupted run with the same inputs
+    ours = bool(saved)  # our key file: the folder is this cache's, a run of other inputs is replaced
     write_json(run_dir / KEY_FILE, {"key": key, "complete": False, **info})
     start = time.time()
-    run_dir = Path(pretrain(mcfg, callbacks=callbacks, resume=resume))
+    run_dir = Path(pretrain(mcfg, callbacks=callbacks, resume=resume, replace_run=ours))
     write_json(run_dir / KEY_FILE, {"key": key, "complete": True, "seconds": time.time() - start, **info})
     return run_dir
 

@@ -81,7 +81,8 @@ class NotebookFailed(RuntimeError):
 def project_root() -> Path:
     """The checkout holding ``pyproject.toml`` (editable install), else the working directory.
 
-    Relative run and data folders resolve against it; notebooks and configs come from the package."""
+    Only to name the code that ran (:func:`git_commit`); relative run and data folders resolve
+    against the working directory (:func:`resolve_path`), never against the checkout."""
     root = PACKAGE_DIR.parent
     if (root / "pyproject.toml").is_file() and (root / "fundus_lab").is_dir():
         return root
@@ -89,9 +90,10 @@ def project_root() -> Path:
 
 
 def resolve_path(path: str | Path) -> Path:
-    """Relative paths are taken from the project root, not from wherever a kernel started."""
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else project_root() / p
+    """:func:`fundus_lab.config.resolve_path`: relative to the current working directory."""
+    from fundus_lab.config import resolve_path as resolve
+
+    return resolve(path)
 
 
 def list_notebooks(notebook_dir: str | Path | None = None, select: Sequence[str] | None = None) -> list[Path]:
@@ -205,7 +207,9 @@ def notebook_context(
     """
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}; expected one of {PRESETS}")
-    from fundus_lab.config import available_methods, split_names
+    from fundus_lab.config import available_methods, check_name, split_names
+
+    check_name(name, "notebook name")  # it names figures/<name>/ and tables/<name>/
 
     methods = split_names(methods)
 
@@ -223,7 +227,7 @@ def notebook_context(
 
 
 def parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
-    """``["a.b=1", ...]`` (values parsed as YAML, as on the command line) or a mapping -> ``{"a.b": value}``."""
+    """``["a.b=1", ...]`` (texts typed by the schema, as on the command line) or a mapping -> ``{"a.b": value}``."""
     from fundus_lab.experiment import normalise_overrides
 
     return normalise_overrides(overrides)
@@ -326,9 +330,11 @@ def reproduce(
     """
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}; expected one of {PRESETS}")
-    paths = list_notebooks(notebook_dir, select=notebooks)
+    from fundus_lab.config import path_inside
+
     run_name = run_name or f"{preset}-{datetime.utcnow():%Y%m%d-%H%M%S}"
-    run_dir = resolve_path(runs_dir) / run_name
+    run_dir = path_inside(resolve_path(runs_dir), run_name, "run name")  # never "../elsewhere"
+    paths = list_notebooks(notebook_dir, select=notebooks)
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     from fundus_lab.experiment import jobs_overrides
 
@@ -360,7 +366,8 @@ def reproduce(
         log(f"[{i}/{len(paths)}] {path.stem} ...")
         start = time.perf_counter()
         try:
-            run_notebook(path, out, parameters, run_dir / "logs" / f"{path.stem}.log", project_root(), kernel_name,
+            # the kernel starts where reproduce was called, so relative paths mean the same inside
+            run_notebook(path, out, parameters, run_dir / "logs" / f"{path.stem}.log", Path.cwd(), kernel_name,
                          progress=f"notebook {i}/{len(paths)} {path.stem}" if progress else None)
         except NotebookFailed as err:
             status[path.stem] = {"state": "failed", "seconds": round(time.perf_counter() - start, 1), "error": str(err)}
@@ -630,6 +637,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NotebookFailed as err:
         print(f"fundus-lab reproduce: {err}", file=sys.stderr)
         return 1
+    except ConfigError as err:  # a --name that is not one safe folder name
+        print(f"fundus-lab reproduce: {err}", file=sys.stderr)
+        return 2
     print(run_dir)
     return 0
 

@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fundus_lab import checkpoint as ckpt
-from fundus_lab.config import Config, ConfigError, TrainConfig, load_config, save_config, to_dict
+from fundus_lab.config import Config, ConfigError, TrainConfig, load_config, resolve_path, save_config, to_dict
 
 Callback = Callable[[int, dict], None]
 
@@ -351,11 +351,12 @@ def open_training_data(cfg: Config, is_main: bool = True, wait: Callable[[], Non
     root = cfg.data.root
     name = cfg.data.dataset
     if root is None and name.startswith("synth-"):
-        root = str(Path(cfg.data.synth_root) / name)
+        synth_root = resolve_path(cfg.data.synth_root)  # the one rule: relative to the working directory
+        root = str(synth_root / name)
         if is_main:
             from fundus_lab.data import synth
 
-            synth.generate_benchmark(cfg.data.synth_root, workers=None, **synth.benchmark_options(cfg.data))
+            synth.generate_benchmark(str(synth_root), workers=None, **synth.benchmark_options(cfg.data))
         wait()
     ds = fl_data.open_dataset(
         name, root=root, split="train", image_size=cfg.model.img_size,
@@ -447,7 +448,7 @@ def build_run_model(cfg: Config, tokenizer):
 def load_run_model(checkpoint_dir: Path):
     from fundus_lab.models import load_model
 
-    return load_model(checkpoint_dir)
+    return load_model(checkpoint_dir, external=False)  # a run's checkpoint is ours, never an outside model
 
 
 def save_split(dataset, path: Path) -> None:
@@ -511,6 +512,59 @@ def check_resumable(saved_config: Path, cfg: Config, allow_changes: Sequence[str
             + "; ".join(diffs) + "); pass resume=False (--no-resume) to start over, set another train.output_dir"
             + f", or allow one of {list(RESUME_OVERRIDABLE)} with --allow-change"
         )
+
+
+# what a run folder is a run *of*: a folder whose config.yaml agrees on these is this run's
+# (started again with other settings, e.g. another lr); one that differs holds another run
+RUN_IDENTITY = ("preset", "method.name", "data.dataset", "train.seed")
+# written into a run folder before training starts: the lock, and the pretraining key and
+# training-split inputs that ``fundus_lab.experiment.pretrain_cached`` (compare, notebooks) keeps
+RUN_BOOKKEEPING = (LOCK_FILE, "cache_key.json", "inputs")
+
+
+def check_may_start_over(run_dir: Path, cfg: Config) -> None:
+    """Refuse to start a run over in ``run_dir`` (``--no-resume``, or no checkpoint to resume)
+    when the folder holds another run, since starting over deletes its checkpoints, tokenizer
+    and TensorBoard logs and rewrites its config.yaml and metrics.csv.
+
+    The folder is this run's when it is empty (:data:`RUN_BOOKKEEPING` aside) or its ``config.yaml`` agrees
+    with ``cfg`` on :data:`RUN_IDENTITY` (preset, method, dataset, seed). Anything else is
+    another run: a config.yaml naming another method/preset/dataset/seed, one that cannot be
+    read, or files without a config.yaml. The error names the folder and what differs.
+    """
+    import yaml
+
+    if not run_dir.is_dir():
+        return
+    contents = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_BOOKKEEPING)
+    if not contents:
+        return
+    advice = "set another train.output_dir, or delete the folder yourself if it is no longer wanted"
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"{run_dir}: refusing to start a run over in a folder that holds files but no config.yaml "
+                          f"({', '.join(contents[:5])}{' ...' if len(contents) > 5 else ''}), so nothing shows they "
+                          f"belong to this run; {advice}")
+    try:
+        saved = yaml.safe_load(saved_path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{saved_path}: cannot be read ({err}); refusing to start a run over in {run_dir}, which "
+                          f"may hold another run; {advice}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{saved_path}: expected a mapping of config sections, got {type(saved).__name__}; refusing "
+                          f"to start a run over in {run_dir}; {advice}")
+    now = to_dict(cfg)
+    diffs = []
+    for key in RUN_IDENTITY:
+        old_value, new_value = saved, now
+        for part in key.split("."):
+            old_value = old_value.get(part) if isinstance(old_value, dict) else None
+            new_value = new_value.get(part) if isinstance(new_value, dict) else None
+        if old_value != new_value:
+            diffs.append(f"{key}: folder has {old_value!r}, this run {new_value!r}")
+    if diffs:
+        raise ConfigError(f"{run_dir} holds another run ({'; '.join(diffs)}); refusing to start over there, which "
+                          f"would delete its checkpoints and logs; {advice}")
 
 
 def restore_trainer_state(last: Path, optimizer, scheduler, accelerator) -> tuple[int, int, int]:
@@ -724,7 +778,7 @@ def holding_run_lock(fn):
 
 @holding_run_lock
 def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = True,
-             allow_changes: Sequence[str] = ()) -> Path:
+             allow_changes: Sequence[str] = (), replace_run: bool = False) -> Path:
     """Pretrain ``cfg.method`` and return the run folder.
 
     The folder (``train.output_dir``, with ``{method}``/``{preset}``/``{seed}`` filled in)
@@ -738,9 +792,14 @@ def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = Tru
         callbacks: ``cb(step, logs)`` called at every log step with the logged values
             (``loss``, each ``*_loss`` term, ``lr``, ``grad_norm``, ``images_per_s`` ...).
         resume: continue from ``checkpoint-last`` if the folder has one (exactly: same
-            weights as an uninterrupted run); False starts over and removes old checkpoints.
+            weights as an uninterrupted run); False starts over and removes old checkpoints,
+            only in a folder of this same run (:func:`check_may_start_over`): another run's
+            folder is refused, never cleared.
             Resuming with a config that differs from the run's is refused (:func:`check_resumable`).
         allow_changes: keys of :data:`RESUME_OVERRIDABLE` allowed to differ on resume.
+        replace_run: the caller owns the folder and replaces whatever run it holds
+            (``fundus_lab.experiment.pretrain_cached``, whose key file shows the folder is its
+            cache); skips :func:`check_may_start_over`.
 
     Raises:
         NonFiniteLossError: a loss term became NaN/Inf ("step 17: image_gen_loss is nan"),
@@ -768,7 +827,14 @@ def pretrain(cfg: Config, callbacks: Iterable[Callback] = (), resume: bool = Tru
     # where to start
     last = ckpt.last_checkpoint(run_dir) if resume else None
     if last is not None:
+        from fundus_lab.models.external import is_external
+
+        if is_external(last):  # before any data or model work: only our own format is resumed
+            raise ckpt.CheckpointError(f"{last}: holds an outside model (Hugging Face or open_clip files), not a "
+                                       "checkpoint this trainer wrote; refusing to resume from it")
         check_resumable(run_dir / "config.yaml", cfg, allow_changes)
+    if last is None and not replace_run:
+        check_may_start_over(run_dir, cfg)
     if is_main:
         if last is None and run_dir.is_dir():
             stale = ckpt.list_checkpoints(run_dir) + [run_dir / ckpt.LAST, run_dir / "tensorboard", run_dir / "tokenizer"]

@@ -346,3 +346,194 @@ def test_derived_counts():
         assert callable(getattr(importlib.import_module(module[:-3]), test, None)), f"{name}: {where} is missing"
     outcomes = {o: sum(k[1] == o for k in DERIVED) for o in ("rebuilt", "error", "refused")}
     assert len(DERIVED) == 16 and outcomes == {"rebuilt": 6, "error": 8, "refused": 2}
+
+
+# ---------------------------------------------------------------------------------------
+# issue 16 (items 1, 2, 5, 8, 10): checkpoints, configs, overrides and names, the inputs
+# that are not datasets. Each row builds the bad input under tmp_path and calls the real
+# entry point; it counts as handled when the named error is raised (or, for ``kept``, when
+# the entry point runs and what must survive survives).
+
+
+@dataclass
+class Refusal:
+    name: str
+    attempt: Callable[[Path], None]
+    exc: Optional[type]  # None: the attempt must succeed and make its own checks ("kept")
+    match: str = ""
+
+
+def _evil(tmp_path: Path, **text_cfg) -> Path:
+    pytest.importorskip("open_clip")
+    from test_checkpoint_code_safety import evil_open_clip
+
+    return evil_open_clip(tmp_path / "evil", tmp_path / "MARKER", **text_cfg)
+
+
+def _load(**text_cfg):
+    def attempt(tmp_path: Path) -> None:
+        import fundus_lab as fl
+
+        try:
+            fl.load_model(_evil(tmp_path, **text_cfg))
+        finally:
+            assert not (tmp_path / "MARKER").exists(), "checkpoint code ran"
+
+    return attempt
+
+
+def _timm_hub(tmp_path: Path) -> None:
+    import json
+
+    import fundus_lab as fl
+
+    folder = _evil(tmp_path, hf_tokenizer_name=None, tokenizer_kwargs=None)
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    config["model_cfg"]["vision_cfg"]["timm_model_name"] = "hf-hub:org/model"
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    fl.load_model(folder)
+
+
+def _resume_from_outside_model(tmp_path: Path) -> None:
+    import json
+
+    from fundus_lab import config as C
+    from fundus_lab.train import pretrain
+
+    cfg = C.load_config(preset="smoke", method="clip", overrides=[f"train.output_dir={tmp_path / 'run'}",
+                                                                  f"data.synth_root={tmp_path / 'data'}"])
+    (tmp_path / "run").mkdir()
+    C.save_config(cfg, tmp_path / "run" / "config.yaml")
+    pytest.importorskip("open_clip")
+    from test_checkpoint_code_safety import evil_open_clip
+
+    last = evil_open_clip(tmp_path / "run" / "checkpoint-1", tmp_path / "MARKER")
+    (last / "trainer_state.json").write_text(json.dumps({"format_version": 1, "step": 1, "trainer": {}}))
+    pretrain(cfg)
+
+
+def _override(*overrides: str):
+    def attempt(tmp_path: Path) -> None:
+        from fundus_lab import config as C
+
+        C.load_config(preset="smoke", overrides=list(overrides))
+
+    return attempt
+
+
+def _yaml_config(text: str):
+    def attempt(tmp_path: Path) -> None:
+        from fundus_lab import config as C
+
+        (tmp_path / "user.yaml").write_text(text)
+        C.load_config(tmp_path / "user.yaml", preset="smoke")
+
+    return attempt
+
+
+def _start_over_in_another_run(tmp_path: Path) -> None:
+    from fundus_lab import config as C
+    from fundus_lab.train import check_may_start_over
+
+    (tmp_path / "run").mkdir()
+    C.save_config(C.load_config(preset="smoke", method="ours"), tmp_path / "run" / "config.yaml")
+    (tmp_path / "run" / "metrics.csv").write_text("step,loss\n1,0.5\n")
+    check_may_start_over(tmp_path / "run", C.load_config(preset="smoke", method="clip"))
+
+
+def _manifest_name_path(tmp_path: Path) -> None:
+    c = Case(tmp_path / "ds")
+    c.m["name"] = "../../x/victim/rel"
+    open_dataset(c.write(), split=None, image_size=8, image_cache=True, image_cache_dir=tmp_path / "cache" / "a")
+
+
+def _cache_cleanup_keeps_other_files(tmp_path: Path) -> None:
+    from fundus_lab.data.cache import SUFFIX
+
+    (tmp_path / "cache").mkdir()
+    other = tmp_path / "cache" / f"tiny-all-8-backup{SUFFIX}"
+    other.write_bytes(b"keep me")
+    open_dataset(Case(tmp_path / "ds").write(), split=None, image_size=8, image_cache=True,
+                 image_cache_dir=tmp_path / "cache")
+    assert other.read_bytes() == b"keep me"
+
+
+def _reproduce_name(tmp_path: Path) -> None:
+    from fundus_lab.reproduce import reproduce
+
+    reproduce("smoke", run_name="../escaped", runs_dir=tmp_path / "runs")
+
+
+def _method_name(tmp_path: Path) -> None:
+    from fundus_lab import config as C
+
+    C.load_config(preset="smoke", method="../../x")
+
+
+def _external_name(tmp_path: Path) -> None:
+    from fundus_lab.experiment import Run
+
+    Run("smoke", tmp_path / "run", tmp_path / "data").add_external("..", tmp_path)
+
+
+def _eval_saved_data(tmp_path: Path) -> None:
+    from fundus_lab.eval.compare import checkpoint_eval_config
+
+    (tmp_path / "config.yaml").write_text("preset: smoke\ndata:\n  synth_n: .inf\n")
+    checkpoint_eval_config(tmp_path / "config.yaml", None, [])
+
+
+def _config_error():
+    from fundus_lab.config import ConfigError
+
+    return ConfigError
+
+
+def _checkpoint_error():
+    from fundus_lab.checkpoint import CheckpointError
+
+    return CheckpointError
+
+
+REFUSALS = [
+    # item 1: code and hubs named by a checkpoint
+    Refusal("open_clip tokenizer_kwargs trust_remote_code", _load(), _checkpoint_error(), r"tokenizer_kwargs \['trust_remote_code'\] refused"),
+    Refusal("open_clip tokenizer folder with auto_map", _load(tokenizer_kwargs=None), _checkpoint_error(), r"tok/tokenizer_config.json: has an 'auto_map'"),
+    Refusal("open_clip tokenizer from a hub name", _load(hf_tokenizer_name="bert-base-uncased", tokenizer_kwargs=None), _checkpoint_error(), r"is not a folder inside the checkpoint"),
+    Refusal("open_clip tokenizer path with ../", _load(hf_tokenizer_name="../..", tokenizer_kwargs=None), _checkpoint_error(), r"lies outside the checkpoint folder"),
+    Refusal("open_clip text tower from a hub name", _load(hf_tokenizer_name=None, tokenizer_kwargs=None, hf_model_name="roberta-base"), _checkpoint_error(), r"hf_model_name='roberta-base' is not a folder inside"),
+    Refusal("open_clip timm tower from hf-hub", _timm_hub, _checkpoint_error(), r"vision_cfg.timm_model_name='hf-hub:org/model'"),
+    Refusal("outside model as checkpoint-N on resume", _resume_from_outside_model, _checkpoint_error(), r"checkpoint-1: holds an outside model"),
+    # item 2: overrides typed by the schema; another run's folder
+    Refusal("override int with trailing comment", _override("train.steps=12 #2"), _config_error(), r"train.steps = '12 #2' is not a valid int"),
+    Refusal("override bool that is not one", _override("data.augment=maybe"), _config_error(), r"data.augment = 'maybe' is not a valid bool"),
+    Refusal("start over in another run's folder", _start_over_in_another_run, _config_error(), r"holds another run \(method.name: folder has 'ours', this run 'clip'\)"),
+    # item 10: finite floats
+    Refusal("override float inf", _override("train.lr=inf"), _config_error(), r"train.lr = inf; expected a finite number"),
+    Refusal("override float nan", _override("method.contrastive_weight=nan"), _config_error(), r"method.contrastive_weight = nan; expected a finite number"),
+    Refusal("YAML float .nan", _yaml_config("train:\n  weight_decay: .nan\n"), _config_error(), r"user.yaml: train.weight_decay = nan; expected a finite"),
+    # item 8: names used as paths
+    Refusal("manifest name that is a path", _manifest_name_path, ManifestError, r"tiny.yaml: name: '../../x/victim/rel' is not a usable name"),
+    Refusal("cache cleanup near other files", _cache_cleanup_keeps_other_files, None),
+    Refusal("reproduce run name with ../", _reproduce_name, _config_error(), r"run name '../escaped' is not a usable name"),
+    Refusal("method name with ../", _method_name, _config_error(), r"method name '../../x' is not a usable name"),
+    Refusal("outside-model name '..'", _external_name, _config_error(), r"external model name '..' is not a usable name"),
+    # item 5: the run config eval reads
+    Refusal("eval: non-finite value in the run's config.yaml", _eval_saved_data, _config_error(), r"config.yaml: data.synth_n = inf is not a valid int"),
+]
+
+
+@pytest.mark.parametrize("refusal", REFUSALS, ids=[r.name for r in REFUSALS])
+def test_refused(refusal: Refusal, tmp_path):
+    if refusal.exc is None:
+        refusal.attempt(tmp_path)
+    else:
+        with pytest.raises(refusal.exc, match=refusal.match):
+            refusal.attempt(tmp_path)
+
+
+def test_refusal_counts():
+    """Issue 16's kinds (items 1, 2, 5, 8, 10): 18 refused with a named error, 1 kept."""
+    names = [r.name for r in REFUSALS]
+    assert len(names) == len(set(names)) and not set(names) & {k.name for k in MATRIX}
+    assert len(REFUSALS) == 19 and sum(r.exc is None for r in REFUSALS) == 1

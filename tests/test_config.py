@@ -57,7 +57,7 @@ def test_unknown_key_in_file_names_the_file(config_dir):
 def test_wrong_type_is_an_error(config_dir):
     with pytest.raises(C.ConfigError, match=r"train\.steps = 'many'"):
         C.load_config(preset="tiny", overrides=["train.steps=many"])
-    with pytest.raises(C.ConfigError, match=r"train\.steps = 2\.5"):
+    with pytest.raises(C.ConfigError, match=r"train\.steps = '2\.5'"):
         C.load_config(preset="tiny", overrides=["train.steps=2.5"])
     with pytest.raises(C.ConfigError, match="expected one of"):
         C.load_config(preset="tiny", overrides=["train.mixed_precision=fp8"])

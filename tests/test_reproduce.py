@@ -116,11 +116,12 @@ def test_list_notebooks_selects_by_number_or_name(notebooks):
         rp.list_notebooks(notebooks, ["9"])
 
 
-def test_paths_resolve_against_the_project_root(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # a kernel started elsewhere (nbval runs in the notebook's folder)
-    root = rp.project_root()
-    assert (root / "pyproject.toml").is_file()
-    assert rp.resolve_path("runs/x") == root / "runs" / "x"
+def test_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    """Issue 16 item 4: one rule for every command and notebook (the checkout is only where
+    the code is: project_root() names the commit that ran)."""
+    monkeypatch.chdir(tmp_path)
+    assert (rp.project_root() / "pyproject.toml").is_file()
+    assert rp.resolve_path("runs/x") == tmp_path / "runs" / "x"
     assert rp.resolve_path(tmp_path / "abs") == tmp_path / "abs"
 
 

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -131,7 +132,7 @@ class ImageCache:
         key = cache_key(ds.manifest, ds.split, ds.image_size, fov, records)
         stem = f"{ds.manifest.name}-{ds.split or 'all'}-{ds.image_size}"
         folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(ds.root)
-        path = folder / f"{stem}-{key[:20]}{SUFFIX}"
+        path = cache_path(folder, stem, key)
         meta_path = path.with_suffix(".json")
         ids = [record_id(r) for r in records]
         if path.is_file() or meta_path.is_file():
@@ -151,10 +152,9 @@ class ImageCache:
         except OSError as err:
             path.unlink(missing_ok=True)  # a cache without its sidecar would only be rebuilt
             raise _write_error(meta_path, len(json.dumps(meta)), err) from None
-        for old in folder.glob(f"{stem}-*{SUFFIX}"):        # stale versions of this split
-            if old != path:
-                old.unlink(missing_ok=True)
-                old.with_suffix(".json").unlink(missing_ok=True)
+        for old in stale_caches(folder, stem, path):        # stale versions of this split
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
         return cls(path, ids, ok)
 
 
@@ -182,6 +182,28 @@ def _damage(path: Path, meta_path: Path, key: str, ids: list, image_size: int) -
     if arr.dtype != np.uint8 or arr.shape != (len(ids), image_size, image_size, 3):
         return f"the file holds {arr.dtype} {arr.shape}, expected uint8 {(len(ids), image_size, image_size, 3)}"
     return None
+
+
+def cache_path(folder: Path, stem: str, key: str) -> Path:
+    """``folder/<stem>-<key>.u8.npy``, refused (:class:`DataError`) unless the stem (dataset
+    name, split, size) is one safe file name that stays inside ``folder``."""
+    from fundus_lab.config import ConfigError, path_inside
+
+    try:
+        return path_inside(folder, f"{stem}-{key[:20]}{SUFFIX}", "image cache file")
+    except ConfigError as err:
+        raise DataError(f"dataset {stem!r}: {err}") from None
+
+
+def stale_caches(folder: Path, stem: str, keep: Path) -> list[Path]:
+    """Older caches of one dataset/split/size: regular files directly in ``folder`` named
+    exactly ``<stem>-<20 hex digits>.u8.npy`` (the stem taken literally, never as a glob),
+    so the cleanup never deletes anything else, nor anything outside the cache folder."""
+    pattern = re.compile(re.escape(stem) + r"-[0-9a-f]{20}" + re.escape(SUFFIX))
+    root = folder.resolve()
+    return [p for p in sorted(folder.iterdir())
+            if p != keep and pattern.fullmatch(p.name) and p.is_file() and not p.is_symlink()
+            and p.resolve().parent == root]
 
 
 def _read_meta(path: Path) -> dict:

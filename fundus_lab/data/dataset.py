@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from fundus_lab.data import images as img
 from fundus_lab.data.images import DataError, ImageError
-from fundus_lab.data.manifest import MANIFEST_DIR, REPO_ROOT, SPLIT_VALUES, Manifest, load_manifest
+from fundus_lab.data.manifest import MANIFEST_DIR, SPLIT_VALUES, Manifest, load_manifest
 from fundus_lab.data.readers import LoadReport, Record, read_records
 from fundus_lab.data.splits import check_patient_disjoint, make_splits, split_counts
 
@@ -266,9 +266,9 @@ def _default_root(name_or_path: Union[str, Path], manifest: Manifest) -> Path:
     if not from_repo and manifest_path is not None:
         return manifest_path.parent
     if manifest.synthetic or manifest.name.startswith("synth"):
-        for base in (SYNTH_ROOT, REPO_ROOT / SYNTH_ROOT):
-            if (base / manifest.name).is_dir():
-                return base / manifest.name
+        # relative to the working directory, the rule of every command (never the checkout)
+        if (SYNTH_ROOT / manifest.name).is_dir():
+            return SYNTH_ROOT / manifest.name
         raise DataError(
             f"synthetic dataset {manifest.name!r} not found under {SYNTH_ROOT / manifest.name}; generate it with "
             f"fundus_lab.data.synth.generate_benchmark('{SYNTH_ROOT}', ...) or pass root="

@@ -26,11 +26,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 import fundus_lab
-from fundus_lab.config import NOT_FROM_FILE, SchemaError, build_dataclass, coerce, short_repr
+from fundus_lab.config import NOT_FROM_FILE, ConfigError, SchemaError, build_dataclass, check_name, coerce, short_repr
 
 PACKAGE_ROOT = Path(fundus_lab.__file__).resolve().parent
-# the checkout (editable install) or site-packages (plain install): only a fallback for data/synth
-REPO_ROOT = PACKAGE_ROOT.parent
 # the shipped manifests live inside the package (``data_manifests/`` at the checkout root links
 # to them) so a plain install has them; FUNDUS_LAB_MANIFESTS points elsewhere (a site's own collection)
 MANIFEST_DIR = Path(os.environ.get("FUNDUS_LAB_MANIFESTS", PACKAGE_ROOT / "data_manifests"))
@@ -376,6 +374,10 @@ def parse_manifest(data: Any, path: Union[str, Path] = "<manifest>") -> Manifest
 
 def _check_semantics(m: Manifest, where: str) -> None:
     """Cross-field rules the types alone cannot express."""
+    try:  # the name becomes file names (image cache, split files): one safe path component
+        check_name(m.name, "name:")
+    except ConfigError as err:
+        raise ManifestError(f"{where}: {err}") from None
     if not m.classes:
         raise ManifestError(f"{where}: classes: expected at least one class")
     names = m.class_names

@@ -116,7 +116,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     check_no_remote_code(path)
     _check_json_files(path)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
     except Exception as err:  # noqa: BLE001 -- the tokenizers library raises bare Exceptions on bad files
         from fundus_lab.checkpoint import CheckpointError
 

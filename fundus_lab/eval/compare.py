@@ -30,7 +30,7 @@ from fundus_lab import config as C
 from fundus_lab.eval.tables import summarise, write_table
 from fundus_lab.experiment import (COLUMNS, DEFAULT_PROTOCOLS, METRIC_NAMES, PROTOCOLS, REFERENCES, TABLES, Run,
                                    bootstrap_cell, chance_level, evaluate_model, open_split, table_metric,
-                                   write_json)
+                                   normalise_overrides, write_json)
 
 
 def compare(
@@ -302,6 +302,22 @@ def _image_size_of(checkpoint: Path, model) -> int | None:
     return None
 
 
+def checkpoint_eval_config(run_cfg: Path, preset: str | None, overrides: list[str]) -> "C.Config":
+    """The config ``fundus-lab eval`` evaluates a checkpoint under: the preset and the data
+    settings (synthetic benchmark sizes, root, image cache, ...) of the run that trained it
+    (``run_cfg``, the run folder's ``config.yaml``), then ``--preset`` and ``overrides`` on top.
+    Without a run config: ``--preset`` (default ``default``) and the overrides, as before."""
+    if not run_cfg.is_file():
+        return C.resolve_config(preset, overrides=overrides)
+    saved = C.read_yaml(run_cfg)
+    data = saved.get("data") or {}
+    C.from_dict(C.DataConfig, data, str(run_cfg), prefix="data.")  # a bad saved section names its file
+    saved_preset = saved.get("preset")
+    layered = {f"data.{key}": value for key, value in data.items()}
+    layered.update(normalise_overrides(overrides))  # text, typed by the schema like any override
+    return C.resolve_config(preset or (str(saved_preset) if saved_preset else None), overrides=layered)
+
+
 def evaluate_main(argv: list[str] | None = None) -> int:
     """``fundus-lab eval --checkpoint DIR --protocol P --dataset NAME [--data-root DIR] [key=value ...]``"""
     from fundus_lab.data.manifest import ManifestError, resolve_manifest_path
@@ -313,7 +329,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", required=True, choices=list(PROTOCOLS))
     parser.add_argument("--dataset", required=True, help="a manifest name (e.g. synth-aptos) or a manifest path")
     parser.add_argument("--data-root", default=None, help="dataset folder (synthetic: the benchmark root)")
-    parser.add_argument("--preset", default=None, help="preset whose eval settings apply (default: default)")
+    parser.add_argument("--preset", default=None,
+                        help="preset whose eval settings apply (default: the checkpoint's run's, else default)")
     parser.add_argument("--out", default=None, help="output folder (default <checkpoint>/../eval/<dataset>)")
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--save-classifier", default=None, metavar="DIR",
@@ -336,8 +353,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     except ManifestError as err:
         print(f"fundus-lab eval: --dataset {args.dataset}: {err}", file=sys.stderr)
         return 2
+    run_cfg = checkpoint.resolve().parent / "config.yaml"
     try:
-        cfg = C.resolve_config(args.preset, overrides=[*args.overrides, f"eval.{protocol.dataset_key}={args.dataset}"])
+        cfg = checkpoint_eval_config(run_cfg, args.preset,
+                                     [*args.overrides, f"eval.{protocol.dataset_key}={args.dataset}"])
     except C.ConfigError as err:
         print(f"fundus-lab eval: {err}", file=sys.stderr)
         return 2
@@ -351,7 +370,6 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         return 2
     image_size = _image_size_of(checkpoint, model) or cfg.model.img_size
     out_dir = Path(args.out) if args.out else checkpoint.resolve().parent / "eval" / Path(args.dataset).stem
-    run_cfg = checkpoint.resolve().parent / "config.yaml"
     pretrain_ds = None
     if run_cfg.is_file():  # the data this model was pretrained on must not hold a test patient
         run = copy.deepcopy(cfg)

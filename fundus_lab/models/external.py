@@ -29,7 +29,11 @@ as that library prepares a photo, then the source's mean/std normalisation.
 the ``preprocess`` of ``fl.create_model_and_transforms``.
 
 Loading never executes code: safetensors, or ``torch.load(weights_only=True)``;
-transformers runs with ``trust_remote_code=False``.
+transformers runs with ``trust_remote_code=False`` and ``local_files_only=True``. A
+checkpoint's own config never passes keyword arguments to ``from_pretrained``, and every
+folder it names (an open_clip ``text_cfg.hf_tokenizer_name`` / ``hf_model_name``) must lie
+inside the checkpoint folder and carry no ``auto_map`` (:func:`checkpoint_subfolder`): a
+:class:`~fundus_lab.checkpoint.CheckpointError` otherwise, and nothing reaches a model hub.
 
     model = load_external("path/to/clip-folder")                       # HF CLIPModel
     model = load_external("ckpt.safetensors", model_config="ViT-B-16.json")  # open_clip
@@ -147,6 +151,72 @@ def hf_pixel_transform(size: int, config: dict):
         return processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     return transform
+
+
+# ---------------------------------------------------------------------- what a checkpoint may name
+
+# keyword arguments of open_clip's tokenizers themselves (how text is cleaned), the only ones a
+# checkpoint's text_cfg.tokenizer_kwargs may set: anything else would reach
+# AutoTokenizer.from_pretrained (trust_remote_code, cache_dir, revision, token, ...)
+HF_TOKENIZER_OPTIONS = ("clean", "strip_sep_token", "language", "tokenizer_mode")
+SIMPLE_TOKENIZER_OPTIONS = ("clean", "reduction_mask")
+
+
+def checkpoint_subfolder(value, checkpoint_dir: Path, field: str, src: Path) -> Path:
+    """The folder a checkpoint's config names in ``field``, checked to lie inside
+    ``checkpoint_dir`` (relative paths are relative to it; an absolute path, a ``..`` escape
+    or a hub name such as ``bert-base-uncased`` is refused) and to ask for no code
+    (:func:`~fundus_lab.data.tokenizer.check_no_remote_code`: ``auto_map``, ``*.py``)."""
+    from fundus_lab.checkpoint import CheckpointError
+    from fundus_lab.data.tokenizer import check_no_remote_code
+
+    if not isinstance(value, str) or not value.strip():
+        raise CheckpointError(f"{src}: {field} must be a folder inside the checkpoint, got {value!r}")
+    root = checkpoint_dir.resolve()
+    candidate = Path(value)
+    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if not resolved.is_relative_to(root):
+        raise CheckpointError(
+            f"{src}: {field}={value!r} lies outside the checkpoint folder {root}; tokenizer and text-tower files "
+            "are read only from inside it (never from elsewhere or from a model hub)")
+    if not resolved.is_dir():
+        raise CheckpointError(
+            f"{src}: {field}={value!r} is not a folder inside the checkpoint folder {root} (a model-hub name is "
+            "never downloaded: put the files in the checkpoint folder and name them by relative path)")
+    check_no_remote_code(resolved)
+    return resolved
+
+
+def tokenizer_options(text_cfg: dict, allowed: Sequence[str], src: Path) -> dict:
+    """``text_cfg.tokenizer_kwargs`` limited to the tokenizer's own options (``allowed``), each a
+    plain str/bool/None: a :class:`~fundus_lab.checkpoint.CheckpointError` naming any other key."""
+    from fundus_lab.checkpoint import CheckpointError
+
+    kwargs = text_cfg.get("tokenizer_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{src}: text_cfg.tokenizer_kwargs must be a mapping, got {type(kwargs).__name__}")
+    refused = sorted(str(k) for k in kwargs if k not in allowed)
+    if refused:
+        raise CheckpointError(
+            f"{src}: text_cfg.tokenizer_kwargs {refused} refused: a checkpoint's config never passes arguments to "
+            f"from_pretrained (trust_remote_code and the like); only the tokenizer's own options {list(allowed)} are read")
+    bad = sorted(k for k, v in kwargs.items() if not (v is None or isinstance(v, (str, bool))))
+    if bad:
+        raise CheckpointError(f"{src}: text_cfg.tokenizer_kwargs {bad} must be text, true/false or null")
+    return dict(kwargs)
+
+
+def check_timm_name(vision_cfg: dict, src: Path) -> None:
+    """A ``vision_cfg.timm_model_name`` must be a timm architecture name: ``hf-hub:`` and
+    other sourced names make timm fetch a config from a hub even without weights."""
+    from fundus_lab.checkpoint import CheckpointError
+
+    name = vision_cfg.get("timm_model_name")
+    if name is None:
+        return
+    if not isinstance(name, str) or ":" in name or "/" in name or "\\" in name:
+        raise CheckpointError(f"{src}: vision_cfg.timm_model_name={name!r}; expected a timm architecture name "
+                              "(hub names such as 'hf-hub:...' are never fetched)")
 
 
 # ---------------------------------------------------------------------- the shared wrapper
@@ -337,7 +407,7 @@ def load_hf_clip(path: str | Path) -> HFCLIP:
     from fundus_lab.data.tokenizer import check_no_remote_code
 
     check_no_remote_code(path)  # an auto_map asks to run the folder's Python: a CheckpointError naming the file
-    config = CLIPConfig.from_pretrained(str(path))
+    config = CLIPConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     model = CLIPModel(config)
     state = read_state_dict(weights)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -347,7 +417,7 @@ def load_hf_clip(path: str | Path) -> HFCLIP:
         raise ExternalModelError(f"{weights}: does not fit the CLIPModel of {config_path}: "
                                  f"missing {missing[:8]}, unexpected {unexpected[:8]}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
     except Exception as err:
         raise ExternalModelError(f"{path}: no usable tokenizer files ({err})") from None
     mean, std = OPENAI_MEAN, OPENAI_STD
@@ -479,25 +549,33 @@ def _open_clip_config(weights: Path, model_config: str | Path | dict | None) -> 
     return cfg, preprocess, src
 
 
-def _resolve_text_paths(text_cfg: dict, src: Path) -> dict:
-    """``hf_model_name`` / ``hf_tokenizer_name`` given relative to the config's folder, made
-    absolute (a moved export still finds its ``text/``)."""
-    for key in ("hf_model_name", "hf_tokenizer_name"):
-        name = text_cfg.get(key)
-        if name and src.is_file() and not Path(name).is_absolute() and (src.parent / name).is_dir():
-            text_cfg[key] = str(src.parent / name)
-    return text_cfg
+def _checked_text_cfg(text_cfg, folder: Path, src: Path) -> tuple[Path | None, dict]:
+    """Check what an open_clip ``text_cfg`` names before anything is built or read: the
+    tokenizer and text-tower folders must lie inside the checkpoint ``folder`` (relative names
+    are relative to it, so a moved export still finds its ``text/``) and ask for no code, and
+    ``tokenizer_kwargs`` may hold only the tokenizer's own options. Makes ``hf_model_name``
+    absolute in place; returns (the tokenizer folder or None, the tokenizer options)."""
+    if not isinstance(text_cfg, dict):
+        raise ExternalModelError(f"{src}: text_cfg must be a mapping")
+    hf_tokenizer = text_cfg.get("hf_tokenizer_name") is not None
+    tokenizer_kwargs = tokenizer_options(text_cfg, HF_TOKENIZER_OPTIONS if hf_tokenizer else SIMPLE_TOKENIZER_OPTIONS, src)
+    tokenizer_dir = None
+    if hf_tokenizer:
+        tokenizer_dir = checkpoint_subfolder(text_cfg["hf_tokenizer_name"], folder, "text_cfg.hf_tokenizer_name", src)
+    if text_cfg.get("hf_model_name") is not None:
+        text_cfg["hf_model_name"] = str(checkpoint_subfolder(text_cfg["hf_model_name"], folder, "text_cfg.hf_model_name", src))
+    return tokenizer_dir, tokenizer_kwargs
 
 
-def _open_clip_tokenizer(text_cfg: dict):
-    """open_clip's tokenizer for a ``text_cfg``: its HFTokenizer where the config names one."""
+def _open_clip_tokenizer(context: int, tokenizer_dir: Path | None, tokenizer_kwargs: dict):
+    """open_clip's tokenizer: its HFTokenizer over a checked folder, else its SimpleTokenizer.
+    The loading arguments are ours, never the checkpoint's."""
     import open_clip
 
-    context = text_cfg.get("context_length", 77)
-    if text_cfg.get("hf_tokenizer_name"):
-        return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context,
-                                               **text_cfg.get("tokenizer_kwargs", {}))
-    return open_clip.tokenizer.SimpleTokenizer(context_length=context, **text_cfg.get("tokenizer_kwargs", {}))
+    if tokenizer_dir is not None:
+        return open_clip.tokenizer.HFTokenizer(str(tokenizer_dir), context_length=context, **tokenizer_kwargs,
+                                               trust_remote_code=False, local_files_only=True)
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context, **tokenizer_kwargs)
 
 
 def open_clip_tokenizer(path: str | Path, model_config: str | Path | dict | None = None):
@@ -509,7 +587,9 @@ def open_clip_tokenizer(path: str | Path, model_config: str | Path | dict | None
         found = [p for suffix in WEIGHT_SUFFIXES for p in sorted(path.glob(f"*{suffix}"))]
         path = found[0] if found else path / "open_clip_model.safetensors"
     cfg, _, src = _open_clip_config(path, model_config)
-    return _open_clip_tokenizer(_resolve_text_paths(deepcopy(cfg).get("text_cfg", {}), src))
+    text_cfg = deepcopy(cfg).get("text_cfg", {})
+    tokenizer_dir, tokenizer_kwargs = _checked_text_cfg(text_cfg, path.parent, src)
+    return _open_clip_tokenizer(text_cfg.get("context_length", 77), tokenizer_dir, tokenizer_kwargs)
 
 
 def load_open_clip(path: str | Path, model_config: str | Path | dict | None = None) -> OpenCLIP:
@@ -527,11 +607,19 @@ def load_open_clip(path: str | Path, model_config: str | Path | dict | None = No
         path = found[0]
     cfg, preprocess, src = _open_clip_config(path, model_config)
     cfg = deepcopy(cfg)
-    text_cfg = _resolve_text_paths(cfg.get("text_cfg", {}), src)  # a relative text/ folder is beside the config
-    if "hf_model_name" in text_cfg:
+    text_cfg = cfg.get("text_cfg", {})
+    vision_cfg = cfg.get("vision_cfg", {})
+    if not isinstance(text_cfg, dict) or not isinstance(vision_cfg, dict):
+        raise ExternalModelError(f"{src}: text_cfg and vision_cfg must be mappings")
+    # everything the config names is checked before anything is built or read
+    tokenizer_dir, tokenizer_kwargs = _checked_text_cfg(text_cfg, path.parent, src)
+    if text_cfg.get("hf_model_name") is not None:
         text_cfg["hf_model_pretrained"] = False  # weights come from the checkpoint, never a download
-    if "timm_model_name" in cfg.get("vision_cfg", {}):
-        cfg["vision_cfg"]["timm_model_pretrained"] = False
+    check_timm_name(vision_cfg, src)
+    if "timm_model_name" in vision_cfg:
+        vision_cfg["timm_model_pretrained"] = False
+    text_cfg.pop("tokenizer_kwargs", None)
+    text_cfg.pop("hf_tokenizer_name", None)
     custom = cfg.pop("custom_text", False) or "hf_model_name" in text_cfg
     if "multimodal_cfg" in cfg:
         from open_clip.coca_model import CoCa
@@ -551,7 +639,7 @@ def load_open_clip(path: str | Path, model_config: str | Path | dict | None = No
     if missing or unexpected:
         raise ExternalModelError(f"{path}: does not fit the open_clip model of {src}: "
                                  f"missing {list(missing)[:8]}, unexpected {list(unexpected)[:8]}")
-    tokenizer = _open_clip_tokenizer(text_cfg)
+    tokenizer = _open_clip_tokenizer(text_cfg.get("context_length", 77), tokenizer_dir, tokenizer_kwargs)
     mean = tuple(preprocess.get("mean", getattr(model.visual, "image_mean", None) or OPENAI_MEAN))
     std = tuple(preprocess.get("std", getattr(model.visual, "image_std", None) or OPENAI_STD))
     return OpenCLIP(model.eval(), tokenizer, mean, std, source=str(path), preprocess_cfg=preprocess).eval()
@@ -633,6 +721,13 @@ def load_timm_image(path: str | Path) -> TimmImageModel:
         if weights is None or "architecture" not in config:
             raise ExternalModelError(f"{path}: a timm folder needs config.json with 'architecture' and a weights file")
         arch, args = config["architecture"], dict(config.get("model_args") or {})
+        check_timm_name({"timm_model_name": arch}, path / "config.json")  # no hf-hub: names
+        fetching = sorted(k for k in args if k.startswith("pretrained") or k in ("checkpoint_path", "cache_dir"))
+        if fetching:
+            from fundus_lab.checkpoint import CheckpointError
+
+            raise CheckpointError(f"{path / 'config.json'}: model_args {fetching} refused: a checkpoint's config never "
+                                  "tells timm where to fetch or read weights; the folder's own weights file is read")
         pretrained = config.get("pretrained_cfg") or {}
         mean, std = tuple(pretrained.get("mean", mean)), tuple(pretrained.get("std", std))
     else:
@@ -776,7 +871,8 @@ class CLIPTextEncoder(nn.Module):
         from fundus_lab.data.tokenizer import check_no_remote_code
 
         check_no_remote_code(path)
-        config = CLIPTextConfig.from_pretrained(str(path))  # reads text_config of a CLIPConfig
+        # reads text_config of a CLIPConfig
+        config = CLIPTextConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         weights = _hf_weights(path)
         if weights is None:
             raise ExternalModelError(f"{path}: no model.safetensors or pytorch_model.bin")
@@ -806,7 +902,7 @@ def clip_text_encoder(path: str | Path) -> CLIPTextEncoder:
 
 
 __all__ = [
-    "CLIPTextEncoder", "ExternalModel", "ExternalModelError", "HFCLIP", "OpenCLIP", "TimmImageModel", "clip_text_encoder",
-    "detect_kind", "hf_pixel_transform", "is_external", "load_external", "load_hf_clip", "load_open_clip", "load_timm_image",
-    "open_clip_pixel_transform", "open_clip_tokenizer", "read_state_dict",
+    "CLIPTextEncoder", "ExternalModel", "ExternalModelError", "HFCLIP", "OpenCLIP", "TimmImageModel", "checkpoint_subfolder",
+    "clip_text_encoder", "detect_kind", "hf_pixel_transform", "is_external", "load_external", "load_hf_clip", "load_open_clip",
+    "load_timm_image", "open_clip_pixel_transform", "open_clip_tokenizer", "read_state_dict",
 ]

@@ -791,18 +791,19 @@ def load_teacher_text_tower(model: FundusVLM, teacher: Path) -> None:
     _load_weights(model.text_proj, weights, prefix="text_proj.")
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> FundusVLM:
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", external: bool = True) -> FundusVLM:
     """Load a directory written by :meth:`FundusVLM.save_pretrained` (safetensors + JSON; no pickle),
     or an outside model: a Hugging Face ``CLIPModel`` folder, an open_clip checkpoint, or timm /
     RETFound ViT image weights (image-only: no zero-shot)
-    (:func:`fundus_lab.models.external.load_external`), behind the same evaluation interface."""
+    (:func:`fundus_lab.models.external.load_external`), behind the same evaluation interface.
+    ``external=False`` reads only our own format (resume)."""
     from fundus_lab.config import ConfigError, from_dict
     from fundus_lab.data.tokenizer import load_tokenizer
     from fundus_lab.models.external import ExternalModelError, detect_kind, load_external
 
     path = Path(path)
     try:
-        kind = detect_kind(path)
+        kind = detect_kind(path) if external else None
     except ExternalModelError:
         kind = None
     # a folder with our config.json is ours (even a broken one, to be named as such); a

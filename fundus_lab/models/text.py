@@ -99,11 +99,12 @@ class TextEncoder(nn.Module):
         from fundus_lab.data.tokenizer import check_no_remote_code
 
         check_no_remote_code(path)
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
         enc = cls.__new__(cls)
         nn.Module.__init__(enc)
         enc.config = config
-        enc.transformer = AutoModel.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False)
+        enc.transformer = AutoModel.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False,
+                                                    local_files_only=True)
         enc._drop_pooler()
         enc.width = config.hidden_size
         return enc
