@@ -15,7 +15,7 @@ else
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: install reproduce test test-unit test-notebooks test-browser browser-deps bench clean
+.PHONY: install reproduce test test-fast test-unit test-notebooks test-browser browser-deps bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: install
 	$(MAKE) test-unit
 	$(MAKE) test-notebooks
 	$(MAKE) test-browser
+
+## the quick loop while editing: everything but the end-to-end (slow) and browser tests
+test-fast: install
+	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -q -m "not slow and not browser" tests
 
 test-unit: install
 	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -q -m "not browser" tests
