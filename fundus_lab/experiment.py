@@ -614,9 +614,26 @@ class Run:
         apply_runtime(mcfg)
         ensure_synthetic(mcfg, [mcfg.data.dataset], self.data_root)
         if needs_teacher(mcfg):
-            teacher = self.checkpoint("clip", mcfg.train.seed)
-            mcfg.method.teacher_checkpoint = str(teacher)
+            mcfg.method.teacher_checkpoint = str(self._teacher_checkpoint(method, mcfg))
         return pretrain_cached(mcfg, self.force, callbacks=tuple(callbacks)) / "checkpoint-last"
+
+    def _teacher_checkpoint(self, method: str, mcfg: "C.Config") -> Path:
+        """EVA's CLIP teacher: the clip row's own checkpoint when it trains the same steps
+        (``train.budget: steps``), else (``flops``: ``train.teacher_steps``) a clip run of its
+        own in ``pretrain/<method>-teacher/seed<s>``."""
+        from fundus_lab.budget import TEACHER_METHOD
+
+        seed, steps = mcfg.train.seed, mcfg.train.teacher_steps
+        if steps is None or steps == self.config(TEACHER_METHOD, seed).train.steps:
+            return self.checkpoint(TEACHER_METHOD, seed)
+        tcfg = C.resolve_config(self.preset, TEACHER_METHOD, {**self.overrides, "train.budget": "steps",
+                                                              "train.steps": steps},
+                                path=self.path, seed=seed, synth_root=self.data_root)
+        tcfg.train.output_dir = str(self.run_dir / "pretrain" / f"{method}-teacher" / f"seed{seed}")
+        if tcfg.data.dataset.startswith("synth-"):
+            tcfg.data.root = None
+        apply_runtime(tcfg)
+        return pretrain_cached(tcfg, self.force) / "checkpoint-last"
 
     def _reference_checkpoint(self, name: str, seed: int | None) -> Path:
         ref = REFERENCES[name]
@@ -751,6 +768,7 @@ class Run:
         if unknown:
             raise C.ConfigError(f"references: unknown {unknown}; expected some of {list(REFERENCES)}")
         rows = list(dict.fromkeys([*methods, *self.externals, *references]))
+        budget = self.budget(methods)  # before training: a config the counter cannot build fails first
         results: dict[str, dict[str, list]] = {}
         for method in sorted(rows, key=lambda m: m not in self.externals):  # stable: outside models first
             results[method] = {p: [] for p in protocols}
@@ -762,7 +780,14 @@ class Run:
                 self.forget(method)
         from fundus_lab.eval.compare import write_results
 
-        return write_results({m: results[m] for m in rows}, self.config(), self.run_dir, protocols)
+        return write_results({m: results[m] for m in rows}, self.config(), self.run_dir, protocols, budget=budget)
+
+    def budget(self, methods: Sequence[str]) -> dict[str, dict]:
+        """Each pretrained method's compute under ``train.budget``: {method: {"steps",
+        "teacher_steps", "flops_per_step", "flops"}} (:func:`fundus_lab.budget.training_flops`)."""
+        from fundus_lab.budget import training_flops
+
+        return {m: training_flops(self.config(m)) for m in methods if m not in self.externals and m not in REFERENCES}
 
 
 def evaluate_model(model, protocol: "Protocol | str", cfg: "C.Config", out_dir: str | Path,
@@ -924,8 +949,9 @@ def write_explanation_scores(summary, run_dir: str | Path, split: str = "test") 
 
 
 def needs_teacher(mcfg: "C.Config") -> bool:
-    m = mcfg.method
-    return m.image_gen_weight > 0 and m.image_gen_target == "teacher" and not m.teacher_checkpoint
+    from fundus_lab.budget import counts_teacher
+
+    return counts_teacher(mcfg)
 
 
 def _pretrain_inputs(mcfg: "C.Config") -> dict:
@@ -933,6 +959,9 @@ def _pretrain_inputs(mcfg: "C.Config") -> dict:
     d.pop("eval", None)  # evaluation settings do not change what pretraining learns
     d["data"].pop("synth_root", None)  # where the data lives is not what it is (manifest hash below)
     for k in ("output_dir", "progress", "tensorboard", "log_with", "log_every", "save_every", "keep_checkpoints"):
+        d["train"].pop(k, None)
+    # how the steps were set is not what is learnt (train.steps is); the teacher is hashed itself
+    for k in ("budget", "budget_method", "teacher_steps"):
         d["train"].pop(k, None)
     if not d["train"].get("compile"):  # eager runs keep the keys they had before the switch existed
         d["train"].pop("compile", None)
