@@ -402,7 +402,8 @@ def write_summary(run_dir: Path, status: Mapping[str, Mapping[str, Any]], comman
 
     out = Path(run_dir) / "results"
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("table1.md", "table1.csv", "few_shot.md", "explanation_scores.txt", "explanation_scores.csv"):
+    for name in ("table1.md", "table1.csv", "pairs.md", "pairs.csv", "few_shot.md", "explanation_scores.txt",
+                 "explanation_scores.csv"):
         if (Path(run_dir) / name).is_file():
             shutil.copy(Path(run_dir) / name, out / name)
     at_end = git_commit()
@@ -422,6 +423,8 @@ def write_summary(run_dir: Path, status: Mapping[str, Mapping[str, Any]], comman
     md += [f"| {n} | {s['state']} | {s['seconds'] if s['seconds'] is not None else ''} |" for n, s in info["notebooks"].items()]
     if (out / "table1.md").is_file():
         md += ["", "## Table 1", "", (out / "table1.md").read_text().strip()]
+    if (out / "pairs.md").is_file():
+        md += ["", "## Pairs", "", (out / "pairs.md").read_text().strip()]
     (out / "run.md").write_text("\n".join(md) + "\n")
     return out
 

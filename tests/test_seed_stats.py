@@ -143,3 +143,13 @@ def test_pairs_table_with_one_seed_says_training_noise_unmeasured(tmp_path):
     md = paths["pairs_md"].read_text()
     assert "training noise unmeasured" in md and "ours > clip" not in md
     assert "training noise unmeasured" in paths["md"].read_text()
+
+
+def test_the_run_record_carries_the_pairs_table(tmp_path):
+    from fundus_lab import reproduce as rp
+
+    paths = _write(tmp_path, 2)
+    out = rp.write_summary(tmp_path, {"07_results_table": {"state": "ok", "seconds": 1.0}}, "x", 1.0, commit="0" * 40)
+    assert (out / "pairs.md").read_text() == paths["pairs_md"].read_text()
+    assert (out / "pairs.csv").is_file()
+    assert "## Pairs" in (out / "run.md").read_text()
