@@ -114,7 +114,7 @@ def test_legend_states_the_rule_and_each_methods_steps_and_flops(fake_flops):
 
     cfg = _cfg(None, "train.budget=flops")
     note = budget_note(cfg, {m: B.training_flops(_cfg(m, "train.budget=flops")) for m in ("ours", "clip", "eva")})
-    assert "equal training FLOPs (train.budget=flops)" in note and "ours's at train.steps=10" in note
+    assert "equal training FLOPs (train.budget=flops)" in note and "those of ours at train.steps=10" in note
     assert "clip: 30 steps, 3e+03 FLOP" in note
     assert "eva: 17 steps + 17 CLIP-teacher steps, 3e+03 FLOP" in note
     assert "equal steps (train.budget=steps)" in budget_note(_cfg(None), {"clip": B.training_flops(_cfg("clip"))})

@@ -165,7 +165,7 @@ def budget_note(cfg: "C.Config", budget: Mapping[str, dict]) -> str:
                "first counted in")
     if t.budget == "flops":
         return (f"Budget: equal training FLOPs (train.budget=flops): each method trains the steps that make its "
-                f"training FLOPs equal {t.budget_method}'s at train.steps={t.steps} (steps = round(budget / FLOPs "
+                f"training FLOPs equal those of {t.budget_method} at train.steps={t.steps} (steps = round(budget / FLOPs "
                 f"per step averaged over its stages; EVA's teacher trains as many steps as EVA), "
                 f"batch {t.batch_size} x {t.grad_accum_steps}; {counted}. " + each + ".")
     return (f"Budget: equal steps (train.budget=steps): every method trains train.steps={t.steps} steps of "
