@@ -19,8 +19,10 @@ Layout of ``run_dir``::
     eval/<method>/seed<s>/<protocol>.json  metrics, test predictions, key, config, split files
                                            (an outside model: eval/<name>/seed<first seed>/)
     eval/<method>/seed<s>/splits/          the exact samples each evaluation saw
+    pretrain/eva-teacher/seed<s>/          EVA's CLIP teacher when it trains other steps than the clip row
+                                           (train.budget=flops)
     splits/<dataset>.json                  one split assignment per dataset, shared by every method
-    table1.{csv,md,tex}, few_shot.{csv,md,tex}, results.json
+    table1.{csv,md,tex}, pairs.{csv,md}, few_shot.{csv,md,tex}, results.json
 """
 
 from __future__ import annotations
