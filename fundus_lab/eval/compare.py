@@ -222,12 +222,13 @@ def write_results(results: dict, cfg: "C.Config", out_dir: Path, protocols: Sequ
               f"one pretraining seed ({seeds[0]}): no spread over pretraining seeds, training noise unmeasured")
     held = [c for c in ("held_out_camera",) if any(r.get(f"{p}_{c}") for r in rows for p in protocols)]
     ci_of = "seeds, then test images" if len(seeds) > 1 else "test images"
+    estimator = S.ESTIMATOR if len(seeds) > 1 else "percentile bootstrap over test images (numpy; one pretraining seed)"
     caption = (f"Table 1 (preset {cfg.preset}): mean over runs [95 % bootstrap CI over {ci_of}], in percent; "
                f"{spread}. n/a: the protocol does not apply (no text tower, or a reference row without it)"
                + ("" if held else "; held-out camera n/a: the datasets have no test_camera split") + ".")
     notes = ["Chance level per protocol (both columns): " + "; ".join(chance) + ".",
              "Reference rows: " + "; ".join(f"{n}: {r.note}" for n, r in REFERENCES.items() if n in results) + ".",
-             f"CI: {S.ESTIMATOR}, {cfg.eval.bootstrap} replicates, 2.5 and 97.5 percentiles. Which method beats "
+             f"CI: {estimator}, {cfg.eval.bootstrap} replicates, 2.5 and 97.5 percentiles. Which method beats "
              "which: pairs.md (paired verdicts)."]
     if budget:
         notes.append(budget_note(cfg, budget))
@@ -246,7 +247,7 @@ def write_results(results: dict, cfg: "C.Config", out_dir: Path, protocols: Sequ
             f"one pretraining seed ({seeds[0]}): {S.UNMEASURED}, no verdicts (the CI covers test images only; "
             "run-to-run training noise exceeded it in results/default/reproducibility.md)")
     pairs_caption = (f"Pairs of Table 1 (preset {cfg.preset}): row A minus row B in percentage points [95 % CI of a "
-                     f"paired {S.ESTIMATOR}: the same seed and image draws for both rows, {cfg.eval.bootstrap} "
+                     f"paired {estimator}: the same seed and image draws for both rows, {cfg.eval.bootstrap} "
                      f"replicates]; {rule}.")
     paths.update(write_pairs(pairs, out_dir, columns, pairs_caption))
     write_json(out_dir / "results.json", {"preset": cfg.preset, "rows": rows, "headers": dict(columns),
