@@ -15,7 +15,8 @@ else
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: install reproduce test test-fast test-unit test-notebooks test-browser browser-deps bench clean
+.PHONY: install reproduce test test-fast test-unit test-notebooks test-browser browser-deps bench clean \
+	record-seeds record-equal-flops record-extended
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +55,22 @@ browser-deps:
 
 test-browser: install browser-deps
 	FUNDUS_LAB_REQUIRE_BROWSER=1 $(VENV)/bin/pytest -q -m browser -p no:cacheprovider tests/browser
+
+## the recorded comparisons of issue 21 (hours on a 2-core CPU: run them in the background, see
+## results/README.md): Table 1 + pairs table + run record of runs/<name>/ copied to results/<name>/
+EXTENDED_METHODS := clip,coca,eva,ours,ours-flip,mae,flair,vilref,visionclip,ours-no-mim,ours-no-caption,ours-no-xattn
+
+record-seeds: install
+	$(VENV)/bin/fundus-lab reproduce --preset default --name default-seeds --notebooks 07 'eval.pretrain_seeds=[0,1,2]'
+	mkdir -p results/default-seeds && cp runs/default-seeds/results/* results/default-seeds/
+
+record-equal-flops: install
+	$(VENV)/bin/fundus-lab reproduce --preset default --name default-equal-flops --notebooks 07 train.budget=flops
+	mkdir -p results/default-equal-flops && cp runs/default-equal-flops/results/* results/default-equal-flops/
+
+record-extended: install
+	$(VENV)/bin/fundus-lab reproduce --preset default --name default-extended --notebooks 07 --methods $(EXTENDED_METHODS)
+	mkdir -p results/default-extended && cp runs/default-extended/results/* results/default-extended/
 
 bench: install
 	$(PY) benchmarks/synth_speed.py

@@ -31,7 +31,8 @@ Reported per method: parameters, images/s over the timed steps, the ratio to ``c
 peak memory (GPU: ``torch.cuda.max_memory_allocated``, and its growth from before the first step;
 CPU: the process's max RSS, and its growth from before the first step, i.e. activations +
 gradients + AdamW state), forward+backward
-GFLOPs per image counted with ``torch.utils.flop_counter.FlopCounterMode``, and on a GPU
+GFLOPs per image counted with ``torch.utils.flop_counter.FlopCounterMode``
+(``fundus_lab.budget.count_step_flops``, the count ``train.budget=flops`` sets steps from), and on a GPU
 the model FLOPs utilisation against the device's dense bf16/fp16 peak.
 """
 
@@ -93,37 +94,6 @@ def matmul_rate(shapes: dict[str, tuple[int, int, int]], device: str = "cpu", se
     return rates
 
 
-def _batch(cfg, n: int, seed: int = 0) -> dict:
-    """A fixed batch: random images, texts like ``data.text_source``'s, multi-hot labels."""
-    import random
-
-    import torch
-
-    from fundus_lab import knowledge
-    from fundus_lab.data.text_source import describe
-
-    rng = random.Random(seed)
-    sentences = [s for s in knowledge.corpus() if len(s.split()) > 3]
-    classes = knowledge.class_keys()
-
-    def definitions() -> str:  # one or two labels, as in synth-pretrain
-        return "; ".join(describe(k, rng) for k in rng.sample(classes, k=rng.choice([1, 1, 2]))) + "."
-
-    def report() -> str:
-        return " ".join(rng.sample(sentences, k=min(4, len(sentences))))
-
-    source = cfg.data.text_source
-    texts = [{"definitions": definitions, "report": report, "both": lambda: f"{definitions()} {report()}"}[source]()
-             for _ in range(n)]
-    g = torch.Generator().manual_seed(seed)
-    side = cfg.model.img_size
-    return {
-        "image": torch.rand(n, 3, side, side, generator=g),
-        "text": texts,
-        "label": (torch.rand(n, cfg.method.num_labels, generator=g) < 0.3).float(),
-    }
-
-
 def _max_rss_mib() -> float:
     # ru_maxrss is KiB on Linux, bytes on macOS
     scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20
@@ -159,9 +129,9 @@ def measure(preset: str, method: str, steps: int, warmup: int, overrides: list[s
     """Build ``method`` at ``preset`` and time ``steps`` optimizer steps after ``warmup``."""
     import torch
     from accelerate import Accelerator
-    from torch.utils.flop_counter import FlopCounterMode
 
     from fundus_lab import train as T
+    from fundus_lab.budget import count_step_flops, example_batch
     from fundus_lab.config import load_config
     from fundus_lab.data.tokenizer import default_corpus, train_tokenizer
     from fundus_lab.models import build_model
@@ -180,7 +150,7 @@ def measure(preset: str, method: str, steps: int, warmup: int, overrides: list[s
     optimizer = T.build_optimizer(model, cfg.train, accelerator.device)
     scheduler = T.build_scheduler(optimizer, cfg.train)
     model, optimizer = accelerator.prepare(model, optimizer)
-    batch = T.to_device(_batch(cfg, cfg.train.batch_size), accelerator.device)
+    batch = T.to_device(example_batch(cfg, cfg.train.batch_size), accelerator.device)
 
     def forever():
         while True:
@@ -214,13 +184,9 @@ def measure(preset: str, method: str, steps: int, warmup: int, overrides: list[s
         peak, peak_kind = _max_rss_mib(), "max RSS"
         step_extra = peak - rss_before
 
-    # FLOPs of one forward + backward (the optimizer's elementwise work is negligible)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        out = model(batch)
-        accelerator.backward(out["loss"])
-    optimizer.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
+    # FLOPs of one forward + backward (the optimizer's elementwise work is negligible): the
+    # library's counter, the one train.budget=flops sets step counts with
+    flops = count_step_flops(model, batch, backward=accelerator.backward)
     result = {
         "method": method, "preset": preset, "device": str(accelerator.device),
         "precision": accelerator.mixed_precision, "params_m": params / 1e6,
@@ -277,6 +243,7 @@ def measure_open_clip(preset: str, kind: str, steps: int, warmup: int, overrides
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from fundus_lab.budget import example_batch
     from fundus_lab.config import load_config
     from fundus_lab.data.tokenizer import default_corpus, train_tokenizer
 
@@ -284,7 +251,7 @@ def measure_open_clip(preset: str, kind: str, steps: int, warmup: int, overrides
     torch.manual_seed(cfg.train.seed)
     device = torch.device(resolve_device(device))
     tokenizer = train_tokenizer(default_corpus(), vocab_size=cfg.model.vocab_size, model_max_length=cfg.model.text_max_length)
-    batch = _batch(cfg, cfg.train.batch_size)
+    batch = example_batch(cfg, cfg.train.batch_size)
     ids = tokenizer(batch["text"], padding=True, truncation=True, max_length=cfg.model.text_max_length,
                     return_tensors="pt")["input_ids"].to(device)
     images = batch["image"].to(device)

@@ -286,6 +286,15 @@ class TrainConfig:
     # kernels round differently from eager (not bit-identical to a run without it) and on the
     # 2-core CPU the compiled step measured 11 % slower (results/benchmarks/compile.md)
     compile: bool = False
+    # what "the same budget" means across methods (fundus_lab.budget): `steps`, every method
+    # trains `steps` steps (the paper's reading); `flops`, each method's steps are set by
+    # resolve_config so its training FLOPs (EVA: both stages and its CLIP teacher) equal those of
+    # `budget_method` at `steps`
+    budget: Literal["steps", "flops"] = "steps"
+    budget_method: str = "ours"
+    # steps of the CLIP teacher a teacher-target method (EVA) trains first; None = train.steps
+    # (the clip row's own checkpoint). Set by resolve_config under budget=flops
+    teacher_steps: Optional[int] = None
 
     def __post_init__(self):
         # the alias is folded into log_with at once, so nothing downstream reads two keys
@@ -872,9 +881,26 @@ def resolve_config(
     cfg.train.seed = int(cfg.eval.pretrain_seeds[0] if seed is None else seed)
     if synth_root is not None:
         cfg.data.synth_root = str(synth_root)
+    if cfg.train.budget == "flops" and method is not None:
+        cfg.train.steps, cfg.train.teacher_steps = _equal_flops_steps(cfg, path, overrides)
     if run_dir is not None and method is not None:
         cfg.train.output_dir = str(Path(run_dir) / "pretrain" / method / f"seed{cfg.train.seed}")
     return cfg
+
+
+def _equal_flops_steps(cfg: Config, path, overrides) -> tuple[int, Optional[int]]:
+    """``train.budget: flops``: (steps, teacher steps) that give the method of ``cfg`` the
+    training FLOPs of ``train.budget_method`` at ``train.steps`` (:mod:`fundus_lab.budget`)."""
+    from fundus_lab import budget  # counting builds models: above this floor, imported on use
+
+    known = available_methods()
+    if cfg.train.budget_method not in known:
+        raise ConfigError(f"train.budget_method = {cfg.train.budget_method!r} is not a method; expected one of {known}")
+    reference = load_config(path, preset=cfg.preset, method=cfg.train.budget_method, overrides=overrides)
+    for key in BUDGET_KEYS:
+        setattr(reference.train, key, getattr(cfg.train, key))
+    reference.train.teacher_steps = None
+    return budget.budget_steps(cfg, budget.training_flops(reference)["flops"])
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

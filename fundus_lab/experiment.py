@@ -19,13 +19,17 @@ Layout of ``run_dir``::
     eval/<method>/seed<s>/<protocol>.json  metrics, test predictions, key, config, split files
                                            (an outside model: eval/<name>/seed<first seed>/)
     eval/<method>/seed<s>/splits/          the exact samples each evaluation saw
+    pretrain/eva-teacher/seed<s>/          EVA's CLIP teacher when it trains other steps than the clip row
+                                           (train.budget=flops)
     splits/<dataset>.json                  one split assignment per dataset, shared by every method
-    table1.{csv,md,tex}, table2.{csv,md,tex}, few_shot.{csv,md,tex}, results.json
+    table1.{csv,md,tex}, table2.{csv,md,tex}, pairs.{csv,md}, table2_pairs.{csv,md},
+    few_shot.{csv,md,tex}, results.json
 
 Table 1 holds the paper's protocols (each ``Protocol.table`` names its table): zero-shot on the seen classes with
 the knowledge-base prompts, few-shot by fine-tuning with k images per class, fine-tuning.
 Table 2 holds the field's linear probe and two zero-shot columns that measure transfer
-(prompts pretraining never read; diseases pretraining never named).
+(prompts pretraining never read; diseases pretraining never named). Each has a pairs table
+(paired verdicts over pretraining seeds and test images, :mod:`fundus_lab.eval.seeds`).
 """
 
 from __future__ import annotations
@@ -710,9 +714,26 @@ class Run:
         apply_runtime(mcfg)
         ensure_synthetic(mcfg, [mcfg.data.dataset], self.data_root)
         if needs_teacher(mcfg):
-            teacher = self.checkpoint("clip", mcfg.train.seed)
-            mcfg.method.teacher_checkpoint = str(teacher)
+            mcfg.method.teacher_checkpoint = str(self._teacher_checkpoint(method, mcfg))
         return pretrain_cached(mcfg, self.force, callbacks=tuple(callbacks)) / "checkpoint-last"
+
+    def _teacher_checkpoint(self, method: str, mcfg: "C.Config") -> Path:
+        """EVA's CLIP teacher: the clip row's own checkpoint when it trains the same steps
+        (``train.budget: steps``), else (``flops``: ``train.teacher_steps``) a clip run of its
+        own in ``pretrain/<method>-teacher/seed<s>``."""
+        from fundus_lab.budget import TEACHER_METHOD
+
+        seed, steps = mcfg.train.seed, mcfg.train.teacher_steps
+        if steps is None or steps == self.config(TEACHER_METHOD, seed).train.steps:
+            return self.checkpoint(TEACHER_METHOD, seed)
+        tcfg = C.resolve_config(self.preset, TEACHER_METHOD, {**self.overrides, "train.budget": "steps",
+                                                              "train.steps": steps},
+                                path=self.path, seed=seed, synth_root=self.data_root)
+        tcfg.train.output_dir = str(self.run_dir / "pretrain" / f"{method}-teacher" / f"seed{seed}")
+        if tcfg.data.dataset.startswith("synth-"):
+            tcfg.data.root = None
+        apply_runtime(tcfg)
+        return pretrain_cached(tcfg, self.force) / "checkpoint-last"
 
     def _reference_checkpoint(self, name: str, seed: int | None) -> Path:
         ref = REFERENCES[name]
@@ -908,6 +929,7 @@ class Run:
         if unknown:
             raise C.ConfigError(f"references: unknown {unknown}; expected some of {list(REFERENCES)}")
         rows = list(dict.fromkeys([*methods, *self.externals, *references]))
+        budget = self.budget(methods)  # before training: a config the counter cannot build fails first
         self.pretrain_parallel(rows, jobs)
         results: dict[str, dict[str, list]] = {}
         for method in sorted(rows, key=lambda m: m not in self.externals):  # stable: outside models first
@@ -920,7 +942,14 @@ class Run:
                 self.forget(method)
         from fundus_lab.eval.compare import write_results
 
-        return write_results({m: results[m] for m in rows}, self.config(), self.run_dir, protocols)
+        return write_results({m: results[m] for m in rows}, self.config(), self.run_dir, protocols, budget=budget)
+
+    def budget(self, methods: Sequence[str]) -> dict[str, dict]:
+        """Each pretrained method's compute under ``train.budget``: {method: {"steps",
+        "teacher_steps", "flops_per_step", "flops"}} (:func:`fundus_lab.budget.training_flops`)."""
+        from fundus_lab.budget import training_flops
+
+        return {m: training_flops(self.config(m)) for m in methods if m not in self.externals and m not in REFERENCES}
 
 
 def evaluate_model(model, protocol: "Protocol | str", cfg: "C.Config", out_dir: str | Path,
@@ -1124,8 +1153,9 @@ def _pretrain_job(spec: dict, row: str, seed: int) -> tuple[str, int, str]:
 
 
 def needs_teacher(mcfg: "C.Config") -> bool:
-    m = mcfg.method
-    return m.image_gen_weight > 0 and m.image_gen_target == "teacher" and not m.teacher_checkpoint
+    from fundus_lab.budget import counts_teacher
+
+    return counts_teacher(mcfg)
 
 
 def _pretrain_inputs(mcfg: "C.Config") -> dict:
@@ -1133,6 +1163,9 @@ def _pretrain_inputs(mcfg: "C.Config") -> dict:
     d.pop("eval", None)  # evaluation settings do not change what pretraining learns
     d["data"].pop("synth_root", None)  # where the data lives is not what it is (manifest hash below)
     for k in ("output_dir", "progress", "tensorboard", "log_with", "log_every", "save_every", "keep_checkpoints"):
+        d["train"].pop(k, None)
+    # how the steps were set is not what is learnt (train.steps is); the teacher is hashed itself
+    for k in ("budget", "budget_method", "teacher_steps"):
         d["train"].pop(k, None)
     if not d["train"].get("compile"):  # eager runs keep the keys they had before the switch existed
         d["train"].pop("compile", None)

@@ -440,13 +440,14 @@ def machine() -> dict:
 
 def write_summary(run_dir: Path, status: Mapping[str, Mapping[str, Any]], command: str, total_seconds: float,
                   commit: str | None = None) -> Path:
-    """``run_dir/results/``: table1.md/.csv, table2.md/.csv, and ``run.md`` + ``run.json`` with the exact
+    """``run_dir/results/``: table1.md/.csv, table2.md/.csv, their pairs tables, and ``run.md`` + ``run.json`` with the exact
     command, the git commit, the machine and the wall time per notebook and in total."""
     import shutil
 
     out = Path(run_dir) / "results"
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("table1.md", "table1.csv", "table2.md", "table2.csv", "few_shot.md", "explanation_scores.txt",
+    for name in ("table1.md", "table1.csv", "table2.md", "table2.csv", "pairs.md", "pairs.csv", "table2_pairs.md",
+                 "table2_pairs.csv", "few_shot.md", "explanation_scores.txt",
                  "explanation_scores.csv"):
         if (Path(run_dir) / name).is_file():
             shutil.copy(Path(run_dir) / name, out / name)
@@ -469,6 +470,10 @@ def write_summary(run_dir: Path, status: Mapping[str, Mapping[str, Any]], comman
         md += ["", "## Table 1", "", (out / "table1.md").read_text().strip()]
     if (out / "table2.md").is_file():
         md += ["", "## Table 2", "", (out / "table2.md").read_text().strip()]
+    if (out / "pairs.md").is_file():
+        md += ["", "## Pairs", "", (out / "pairs.md").read_text().strip()]
+    if (out / "table2_pairs.md").is_file():
+        md += ["", "## Pairs of Table 2", "", (out / "table2_pairs.md").read_text().strip()]
     (out / "run.md").write_text("\n".join(md) + "\n")
     return out
 

@@ -464,7 +464,7 @@ _RESUME_SECTIONS = ("preset", "method", "model", "data", "train")
 # change nothing that is learnt: always free on resume
 _RESUME_FREE = {"data.num_workers", "data.skip_bad_images", "train.log_every", "train.save_every",
                 "train.keep_checkpoints", "train.log_with", "train.tensorboard", "train.progress",
-                "train.output_dir"}
+                "train.output_dir", "train.budget", "train.budget_method", "train.teacher_steps"}
 # free only when named in allow_changes (--allow-change): the run stays sound, but is no
 # longer the run the config describes (more steps change the cosine schedule's end)
 RESUME_OVERRIDABLE = ("train.steps", "train.mixed_precision", "data.synth_root", "data.root")

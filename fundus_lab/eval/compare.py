@@ -11,9 +11,14 @@ evaluations; the protocol and reference-row registries); this module writes the 
 holds the ``fundus-lab compare`` and ``fundus-lab eval`` commands.
 
 A cell: the table metric's mean over every run of the cell (pretraining seeds x evaluation
-seeds), its 95 % CI (percentile bootstrap over test images of that mean) and, where
-``eval.pretrain_seeds`` holds more than one seed, the standard deviation over pretraining
-seeds.
+seeds), its 95 % CI (hierarchical bootstrap: pretraining seeds, then test images within each
+seed; :mod:`fundus_lab.eval.seeds`) and, where ``eval.pretrain_seeds`` holds more than one
+seed, the sample standard deviation over pretraining seeds.
+
+Beside Table 1, ``pairs.{csv,md}``: for every pair of rows and every column, the mean
+difference, its 95 % CI from the paired hierarchical bootstrap (the same seed and image draws
+for both rows) and a verdict (``A > B``, ``B > A``, ``not separated``); with one pretraining
+seed, "training noise unmeasured" and no verdicts.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from fundus_lab import config as C
+from fundus_lab.eval import seeds as S
 from fundus_lab.eval.tables import summarise, write_table
 from fundus_lab.experiment import (COLUMNS, DEFAULT_PROTOCOLS, METRIC_NAMES, PROTOCOLS, REFERENCES, TABLES, Run,
-                                   bootstrap_cell, chance_level, evaluate_model, open_split, table_metric,
-                                   normalise_overrides, write_json)
+                                   chance_level, evaluate_model, metric_fn, normalise_overrides, open_split,
+                                   table_metric, write_json)
 
 
 def compare(
@@ -55,25 +61,123 @@ def compare(
     return run.table(methods, protocols, references, external=external)
 
 
-def _cell(runs: list[dict], column: str, bootstrap: int) -> dict | None:
-    """One Table 1 cell from the evaluation records of every pretraining seed."""
-    parts = [r["columns"][column] for r in runs if r.get("available") and (r.get("columns") or {}).get(column)]
-    if not parts:
-        return None
-    values = [v for p in parts for v in p["values"]]
-    cell = summarise(values)
-    probs = [np.asarray(p_) for p in parts for p_ in p["probs"]]
-    labels = np.asarray(parts[0]["labels"])
-    if all(np.array_equal(np.asarray(p["labels"]), labels) for p in parts):
-        r0 = runs[0]
-        cell["ci"] = bootstrap_cell(r0["task"], r0["metric"], len(r0["classes"]), labels, probs, bootstrap)
-    else:  # different test sets per seed (should not happen): no pooled interval
-        cell["ci"] = [float("nan"), float("nan")]
-    seed_means = [float(np.mean(p["values"])) for p in parts]
-    cell["seeds"] = len(seed_means)
-    cell["seed_std"] = float(np.std(seed_means)) if len(seed_means) > 1 else None
+class _Draws:
+    """The hierarchical bootstrap draws of each column, made once per (seeds, test size) so
+    every row of a column is scored on the same replicates (what makes the pairs paired)."""
+
+    def __init__(self, n_seeds: int, n_boot: int):
+        self.n_seeds, self.n_boot, self._made = n_seeds, n_boot, {}
+
+    def __call__(self, n_test: int):
+        if n_test not in self._made:
+            self._made[n_test] = S.hierarchical_draws(self.n_seeds, n_test, self.n_boot, seed=0)
+        return self._made[n_test]
+
+
+def _cell(runs: list[dict], column: str, draws: _Draws) -> tuple[dict | None, np.ndarray | None]:
+    """One Table 1 cell from the evaluation records of every pretraining seed, and its
+    bootstrap replicates (None where there is no interval: then it has no pairs either)."""
+    available = [r for r in runs if r.get("available") and (r.get("columns") or {}).get(column)]
+    if not available:
+        return None, None
+    parts = [r["columns"][column] for r in available]
+    cell = summarise([v for p in parts for v in p["values"]])
+    cell["seeds"] = len(parts)
+    cell["seed_std"] = S.seed_sd([float(np.mean(p["values"])) for p in parts])
     cell["n_test"] = parts[0]["n_test"]
-    return cell
+    cell["ci"], reps = [float("nan"), float("nan")], None
+    labels = np.asarray(parts[0]["labels"])
+    same_test = all(np.array_equal(np.asarray(p["labels"]), labels) for p in parts)
+    if same_test and draws.n_boot > 0 and len(parts) in (1, draws.n_seeds):  # else no pooled interval
+        r0 = available[0]
+        fn = metric_fn(r0["task"], r0["metric"], len(r0["classes"]))
+        reps = S.replicates(fn, labels, [p["probs"] for p in parts], draws(len(labels)))
+        cell["ci"] = S.percentile_ci(reps)
+    return cell, reps
+
+
+def _pairs(rows: list[dict], replicates: dict, labels: dict, columns: Sequence[tuple[str, str]]) -> list[dict]:
+    """Every pair of rows (A above B in Table 1) x every column: the mean difference A - B, its
+    paired 95 % CI and the verdict (:func:`fundus_lab.eval.seeds.verdict`)."""
+    out = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            for key, header in columns:
+                ca, cb = a.get(key), b.get(key)
+                ra, rb = replicates.get((a["method"], key)), replicates.get((b["method"], key))
+                pair = {"a": a["method"], "b": b["method"], "column": key, "header": header, "diff": None,
+                        "ci": None, "seeds": None, "verdict": ""}
+                if ca and cb and ra is not None and rb is not None and \
+                        np.array_equal(labels[(a["method"], key)], labels[(b["method"], key)]):
+                    pair["diff"] = ca["mean"] - cb["mean"]
+                    pair["ci"] = S.percentile_ci(ra - rb)
+                    pair["seeds"] = min(ca["seeds"], cb["seeds"])
+                    pair["verdict"] = S.verdict(pair["ci"], pair["seeds"])
+                out.append(pair)
+    return out
+
+
+def write_pairs(pairs: list[dict], out_dir: Path, columns: Sequence[tuple[str, str]], caption: str,
+                name: str = "pairs") -> dict[str, Path]:
+    """``pairs.csv`` (one line per pair and column, differences on the 0-1 scale) and
+    ``pairs.md`` (one line per pair, differences in percentage points, verdicts by name)."""
+    import csv
+
+    def num(v):
+        return "n/a" if v is None or not np.isfinite(v) else f"{v:.6f}"
+
+    paths = {"pairs_csv": out_dir / f"{name}.csv", "pairs_md": out_dir / f"{name}.md"}
+    with open(paths["pairs_csv"], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["a", "b", "column", "diff", "ci_low", "ci_high", "seeds", "verdict", "winner"])
+        for p in pairs:
+            ci = p["ci"] or [None, None]
+            winner = {"A > B": p["a"], "B > A": p["b"]}.get(p["verdict"], "")
+            w.writerow([p["a"], p["b"], p["column"], num(p["diff"]), num(ci[0]), num(ci[1]),
+                        p["seeds"] if p["seeds"] is not None else "n/a", p["verdict"], winner])
+
+    def text(p) -> str:
+        if p["diff"] is None or not np.isfinite(p["diff"]):
+            return "n/a"
+        lo, hi = p["ci"]
+        out = f"{100 * p['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        named = {"A > B": f"**{p['a']} > {p['b']}**", "B > A": f"**{p['b']} > {p['a']}**"}
+        return out + (f" {named.get(p['verdict'], p['verdict'])}" if p["verdict"] else "")
+
+    by_pair: dict[tuple[str, str], dict[str, dict]] = {}
+    for p in pairs:
+        by_pair.setdefault((p["a"], p["b"]), {})[p["column"]] = p
+    md = [caption, "", "| A | B | " + " | ".join(h for _, h in columns) + " |", "|---|---|" + "---:|" * len(columns)]
+    for (a, b), cells in by_pair.items():
+        md.append(f"| {a} | {b} | " + " | ".join(text(cells[k]) for k, _ in columns) + " |")
+    paths["pairs_md"].write_text("\n".join(md) + "\n")
+    return paths
+
+
+def format_flops(flops: float) -> str:
+    """``5.28e13`` -> ``52.8 TFLOP``."""
+    for unit, name in ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP")):
+        if flops >= unit:
+            return f"{flops / unit:.3g} {name}"
+    return f"{flops:.3g} FLOP"
+
+
+def budget_note(cfg: "C.Config", budget: Mapping[str, dict]) -> str:
+    """The legend line of the budget rule and each method's steps and training FLOPs."""
+    t = cfg.train
+    each = "; ".join(
+        f"{m}: {b['steps']} steps" + (f" + {b['teacher_steps']} CLIP-teacher steps" if b.get("teacher_steps") else "")
+        + f", {format_flops(b['flops'])}" for m, b in budget.items())
+    counted = ("training FLOPs are forward + backward of one step counted by FlopCounterMode on an example batch "
+               "(fundus_lab.budget) x steps; EVA's two stages each at its own cost, and the CLIP teacher it trains "
+               "first counted in")
+    if t.budget == "flops":
+        return (f"Budget: equal training FLOPs (train.budget=flops): each method trains the steps that make its "
+                f"training FLOPs equal those of {t.budget_method} at train.steps={t.steps} (steps = round(budget / FLOPs "
+                f"per step averaged over its stages; EVA's teacher trains as many steps as EVA), "
+                f"batch {t.batch_size} x {t.grad_accum_steps}; {counted}. " + each + ".")
+    return (f"Budget: equal steps (train.budget=steps): every method trains train.steps={t.steps} steps of "
+            f"{t.batch_size} x {t.grad_accum_steps} images; {counted}. " + each + ".")
 
 
 def _relative(path: str, out_dir: Path) -> str:
@@ -84,10 +188,15 @@ def _relative(path: str, out_dir: Path) -> str:
         return str(path)
 
 
-def write_results(results: dict, cfg: "C.Config", out_dir: Path, protocols: Sequence[str]) -> dict[str, Path]:
-    """``table1.{csv,md,tex}``, ``table2.{csv,md,tex}`` and ``results.json`` from
-    ``{method: {protocol: [record per seed]}}``; each protocol's columns go in its table."""
+def write_results(results: dict, cfg: "C.Config", out_dir: Path, protocols: Sequence[str],
+                  budget: Mapping[str, dict] | None = None) -> dict[str, Path]:
+    """``table1.{csv,md,tex}``, ``table2.{csv,md,tex}``, their pairs tables (``pairs.{csv,md}``,
+    ``table2_pairs.{csv,md}``) and ``results.json`` from ``{method: {protocol: [record per seed]}}``;
+    each protocol's columns go in its table; ``budget`` ({method:
+    :func:`fundus_lab.budget.training_flops`}) goes into the legend."""
     out_dir = Path(out_dir)
+    draws = _Draws(len(cfg.eval.pretrain_seeds), cfg.eval.bootstrap)
+    replicates, labels = {}, {}
     k = cfg.eval.few_shot_k or max(cfg.eval.shots)
     info: dict[str, dict] = {}  # protocol -> metric, dataset, classes
     for per_protocol in results.values():
@@ -100,7 +209,11 @@ def write_results(results: dict, cfg: "C.Config", out_dir: Path, protocols: Sequ
         row = {"method": method}
         for p in protocols:
             for column, _, _ in COLUMNS:
-                row[f"{p}_{column}"] = _cell(per_protocol[p], column, cfg.eval.bootstrap)
+                key = f"{p}_{column}"
+                row[key], replicates[(method, key)] = _cell(per_protocol[p], column, draws)
+                if row[key]:
+                    labels[(method, key)] = next(np.asarray(r["columns"][column]["labels"]) for r in per_protocol[p]
+                                                 if r.get("available") and (r.get("columns") or {}).get(column))
             row[f"{p}_json"] = ";".join(_relative(r["json"], out_dir) for r in per_protocol[p])
         row["run_dirs"] = ";".join(sorted({_relative(r["run_dir"], out_dir) for p in protocols for r in per_protocol[p]}))
         rows.append(row)
@@ -109,8 +222,11 @@ def write_results(results: dict, cfg: "C.Config", out_dir: Path, protocols: Sequ
     notes_of: dict[str, list[str]] = {}
     table_columns: dict[str, list[tuple[str, str]]] = {}
     seeds = list(cfg.eval.pretrain_seeds)
-    spread = (f"± std over {len(seeds)} pretraining seeds {seeds}" if len(seeds) > 1 else
-              f"one pretraining seed ({seeds[0]}): no spread over pretraining seeds")
+    spread = (f"± sample sd over {len(seeds)} pretraining seeds {seeds}" if len(seeds) > 1 else
+              f"one pretraining seed ({seeds[0]}): no spread over pretraining seeds, training noise unmeasured")
+    ci_of = "seeds, then test images" if len(seeds) > 1 else "test images"
+    estimator = S.ESTIMATOR if len(seeds) > 1 else "percentile bootstrap over test images (numpy; one pretraining seed)"
+    all_pairs: dict[str, list[dict]] = {}
     for table in TABLES:
         in_table = [p for p in protocols if PROTOCOLS[p].table == table]
         if not in_table:
@@ -127,13 +243,18 @@ def write_results(results: dict, cfg: "C.Config", out_dir: Path, protocols: Sequ
                 chance.append(f"{proto.header.format(k=k)} {100 * chance_level(metric, len(info[p]['classes'])):.1f}")
         headers.update(columns)
         table_columns[table] = columns
+        pairs_name = "pairs" if table == "table1" else f"{table}_pairs"
         held = [c for c in ("held_out_camera",) if any(r.get(f"{p}_{c}") for r in rows for p in in_table)]
-        caption = (f"{TABLE_TITLES[table]} (preset {cfg.preset}): mean over runs [95 % bootstrap CI over test images], "
+        caption = (f"{TABLE_TITLES[table]} (preset {cfg.preset}): mean over runs [95 % bootstrap CI over {ci_of}], "
                    f"in percent; {spread}. n/a: the protocol does not apply (no text tower, no transformer blocks to "
                    "fine-tune, or a reference row without it)"
                    + ("" if held else "; held-out camera n/a: the datasets have no test_camera split") + ".")
         notes = ["Chance level per protocol (both columns): " + "; ".join(chance) + ".", *TABLE_NOTES[table],
-                 "Reference rows: " + "; ".join(f"{n}: {r.note}" for n, r in REFERENCES.items() if n in results) + "."]
+                 "Reference rows: " + "; ".join(f"{n}: {r.note}" for n, r in REFERENCES.items() if n in results) + ".",
+                 f"CI: {estimator}, {cfg.eval.bootstrap} replicates, 2.5 and 97.5 percentiles. Which method beats "
+                 f"which: {pairs_name}.md (paired verdicts)."]
+        if budget:
+            notes.append(budget_note(cfg, budget))
         outside = {m: r["external"] for m, per_protocol in results.items() for p in in_table for r in per_protocol[p]
                    if r.get("external")}
         if outside:
@@ -144,9 +265,23 @@ def write_results(results: dict, cfg: "C.Config", out_dir: Path, protocols: Sequ
         written = write_table(rows, out_dir, columns, name=table, caption=caption, notes=notes,
                               extra=[f"{p}_json" for p in in_table] + ["run_dirs"])
         paths.update(written if table == "table1" else {f"{table}_{kind}": v for kind, v in written.items()})
+        pairs = _pairs(rows, replicates, labels, columns)
+        rule = (f"verdict A > B (B > A) where the CI lies above (below) 0, not separated where it holds 0; each CI is "
+                f"a per-pair 95 % interval, no correction for the {len(rows) * (len(rows) - 1) // 2} pairs x "
+                f"{len(columns)} columns" if len(seeds) > 1 else
+                f"one pretraining seed ({seeds[0]}): {S.UNMEASURED}, no verdicts (the CI covers test images only; "
+                "run-to-run training noise exceeded it in results/default/reproducibility.md)")
+        pairs_caption = (f"Pairs of {TABLE_TITLES[table].split(',')[0]} (preset {cfg.preset}): row A minus row B in "
+                         f"percentage points [95 % CI of a paired {estimator}: the same seed and image draws for both "
+                         f"rows, {cfg.eval.bootstrap} replicates]; {rule}.")
+        written = write_pairs(pairs, out_dir, columns, pairs_caption, name=pairs_name)
+        paths.update(written if table == "table1" else {f"{table}_{kind}": v for kind, v in written.items()})
+        all_pairs[table] = pairs
     write_json(out_dir / "results.json", {"preset": cfg.preset, "rows": rows, "headers": headers,
                                           "metrics": {p: v["metric"] for p, v in info.items()},
-                                          "notes": notes_of.get("table1", []), "table_notes": notes_of})
+                                          "notes": notes_of.get("table1", []), "table_notes": notes_of,
+                                          "budget": dict(budget or {}), "pairs": all_pairs.get("table1", []),
+                                          "table_pairs": all_pairs})
     paths["json"] = out_dir / "results.json"
     if "table1" in table_columns:
         _write_model_cards(results, rows, table_columns["table1"], paths["md"])
@@ -396,4 +531,5 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["compare", "evaluate_main", "main", "shot_curve_rows", "table_metric", "write_results"]
+__all__ = ["budget_note", "compare", "evaluate_main", "format_flops", "main", "shot_curve_rows", "table_metric",
+           "write_pairs", "write_results"]
