@@ -472,11 +472,12 @@ class Reference:
     build: Callable[["Run", "C.Config", Path], None] | None
     protocols: tuple[str, ...]  # where a protocol is missing the cell is n/a
     note: str
+    trains: bool = True  # building it trains a model (False: it only saves initial weights, seconds)
 
 
 REFERENCES: dict[str, Reference] = {r.name: r for r in (
     Reference("random-init", "clip", _build_random_init, tuple(PROTOCOLS),
-              "untrained encoders (the floor)"),
+              "untrained encoders (the floor)", trains=False),
     Reference("supervised", "clip", _build_supervised, ("few_shot", "linear_probe", "fine_tune"),
               "the same image encoder trained on the pretraining images' labels, same images seen; no text tower"),
     Reference("pixels", None, None, ("few_shot", "linear_probe"),
@@ -641,7 +642,8 @@ class Run:
         every checkpoint it needs is cached (or it needs none: outside models, ``pixels``).
 
         Each entry: ``{"method", "seed", "steps", "batch_size", "kind"}`` (``pretrain`` or
-        ``reference``). ``eva`` lists its ``clip`` teacher first when that is missing too.
+        ``reference``). ``eva`` lists its ``clip`` teacher first when that is missing too;
+        ``random-init`` is never listed (it saves initial weights, nothing is trained).
         Nothing is trained; the synthetic data are written if absent (their key needs them).
         """
         seed = self.seeds()[0] if seed is None else int(seed)
@@ -651,7 +653,7 @@ class Run:
         entry = {"method": method, "seed": seed, "steps": mcfg.train.steps, "batch_size": mcfg.train.batch_size,
                  "kind": "reference" if method in REFERENCES else "pretrain"}
         if method in REFERENCES:
-            if REFERENCES[method].build is None:
+            if REFERENCES[method].build is None or not REFERENCES[method].trains:
                 return []
             ensure_synthetic(mcfg, [mcfg.data.dataset], self.data_root)
             done = not self.force and _finished(Path(mcfg.train.output_dir), _reference_key(method, mcfg))

@@ -189,6 +189,9 @@ def test_a_missing_checkpoint_is_described_not_trained_and_train_if_missing_trai
     with pytest.raises(rp.CheckpointMissing) as info:
         ctx.checkpoint("eva")
     assert [p["method"] for p in info.value.plan] == ["clip", "eva"]
+    # reference rows: supervised trains (the pretraining budget), random-init only saves initial weights
+    assert [p["method"] for p in ctx.untrained("supervised")] == ["supervised"]
+    assert ctx.untrained("random-init") == [] and ctx.untrained("pixels") == []
 
     trainer = rp.notebook_context("04_zero_shot", preset="smoke", run_dir=run_dir, data_root=data, methods=["clip"],
                                   overrides=TINY, train_if_missing=True)
