@@ -82,3 +82,13 @@ def test_export_names_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main([str(tmp_path), str(tmp_path / "figures")]) == 1
     assert "parameters.json does not exist" in capsys.readouterr().err
     assert not (tmp_path / "figures").exists()
+
+
+def test_export_follows_the_runs_latest_pointer(tmp_path, monkeypatch):
+    monkeypatch.setattr(rp, "project_root", lambda: tmp_path)
+    with pytest.raises(FileNotFoundError, match="runs/latest does not exist yet"):
+        export_key_figures("runs/latest", tmp_path / "figures")
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    rp.write_latest(tmp_path / "runs" / "r1", tmp_path / "runs")
+    with pytest.raises(FileNotFoundError, match=r"runs/r1/parameters.json does not exist"):
+        export_key_figures("runs/latest", tmp_path / "figures")
