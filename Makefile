@@ -46,7 +46,7 @@ test-unit: install
 test-notebooks: install
 	rm -rf runs/nbval && mkdir -p runs/nbval
 	for nb in notebooks/[0-9]*.ipynb; do \
-	  $(VENV)/bin/papermill --prepare-only -p preset smoke -p run_dir $(CURDIR)/runs/nbval/run -p data_root $(CURDIR)/data/synth-smoke "$$nb" "runs/nbval/$$(basename $$nb)" || exit 1; \
+	  $(VENV)/bin/papermill --prepare-only -p preset smoke -p run_dir $(CURDIR)/runs/nbval/run -p data_root $(CURDIR)/data/synth-smoke -p train_if_missing True "$$nb" "runs/nbval/$$(basename $$nb)" || exit 1; \
 	done
 	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -q --nbval-lax -p no:cacheprovider runs/nbval
 

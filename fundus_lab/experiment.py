@@ -580,11 +580,12 @@ class Reference:
     build: Callable[["Run", "C.Config", Path], None] | None
     protocols: tuple[str, ...]  # where a protocol is missing the cell is n/a
     note: str
+    trains: bool = True  # building it trains a model (False: it only saves initial weights, seconds)
 
 
 REFERENCES: dict[str, Reference] = {r.name: r for r in (
     Reference("random-init", "clip", _build_random_init, tuple(PROTOCOLS),
-              "untrained encoders (the floor)"),
+              "untrained encoders (the floor)", trains=False),
     Reference("supervised", "clip", _build_supervised, ("few_shot", "fine_tune", "linear_probe", "linear_probe_full"),
               "the same image encoder trained on the pretraining images' labels, same images seen; no text tower"),
     Reference("pixels", None, None, ("linear_probe", "linear_probe_full"),
@@ -744,9 +745,8 @@ class Run:
             return out
         apply_runtime(mcfg)
         ensure_synthetic(mcfg, [mcfg.data.dataset], self.data_root)
-        key = sha256_json({"reference": name, "config": _pretrain_inputs(mcfg)})
-        saved = read_json(run_dir / KEY_FILE) or {}
-        if self.force or saved.get("key") != key or not saved.get("complete") or not out.exists():
+        key = _reference_key(name, mcfg)
+        if self.force or not _finished(run_dir, key):
             write_json(run_dir / KEY_FILE, {"key": key, "complete": False})
             C.save_config(mcfg, _mkdir(run_dir) / "config.yaml")
             start = time.time()
@@ -812,6 +812,39 @@ class Run:
                     row, seed, path = future.result()
                     made[(row, seed)] = self._checkpoints[(row, seed)] = Path(path)
         return made
+
+    def untrained(self, method: str, seed: int | None = None) -> list[dict]:
+        """What :meth:`checkpoint` would train for ``method`` (and ``seed``), in order; [] when
+        every checkpoint it needs is cached (or it needs none: outside models, ``pixels``).
+
+        Each entry: ``{"method", "seed", "steps", "batch_size", "kind"}`` (``pretrain`` or
+        ``reference``). ``eva`` lists its ``clip`` teacher first when that is missing too;
+        ``random-init`` is never listed (it saves initial weights, nothing is trained).
+        Nothing is trained; the synthetic data are written if absent (their key needs them).
+        """
+        seed = self.seeds()[0] if seed is None else int(seed)
+        if (method, seed) in self._checkpoints or method in self.externals:
+            return []
+        mcfg = self.config(method, seed)
+        entry = {"method": method, "seed": seed, "steps": mcfg.train.steps, "batch_size": mcfg.train.batch_size,
+                 "kind": "reference" if method in REFERENCES else "pretrain"}
+        if method in REFERENCES:
+            if REFERENCES[method].build is None or not REFERENCES[method].trains:
+                return []
+            ensure_synthetic(mcfg, [mcfg.data.dataset], self.data_root)
+            done = not self.force and _finished(Path(mcfg.train.output_dir), _reference_key(method, mcfg))
+            return [] if done else [entry]
+        ensure_synthetic(mcfg, [mcfg.data.dataset], self.data_root)
+        before: list[dict] = []
+        if needs_teacher(mcfg):
+            before = self.untrained("clip", mcfg.train.seed)
+            if before:  # the teacher's weights are part of this run's key: it cannot be cached yet
+                return before + [entry]
+            mcfg.method.teacher_checkpoint = str(self.checkpoint("clip", mcfg.train.seed))
+        from fundus_lab.train import run_dir_for
+
+        key, _ = pretrain_key(mcfg)
+        return [] if not self.force and _finished(run_dir_for(mcfg), key) else [entry]
 
     def model(self, method: str, seed: int | None = None):
         """The method's model in eval mode (trained first if needed), kept in memory."""
@@ -1200,6 +1233,16 @@ def pretrain_key(mcfg: "C.Config") -> tuple[str, dict]:
     return sha256_json(inputs), {"split_file": str(split_path), "manifest": inputs["manifest"]}
 
 
+def _finished(run_dir: Path, key: str) -> bool:
+    """``run_dir`` holds a finished checkpoint made from inputs with this ``key``."""
+    saved = read_json(Path(run_dir) / KEY_FILE) or {}
+    return saved.get("key") == key and bool(saved.get("complete")) and (Path(run_dir) / "checkpoint-last").exists()
+
+
+def _reference_key(name: str, mcfg: "C.Config") -> str:
+    return sha256_json({"reference": name, "config": _pretrain_inputs(mcfg)})
+
+
 def pretrain_cached(mcfg: "C.Config", force: bool = False, callbacks=()) -> Path:
     """Pretrain unless ``run_dir/cache_key.json`` says the same inputs already finished."""
     from fundus_lab.train import pretrain, run_dir_for
@@ -1207,7 +1250,7 @@ def pretrain_cached(mcfg: "C.Config", force: bool = False, callbacks=()) -> Path
     run_dir = run_dir_for(mcfg)
     key, info = pretrain_key(mcfg)
     saved = read_json(run_dir / KEY_FILE) or {}
-    if not force and saved.get("key") == key and saved.get("complete") and (run_dir / "checkpoint-last").exists():
+    if not force and _finished(run_dir, key):
         print(f"fundus_lab: {mcfg.method.name} seed {mcfg.train.seed}: pretraining unchanged, reusing {run_dir}")
         return run_dir
     resume = not force and saved.get("key") == key  # an interrupted run with the same inputs

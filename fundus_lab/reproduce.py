@@ -13,14 +13,23 @@
         logs/NN_*.log             each kernel's stdout/stderr
         status.json               per notebook: ok | failed | not run, seconds
         index.html, README.md     the tables and figures, with links to each notebook
+    runs/latest                   a one-line text file naming the last run that finished
+                                  (written by reproduce; a file, not a symlink, so it works on Windows)
 
 A failing notebook stops the run; the error names the notebook and the failing cell, and
 everything that finished (and the failing notebook, executed up to the error) is kept.
 
 Notebooks stay thin by calling :func:`notebook_context` once: it returns the run's
-:class:`fundus_lab.experiment.Run` (configs from one function, checkpoints trained on first
-use and cached in the run folder, the evaluations Table 1 reads), with paths resolved
-against the project root so a notebook behaves the same from JupyterLab, papermill or nbval.
+:class:`fundus_lab.experiment.Run` (configs from one function, checkpoints cached in the run
+folder, the evaluations Table 1 reads), with paths resolved against the project root so a
+notebook behaves the same from JupyterLab, papermill or nbval.
+
+Notebooks explore what ``reproduce`` made: opened in JupyterLab with their defaults they read
+the run ``runs/latest`` names (its preset, methods, data and overrides from its
+``parameters.json``) and never train by surprise. A missing checkpoint raises
+:class:`CheckpointMissing`, which says what would be trained and about how long; the notebook
+parameter ``train_if_missing=True`` trains it (with a progress bar). ``reproduce`` passes
+``train_if_missing=True`` to every notebook, so its papermill runs train what they need.
 """
 
 from __future__ import annotations
@@ -38,6 +47,11 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # so ``fundus-lab reproduce`` finds them after a plain ``pip install .`` too
 NOTEBOOK_DIR = PACKAGE_DIR / "notebooks"
 PRESETS = ("smoke", "default", "paper")
+# the notebooks' default run_dir: the run folder runs/latest names (see latest_run)
+LATEST = "latest"
+LATEST_POINTER = "runs/latest"
+# where notebooks work when no reproduce run exists yet
+SCRATCH_RUN_DIR = "runs/notebooks"
 # methods each preset compares when none are given
 DEFAULT_METHODS = {
     "smoke": ["clip", "ours"],
@@ -62,6 +76,36 @@ def read_status(path: Path) -> dict:
         return status
     raise ValueError(f"{path}: {why}; it records which notebooks of this run ran: delete it (the notebooks not "
                      "run now then show as 'not run') or reproduce into a new --name")
+
+
+class CheckpointMissing(RuntimeError):
+    """A notebook asked for a checkpoint the run folder lacks, without ``train_if_missing=True``.
+
+    ``plan`` lists what would be trained (``Run.untrained`` entries, each with ``seconds``:
+    the estimate, or None where no rate was measured)."""
+
+    def __init__(self, run_dir: Path, plan: list[dict]):
+        self.run_dir, self.plan = run_dir, plan
+        lines = [f"{p['method']} (seed {p['seed']}): {p['steps']} steps of batch {p['batch_size']}"
+                 + (f", about {format_duration(p['seconds'])} ({p['rate_source']})" if p.get("seconds") is not None
+                    else " (no measured rate on this machine yet)") for p in plan]
+        known = [p["seconds"] for p in plan if p.get("seconds") is not None]
+        total = (f"about {format_duration(sum(known))} in all" + (" plus the runs without a rate" if len(known) < len(plan) else "")
+                 if known else "time unknown")
+        super().__init__(
+            f"no finished checkpoint in {run_dir} for what this cell needs; it would train ({total}):\n  "
+            + "\n  ".join(lines)
+            + "\nNotebooks do not train unless asked: set train_if_missing = True in the parameters cell and rerun, "
+              "or run `make reproduce` (fundus-lab reproduce --preset <preset>) and reopen the notebook on runs/latest.")
+
+
+def format_duration(seconds: float) -> str:
+    """``40 s``, ``12 min``, ``1.5 h``: an estimate's precision, no more."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class NotebookFailed(RuntimeError):
@@ -94,6 +138,55 @@ def resolve_path(path: str | Path) -> Path:
     from fundus_lab.config import resolve_path as resolve
 
     return resolve(path)
+
+
+def write_latest(run_dir: Path, runs_dir: Path) -> Path:
+    """Point ``runs_dir/latest`` at ``run_dir``: one line, the folder name (relative to
+    ``runs_dir`` when inside it, else absolute). A text file works where symlinks do not (Windows)."""
+    run_dir, runs_dir = Path(run_dir).resolve(), Path(runs_dir).resolve()
+    pointer = runs_dir / LATEST
+    if pointer.is_dir():  # a folder (or a symlink to one) named latest is the user's: leave it
+        raise FileExistsError(f"{pointer} is a folder; reproduce writes runs/latest as a one-line file naming "
+                              "the last run: rename that folder")
+    target = run_dir.relative_to(runs_dir) if run_dir.is_relative_to(runs_dir) else run_dir
+    tmp = pointer.with_name(f".latest.{time.time_ns()}.tmp")
+    tmp.write_text(f"{target.as_posix()}\n")
+    tmp.replace(pointer)
+    return pointer
+
+
+def latest_run(pointer: str | Path = LATEST_POINTER) -> Path | None:
+    """The run folder ``runs/latest`` names (a one-line file, or a folder/symlink itself);
+    None when there is no pointer yet. A pointer naming a missing folder is an error."""
+    pointer = resolve_path(pointer)
+    if pointer.is_dir():
+        return pointer
+    if not pointer.is_file():
+        return None
+    lines = [ln.strip() for ln in pointer.read_text().splitlines() if ln.strip()]
+    if len(lines) != 1:
+        raise ValueError(f"{pointer}: expected one line naming a run folder (written by fundus-lab reproduce), "
+                         f"found {len(lines)} lines")
+    target = Path(lines[0])
+    run = target if target.is_absolute() else pointer.parent / target
+    if not run.is_dir():
+        raise FileNotFoundError(f"{pointer} names the run folder {run}, which does not exist; "
+                                "run `make reproduce` again, or pass run_dir= a run folder")
+    return run
+
+
+def run_parameters(run_dir: Path) -> dict:
+    """What ``reproduce`` ran ``run_dir`` with (its ``parameters.json``); {} for a folder it did not make."""
+    path = Path(run_dir) / "parameters.json"
+    if not path.is_file():
+        return {}
+    try:
+        params = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); expected the parameters fundus-lab reproduce wrote") from None
+    if not isinstance(params, dict) or params.get("preset") not in PRESETS:
+        raise ValueError(f"{path}: field 'preset' must be one of {PRESETS}, got {params.get('preset') if isinstance(params, dict) else params!r}")
+    return params
 
 
 def list_notebooks(notebook_dir: str | Path | None = None, select: Sequence[str] | None = None) -> list[Path]:
@@ -142,15 +235,33 @@ def _context_class():
         (configs, checkpoints, cached evaluations: the numbers Table 1 shows) plus the
         notebook's own figure and table folders and the methods it compares."""
 
-        def __init__(self, name: str, preset: str, run_dir: Path, data_root, methods: list[str], overrides):
+        def __init__(self, name: str, preset: str, run_dir: Path, data_root, methods: list[str], overrides,
+                     train_if_missing: bool = False):
             super().__init__(preset, run_dir, data_root, overrides)
             self.name, self.methods = name, list(methods)
+            self.train_if_missing = bool(train_if_missing)
             self.figures = self.run_dir / "figures" / name
             self.tables = self.run_dir / "tables" / name
 
         def __repr__(self) -> str:
             return (f"NotebookContext({self.name!r}, preset={self.preset!r}, run_dir={str(self.run_dir)!r}, "
-                    f"methods={self.methods}, overrides={self.overrides})")
+                    f"methods={self.methods}, overrides={self.overrides}, train_if_missing={self.train_if_missing})")
+
+        def config(self, method: str | None = None, seed: int | None = None):
+            cfg = super().config(method, seed)
+            if self.train_if_missing and method is not None:
+                cfg.train.progress = True  # training asked for from a notebook shows its bar (not part of the cache key)
+            return cfg
+
+        def checkpoint(self, method: str, seed: int | None = None, callbacks=()) -> Path:
+            """The cached checkpoint; trains it only with ``train_if_missing=True``, else raises
+            :class:`CheckpointMissing` saying what would be trained and about how long."""
+            if not self.train_if_missing:
+                plan = self.untrained(method, seed)
+                if plan:
+                    raise CheckpointMissing(self.run_dir, [{**p, **estimate_training(p, self.preset, self.run_dir)}
+                                                           for p in plan]) from None
+            return super().checkpoint(method, seed, callbacks)
 
         def data(self) -> Path:
             """The synthetic benchmark's root, written on first use."""
@@ -185,32 +296,59 @@ def _context_class():
 
 def notebook_context(
     name: str,
-    preset: str = "default",
-    run_dir: str | Path = "runs/notebooks",
+    preset: str | None = None,
+    run_dir: str | Path | None = LATEST,
     data_root: str | Path | None = None,
     methods: Sequence[str] | str | None = None,
     overrides: Sequence[str] | Mapping[str, Any] | None = None,
+    train_if_missing: bool = False,
 ):
     """The one call at the top of every notebook, from its ``parameters`` cell's values.
 
     Args:
         name: the notebook's name; its figures and tables go to ``figures/<name>/`` and
             ``tables/<name>/`` in the run folder.
-        preset: ``smoke`` | ``default`` | ``paper``.
-        run_dir: the run folder (relative paths are from the project root).
-        data_root: folder of the synthetic benchmark; None = the preset's.
-        methods: the methods to compare (list, or comma-separated); None = the preset's default.
+        preset: ``smoke`` | ``default`` | ``paper``; None = the run's (from its
+            ``parameters.json``), else ``default``.
+        run_dir: the run folder (relative paths are from the project root); ``"latest"`` (or
+            None) = the one ``runs/latest`` names, the last finished ``make reproduce``, else
+            ``runs/notebooks`` when no run exists yet.
+        data_root: folder of the synthetic benchmark; None = the run's, else the preset's.
+        methods: the methods to compare (list, or comma-separated); None = the run's, else the
+            preset's default.
         overrides: config overrides for every config of the run (``["eval.zero_shot_dataset=odir5k"]``
-            or a dict), e.g. to evaluate on a real dataset found under ``data_root``.
+            or a dict), applied over the run's own, e.g. to evaluate on a real dataset found under
+            ``data_root``.
+        train_if_missing: train a checkpoint the run folder lacks; False (the default) raises
+            :class:`CheckpointMissing` with what would be trained and about how long instead.
     Returns:
         a ``NotebookContext``: a :class:`fundus_lab.experiment.Run` with figure/table folders.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r}; expected one of {PRESETS}")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}; expected one of {PRESETS} (or None: the run's)")
     from fundus_lab.config import available_methods, check_name, split_names
 
     check_name(name, "notebook name")  # it names figures/<name>/ and tables/<name>/
 
+    if run_dir is None or str(run_dir) == LATEST:
+        run = latest_run()
+        if run is None:
+            run = resolve_path(SCRATCH_RUN_DIR)
+            print(f"fundus_lab: no finished run yet ({LATEST_POINTER} is written by `make reproduce`); "
+                  f"working in {run}, where checkpoints are trained only with train_if_missing=True")
+    else:
+        run = resolve_path(run_dir)
+    made_with = run_parameters(run)
+    if preset is None:
+        preset = made_with.get("preset", "default")
+    elif made_with and preset != made_with["preset"]:
+        raise ValueError(f"preset={preset!r}, but {run / 'parameters.json'} says this run was made with preset "
+                         f"{made_with['preset']!r}; set preset = None to use the run's, or run_dir to another run")
+    if data_root is None:
+        data_root = made_with.get("data_root")
+    if not split_names(methods):
+        methods = made_with.get("methods")
+    overrides = {**parse_overrides(made_with.get("overrides")), **parse_overrides(overrides)}
     methods = split_names(methods)
 
     known = available_methods()
@@ -221,9 +359,76 @@ def notebook_context(
         chosen = list(methods)
     else:
         chosen = [m for m in DEFAULT_METHODS[preset] if m in known] or known
-    run = resolve_path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    return _context_class()(name, preset, run, data_root, chosen, parse_overrides(overrides))
+    return _context_class()(name, preset, run, data_root, chosen, overrides, train_if_missing)
+
+
+def _recorded_rates(preset: str, run_dir: Path) -> dict[tuple[str, int], list[float]]:
+    """Seconds per step of finished pretraining runs at ``preset``: under ``runs/*/`` and
+    ``run_dir``, keyed by (method, batch size), from each run's ``cache_key.json`` and ``config.yaml``."""
+    import yaml
+
+    from fundus_lab.experiment import KEY_FILE, read_json
+
+    rates: dict[tuple[str, int], list[float]] = {}
+    folders = {p.resolve() for p in resolve_path("runs").glob("*/pretrain/*/seed*")}
+    folders |= {p.resolve() for p in Path(run_dir).glob("pretrain/*/seed*")}
+    for folder in sorted(folders):
+        saved = read_json(folder / KEY_FILE) or {}
+        if not saved.get("complete") or not saved.get("seconds") or not (folder / "config.yaml").is_file():
+            continue
+        try:
+            cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+            steps, batch = int(cfg["train"]["steps"]), int(cfg["train"]["batch_size"])
+        except (yaml.YAMLError, KeyError, TypeError, ValueError):
+            continue
+        if cfg.get("preset") == preset and steps > 0:
+            rates.setdefault((folder.parent.name, batch), []).append(float(saved["seconds"]) / steps)
+    return rates
+
+
+def _benchmark_rates(batch_size: int, img_size: int) -> dict[str, float]:
+    """Seconds per step per method from ``results/benchmarks/train_throughput.md`` tables measured
+    at this batch and image size; {} when there are none. The fastest timing of a method is kept:
+    other jobs on the machine only ever slow a timing down."""
+    import re
+
+    path = project_root() / "results" / "benchmarks" / "train_throughput.md"
+    if not path.is_file():
+        return {}
+    found: dict[str, list[float]] = {}
+    matching = False
+    for line in path.read_text().splitlines():
+        header = re.search(r"batch (\d+) x (\d+)px", line)
+        if header:
+            matching = (int(header[1]), int(header[2])) == (batch_size, img_size)
+            continue
+        row = re.match(r"^(\S+)\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+([\d.]+)\s", line)
+        if matching and row:
+            found.setdefault(row[1], []).append(float(row[2]))
+    return {m: min(v) for m, v in found.items()}
+
+
+def estimate_training(entry: Mapping[str, Any], preset: str, run_dir: Path) -> dict:
+    """``{"seconds", "rate_source"}`` for one ``Run.untrained`` entry: its steps times the
+    seconds per step measured by finished runs of the same method, preset and batch here,
+    else the rate recorded in ``results/benchmarks/train_throughput.md`` at the same batch
+    and image size; seconds None when neither has one."""
+    import statistics
+
+    measured = _recorded_rates(preset, run_dir).get((entry["method"], entry["batch_size"]))
+    if measured:
+        return {"seconds": entry["steps"] * statistics.median(measured),
+                "rate_source": f"rate of {len(measured)} finished {entry['method']} run(s) at preset {preset} here"}
+    if entry["kind"] == "pretrain":
+        from fundus_lab.config import resolve_config
+
+        cfg = resolve_config(preset, entry["method"])
+        rate = _benchmark_rates(entry["batch_size"], cfg.model.img_size).get(entry["method"])
+        if rate is not None:
+            return {"seconds": entry["steps"] * rate,
+                    "rate_source": "rate recorded in results/benchmarks/train_throughput.md, idle CPU"}
+    return {"seconds": None, "rate_source": None}
 
 
 def parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -333,6 +538,8 @@ def reproduce(
     from fundus_lab.config import path_inside
 
     run_name = run_name or f"{preset}-{datetime.utcnow():%Y%m%d-%H%M%S}"
+    if run_name == LATEST:
+        raise ValueError(f"run name {LATEST!r} is taken by the pointer {runs_dir}/{LATEST} to the last run; pick another")
     run_dir = path_inside(resolve_path(runs_dir), run_name, "run name")  # never "../elsewhere"
     paths = list_notebooks(notebook_dir, select=notebooks)
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
@@ -366,8 +573,10 @@ def reproduce(
         log(f"[{i}/{len(paths)}] {path.stem} ...")
         start = time.perf_counter()
         try:
-            # the kernel starts where reproduce was called, so relative paths mean the same inside
-            run_notebook(path, out, parameters, run_dir / "logs" / f"{path.stem}.log", Path.cwd(), kernel_name,
+            # the kernel starts where reproduce was called, so relative paths mean the same inside;
+            # headless runs are asked to make what is missing; interactive ones are not (see notebook_context)
+            run_notebook(path, out, {**parameters, "train_if_missing": True}, run_dir / "logs" / f"{path.stem}.log",
+                         Path.cwd(), kernel_name,
                          progress=f"notebook {i}/{len(paths)} {path.stem}" if progress else None)
         except NotebookFailed as err:
             status[path.stem] = {"state": "failed", "seconds": round(time.perf_counter() - start, 1), "error": str(err)}
@@ -386,8 +595,10 @@ def reproduce(
                            + (["--notebooks", *notebooks] if notebooks else []) + list(overrides or []))
     write_summary(run_dir, status, command, time.perf_counter() - started, commit=commit_at_start)
     log(f"index: {run_dir / 'index.html'}; summary: {run_dir / 'results'}")
-    if failure is not None:
+    if failure is not None:  # runs/latest keeps naming the last run that finished
         raise failure
+    pointer = write_latest(run_dir, resolve_path(runs_dir))
+    log(f"{pointer} -> {run_name}: notebooks opened in JupyterLab explore this run")
     return run_dir
 
 

@@ -73,6 +73,7 @@ __all__ = [
     "attention_explanations",
     "dataset_embeddings",
     "plot_shot_curves",
+    "export_key_figures",
 ]
 
 
@@ -727,3 +728,12 @@ def plot_shot_curves(table: Any, value: str = "mean", error: str | None = "std",
     ax.legend(fontsize=8)
     save_figure(fig, out_dir, name)
     return fig
+
+
+def export_key_figures(run_dir: str | Path, out_dir: str | Path, **kwargs) -> dict[str, Path]:
+    """A finished run's key figures as small PNGs (the README's): :func:`fundus_lab.key_figures.export_key_figures`.
+
+    Unlike the rest of this module it reads a run folder (models, cached evaluations, Table 1)."""
+    from fundus_lab.key_figures import export_key_figures as export
+
+    return export(run_dir, out_dir, **kwargs)

@@ -38,8 +38,10 @@ def test_notebook_contract(path):
         assert isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name), (
             f"{path.name}: the parameters cell must hold plain assignments only, got {ast.unparse(node)!r}")
         assigned[node.targets[0].id] = ast.literal_eval(node.value)  # literals only: papermill overrides them
-    assert {"preset", "run_dir", "data_root", "methods"} <= set(assigned), path.name
-    assert assigned["preset"] == "default" and assigned["run_dir"] == "runs/notebooks"
+    assert {"preset", "run_dir", "data_root", "methods", "train_if_missing"} <= set(assigned), path.name
+    # opened in JupyterLab: the latest reproduce run, its own preset, and no training by surprise
+    assert assigned["preset"] is None and assigned["run_dir"] == "latest" and assigned["train_if_missing"] is False
     rest = "\n".join(c.source for c in code[1:])
     assert f'notebook_context("{path.stem}"' in rest, f"{path.name}: call fl.reproduce.notebook_context({path.stem!r}, ...)"
+    assert "train_if_missing=train_if_missing" in rest, f"{path.name}: pass train_if_missing to notebook_context"
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), f"{path.name}: start with a heading"

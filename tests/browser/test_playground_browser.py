@@ -69,7 +69,7 @@ def prepared(tmp_path_factory):
 
     served = tmp_path_factory.mktemp("lab")
     run_dir = served / "run"
-    ctx = notebook_context("08_prompt_playground", preset="smoke", run_dir=run_dir, methods=METHODS)
+    ctx = notebook_context("08_prompt_playground", preset="smoke", run_dir=run_dir, methods=METHODS, train_if_missing=True)
     for m in METHODS:  # train up front, so the browser only waits for scoring
         ctx.checkpoint(m)
     papermill.execute_notebook(
