@@ -19,7 +19,8 @@ EXTENDED = ["clip", "coca", "eva", "ours", "ours-flip", "mae", "flair", "vilref"
             "ours-no-mim", "ours-no-caption", "ours-no-xattn"]
 # cells that do not apply: mae has no text tower (zero-shot), visionclip's ResNet-50 no
 # transformer blocks for layer-wise lr decay (fine-tune)
-NOT_APPLICABLE = {("mae", "zero_shot"), ("visionclip", "fine_tune")}
+# visionclip's ResNet-50 has no transformer blocks for layer-wise lr decay: both fine-tuning protocols are n/a
+NOT_APPLICABLE = {("mae", "zero_shot"), ("visionclip", "fine_tune"), ("visionclip", "few_shot")}
 
 
 def test_the_extended_list_is_every_method_config():
