@@ -157,8 +157,17 @@ def write_latest(run_dir: Path, runs_dir: Path) -> Path:
 
 def latest_run(pointer: str | Path = LATEST_POINTER) -> Path | None:
     """The run folder ``runs/latest`` names (a one-line file, or a folder/symlink itself);
-    None when there is no pointer yet. A pointer naming a missing folder is an error."""
-    pointer = resolve_path(pointer)
+    None when there is no pointer yet. A pointer naming a missing folder is an error.
+
+    The default pointer is the nearest ``runs/latest`` from the current directory upwards, as
+    git finds ``.git``: a notebook opened in JupyterLab runs in ``notebooks/``, and the run
+    folders lie beside it in the checkout's ``runs/``."""
+    if str(pointer) == LATEST_POINTER:
+        here = Path.cwd().resolve()
+        found = next((d / pointer for d in (here, *here.parents) if (d / pointer).exists()), None)
+        pointer = found if found is not None else resolve_path(pointer)
+    else:
+        pointer = resolve_path(pointer)
     if pointer.is_dir():
         return pointer
     if not pointer.is_file():

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import nbformat
 import pytest
 
 from fundus_lab import reproduce as rp
 from test_eval_compare import TINY
+from doubles import write_notebook  # noqa: E402
 
 PARAMS = ('preset = None\nrun_dir = "latest"\ndata_root = None\nmethods = None\noverrides = []\n'
           'train_if_missing = False\n')
@@ -27,16 +27,12 @@ def project(tmp_path, monkeypatch):
     root = tmp_path / "project"
     root.mkdir()
     monkeypatch.setattr(rp, "project_root", lambda: root)
+    monkeypatch.chdir(root)  # relative paths mean the working directory (issue 16)
     return root
 
 
 def _notebook(path: Path, *cells: str) -> None:
-    nb = nbformat.v4.new_notebook()
-    first = nbformat.v4.new_code_cell(PARAMS)
-    first.metadata["tags"] = ["parameters"]
-    nb.cells = [nbformat.v4.new_markdown_cell(f"# {path.stem}"), first] + [nbformat.v4.new_code_cell(c) for c in cells]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, path)
+    write_notebook(path, PARAMS, *cells)
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,7 +111,9 @@ def test_notebook_context_opens_the_latest_run_with_its_parameters(project):
     ctx = rp.notebook_context("04_zero_shot", overrides=["eval.seeds=3"])
     assert ctx.run_dir == run and ctx.preset == "smoke" and ctx.methods == ["clip"]
     assert ctx.data_root == str(data)
-    assert ctx.overrides == {"eval.seeds": 3, "method.mask_ratio": 0.5}  # the notebook's over the run's
+    # the notebook's over the run's; values stay text until the schema types them (issue 16)
+    assert ctx.overrides == {"eval.seeds": "3", "method.mask_ratio": "0.5"}
+    assert ctx.config().eval.seeds == 3 and ctx.config("clip").method.mask_ratio == 0.5
     assert ctx.train_if_missing is False
     assert ctx.figures == run / "figures" / "04_zero_shot"
     assert rp.notebook_context("04_zero_shot", methods="ours").methods == ["ours"]
@@ -212,3 +210,15 @@ def test_a_missing_checkpoint_is_described_not_trained_and_train_if_missing_trai
     est = rp.estimate_training({"method": "clip", "seed": 1, "steps": 4, "batch_size": 8, "kind": "pretrain"}, "smoke",
                                run_dir)
     assert est["seconds"] is not None and est["seconds"] > 0 and "finished clip run" in est["rate_source"]
+
+
+def test_notebooks_find_runs_latest_from_their_own_folder_upwards(project, monkeypatch):
+    """A notebook opened in JupyterLab runs in ``notebooks/``: the nearest ``runs/latest`` above
+    it is the checkout's (the relative-path rule itself stays the working directory)."""
+    runs = project / "runs"
+    (runs / "smoke-1").mkdir(parents=True)
+    rp.write_latest(runs / "smoke-1", runs)
+    inner = project / "fundus_lab" / "notebooks"
+    inner.mkdir(parents=True)
+    monkeypatch.chdir(inner)
+    assert rp.latest_run() == (runs / "smoke-1").resolve()

@@ -9,17 +9,13 @@ import nbformat
 import pytest
 
 from fundus_lab import reproduce as rp
+from doubles import write_notebook  # noqa: E402
 
 PARAMS = 'preset = "default"\nrun_dir = "runs/notebooks"\ndata_root = None\nmethods = None\n'
 
 
 def _notebook(path: Path, *cells: str) -> None:
-    nb = nbformat.v4.new_notebook()
-    first = nbformat.v4.new_code_cell(PARAMS)
-    first.metadata["tags"] = ["parameters"]
-    nb.cells = [nbformat.v4.new_markdown_cell(f"# {path.stem}"), first] + [nbformat.v4.new_code_cell(c) for c in cells]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, path)
+    write_notebook(path, PARAMS, *cells)
 
 
 @pytest.fixture
