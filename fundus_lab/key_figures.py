@@ -118,20 +118,16 @@ def _umap(ctx, methods: Sequence[str], max_items: int):
 
 
 def _few_shot(ctx, methods: Sequence[str]):
+    """The k-shot curves notebook 05 draws: few-shot fine-tuning, the linear probe and the
+    prompt head, from the run's cached evaluations."""
     import pandas as pd
 
     from fundus_lab import viz
+    from fundus_lab.eval.compare import shot_curve_rows
 
     rows = []
     for m in methods:
-        record = ctx.evaluate(m, "few_shot")
-        if not record.get("available", True):
-            continue
-        metric = record["metric"]
-        for k, r in record["result"]["shots"].items():
-            if r.get("probe"):
-                rows.append({"method": m, "k": int(k), "metric": metric, "mean": r["probe"]["mean"][metric],
-                             "std": r["probe"]["std"][metric]})
+        rows += shot_curve_rows(m, {p: [ctx.evaluate(m, p)] for p in ("few_shot", "linear_probe")})
     if not rows:
         raise ValueError(f"{ctx.run_dir}: no few-shot evaluation of {list(methods)} to plot")
     return viz.plot_shot_curves(pd.DataFrame(rows))

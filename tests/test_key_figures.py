@@ -86,6 +86,7 @@ def test_export_names_a_folder_that_is_not_a_run(tmp_path, capsys):
 
 def test_export_follows_the_runs_latest_pointer(tmp_path, monkeypatch):
     monkeypatch.setattr(rp, "project_root", lambda: tmp_path)
+    monkeypatch.chdir(tmp_path)  # relative paths mean the working directory (issue 16)
     with pytest.raises(FileNotFoundError, match="runs/latest does not exist yet"):
         export_key_figures("runs/latest", tmp_path / "figures")
     (tmp_path / "runs" / "r1").mkdir(parents=True)
