@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_playground_browser import CHROMEDRIVER, CHROMIUM, SHOTS, TOKEN, _free_port, _wait, browser  # noqa: F401
+from test_playground_browser import CHROMEDRIVER, CHROMIUM, SHOTS, TOKEN, _wait, browser, jupyterlab  # noqa: F401
 
 pytestmark = pytest.mark.browser
 
@@ -85,31 +85,8 @@ def checkout(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lab(checkout):
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1",
-           "JUPYTER_CONFIG_DIR": str(checkout / ".jupyter"), "JUPYTER_RUNTIME_DIR": str(checkout / ".runtime")}
-    as_root = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
-    log = open(checkout / "jupyterlab.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={checkout}",
-         "--LabApp.expose_app_in_browser=True", "--ServerApp.open_browser=False",
-         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-         "--LabApp.extension_manager=readonly", *as_root],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=checkout,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait(lambda: urllib.request.urlopen(f"{url}/api/status?token={TOKEN}", timeout=2).status == 200, 90,
-              "JupyterLab to start")
+    with jupyterlab(checkout, {"PYTHONPATH": str(checkout)}) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 # the notebook's model as JupyterLab holds it (nbformat JSON): independent of which cells are rendered

@@ -11,6 +11,7 @@ skipped with the reason when one is missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -80,20 +81,22 @@ def prepared(tmp_path_factory):
     return served
 
 
-@pytest.fixture(scope="module")
-def lab(prepared):
+@contextlib.contextmanager
+def jupyterlab(root: Path, extra_env: dict[str, str]):
+    """A JupyterLab server serving ``root`` on a free local port (token auth, no browser, no
+    update checks); yields its URL and stops it afterwards. Its log is ``root/jupyterlab.log``."""
     port = _free_port()
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(prepared / ".jupyter"), "JUPYTER_RUNTIME_DIR": str(prepared / ".runtime"),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(root / ".jupyter"), "JUPYTER_RUNTIME_DIR": str(root / ".runtime"),
+           "OMP_NUM_THREADS": "1", **extra_env}
     as_root = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
-    log = open(prepared / "jupyterlab.log", "w")
+    log = open(root / "jupyterlab.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={prepared}",
+         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",
          "--LabApp.expose_app_in_browser=True", "--ServerApp.open_browser=False",
          "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
          "--LabApp.extension_manager=readonly", *as_root],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=prepared,
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -106,6 +109,12 @@ def lab(prepared):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def lab(prepared):
+    with jupyterlab(prepared, {}) as url:
+        yield url
 
 
 @pytest.fixture
