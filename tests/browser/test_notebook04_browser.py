@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_playground_browser import CHROMEDRIVER, CHROMIUM, SHOTS, TOKEN, _wait, browser, jupyterlab  # noqa: F401
+from test_playground_browser import CHROMEDRIVER, CHROMIUM, SHOTS, TOKEN, _wait, browser, jupyterlab, require_browser  # noqa: F401
 
 pytestmark = pytest.mark.browser
 
@@ -63,13 +63,7 @@ def _trained_state(run: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory):
     """A fresh copy of the checkout holding one finished smoke run, named by ``runs/latest``."""
-    missing = (pytest.fail if os.environ.get("FUNDUS_LAB_REQUIRE_BROWSER") == "1" else pytest.skip)
-    if CHROMIUM is None or CHROMEDRIVER is None:
-        missing("chromium and chromedriver are not installed (run .ci/install_browser.sh)")
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing("selenium is not installed (run .ci/install_browser.sh)")
+    require_browser()
     root = tmp_path_factory.mktemp("checkout")
     _copy_checkout(root)
     assert not (root / "runs").exists(), "a fresh checkout has no runs"

@@ -53,10 +53,9 @@ def _wait(predicate, timeout: float, what: str, interval: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f" (last error: {last_err})" if last_err else ""))
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """A served folder with the smoke-preset playground notebook and its checkpoints trained."""
-    # `make test-browser` sets FUNDUS_LAB_REQUIRE_BROWSER=1: there a missing browser fails, never skips
+def require_browser() -> None:
+    """Skip without Chromium, chromedriver and selenium; `make test-browser` sets
+    FUNDUS_LAB_REQUIRE_BROWSER=1, and there a missing browser fails, never skips."""
     missing = (pytest.fail if os.environ.get("FUNDUS_LAB_REQUIRE_BROWSER") == "1" else pytest.skip)
     if CHROMIUM is None or CHROMEDRIVER is None:
         missing("chromium and chromedriver are not installed (run .ci/install_browser.sh)")
@@ -64,6 +63,12 @@ def prepared(tmp_path_factory):
         import selenium  # noqa: F401
     except ImportError:
         missing("selenium is not installed (run .ci/install_browser.sh)")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A served folder with the smoke-preset playground notebook and its checkpoints trained."""
+    require_browser()
     import papermill
 
     from fundus_lab.reproduce import notebook_context
