@@ -70,6 +70,9 @@ class ModelConfig:
     # the text feature the contrastive projection reads: "cls" (the [CLS] token, BERT-style)
     # or "mean" (the mean of the non-padding tokens, as FLAIR pools its BERT)
     text_pooling: Literal["cls", "mean"] = "cls"
+    # the BERT text tower's dropout (hidden states and attention probabilities): 0.1 is
+    # BertConfig's default; CLIP's and EVA-CLIP's text Transformers have none (clip.yaml, eva.yaml)
+    text_dropout: float = 0.1
     vocab_size: int = 4000
     embed_dim: int = 256
     fusion_depth: int = 1

@@ -1206,6 +1206,8 @@ def _pretrain_inputs(mcfg: "C.Config") -> dict:
     # flair), so the methods they do not touch keep their cached runs
     if d["model"].get("text_pooling") == "cls":
         d["model"].pop("text_pooling")
+    if d["model"].get("text_dropout") == 0.1:
+        d["model"].pop("text_dropout")
     if d["method"].get("text_init") == "random":
         d["method"].pop("text_init")
     from fundus_lab.models.model import code_revision

@@ -154,6 +154,23 @@ def test_text_pooling_cls_or_mean_of_the_texts_own_tokens(pooling, tokenizer):
         assert not torch.allclose(pooled, out["tokens"][:, 0], atol=1e-3)
 
 
+def test_clip_and_eva_text_towers_have_no_dropout_as_their_authors(tokenizer):
+    """CLIP's and EVA-CLIP's text Transformers have no dropout; the BERT default (0.1)
+    stays for the methods whose text tower is a BERT (ours, flair, vilref)."""
+    for method, expected in (("clip", 0.0), ("eva", 0.0), ("ours", 0.1), ("flair", 0.1)):
+        assert C.load_config(preset="smoke", method=method).model.text_dropout == expected, method
+    for p in (0.0, 0.1):
+        model = build_model(ModelConfig(**TINY, text_dropout=p), method_config("clip"), tokenizer).train()
+        bert = model.text_encoder.transformer.config
+        assert bert.hidden_dropout_prob == p and bert.attention_probs_dropout_prob == p
+        ids, attn = model.tokenize(TEXTS)
+        with torch.no_grad():  # in train mode, dropout alone makes two passes differ
+            a, b = (model.text_encoder(ids, attn)["cls"] for _ in range(2))
+        assert torch.equal(a, b) == (p == 0.0)
+    with pytest.raises(ValueError, match=r"model.text_dropout=1.5 must be in \[0, 1\)"):
+        build_model(ModelConfig(**TINY, text_dropout=1.5), method_config("clip"), tokenizer)
+
+
 def test_flair_config_mean_pools_and_coca_refuses_mean(tokenizer):
     assert C.load_config(preset="smoke", method="flair").model.text_pooling == "mean"
     assert C.load_config(preset="smoke", method="clip").model.text_pooling == "cls"

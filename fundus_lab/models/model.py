@@ -194,7 +194,7 @@ class FundusVLM(nn.Module):
                 if text_config is None:
                     text_config = small_bert_config(
                         vocab, model_cfg.text_width, model_cfg.text_depth, model_cfg.text_heads,
-                        model_cfg.text_max_length, tokenizer.pad_token_id,
+                        model_cfg.text_max_length, tokenizer.pad_token_id, dropout=model_cfg.text_dropout,
                     )
                 if vocab > text_config.vocab_size:
                     raise ValueError(f"tokenizer has {vocab} tokens but the text encoder only {text_config.vocab_size}")

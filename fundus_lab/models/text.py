@@ -14,9 +14,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel, PretrainedConfig
 
 
-def small_bert_config(vocab_size: int, width: int, depth: int, heads: int, max_length: int, pad_token_id: int) -> BertConfig:
+def small_bert_config(
+    vocab_size: int, width: int, depth: int, heads: int, max_length: int, pad_token_id: int, dropout: float = 0.1
+) -> BertConfig:
     if width % heads:
         raise ValueError(f"model.text_width={width} is not divisible by model.text_heads={heads}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"model.text_dropout={dropout} must be in [0, 1)")
     return BertConfig(
         vocab_size=vocab_size,
         hidden_size=width,
@@ -26,6 +30,8 @@ def small_bert_config(vocab_size: int, width: int, depth: int, heads: int, max_l
         max_position_embeddings=max_length,
         pad_token_id=pad_token_id,
         type_vocab_size=1,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
 
 
