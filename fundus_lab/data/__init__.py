@@ -3,7 +3,7 @@
     from fundus_lab.data import open_dataset, collate
     ds = open_dataset("odir5k", root="/data/ODIR", split="test")
 
-Names are imported on first use, so ``import fundus_lab.data`` (e.g. for ``DataConfig``)
+Names are imported on first use, so ``import fundus_lab.data`` (e.g. for ``load_manifest``)
 does not pull in torch, pandas or the generator.
 """
 
@@ -23,7 +23,7 @@ _LAZY = {
     "DataError": "fundus_lab.data.images",
     "ImageError": "fundus_lab.data.images",
 }
-_SUBMODULES = ("synth", "images", "manifest", "readers", "splits", "dataset", "config", "tokenizer", "text_source")
+_SUBMODULES = ("synth", "images", "manifest", "readers", "splits", "dataset", "tokenizer", "text_source")
 
 __all__ = list(_LAZY) + list(_SUBMODULES)
 
