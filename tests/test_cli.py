@@ -21,8 +21,8 @@ def test_unknown_command_suggests_close_match(capsys):
 def test_every_subcommand_resolves_to_a_callable():
     import importlib
 
-    for name, (module, func, _) in cli.SUBCOMMANDS.items():
-        assert callable(getattr(importlib.import_module(module), func)), name
+    for name, command in cli.SUBCOMMANDS.items():
+        assert callable(getattr(importlib.import_module(command.module), command.function)), name
 
 
 def test_console_entry_point_runs():

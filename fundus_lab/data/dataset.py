@@ -23,7 +23,8 @@ from torch.utils.data import Dataset
 from fundus_lab.data import images as img
 from fundus_lab.data.images import DataError, ImageError
 from fundus_lab.data.manifest import MANIFEST_DIR, SPLIT_VALUES, Manifest, load_manifest
-from fundus_lab.data.readers import LoadReport, Record, read_records
+from fundus_lab.data.readers import read_records
+from fundus_lab.data.records import LoadReport, Record
 from fundus_lab.data.splits import check_patient_disjoint, make_splits, split_counts
 
 SYNTH_ROOT = Path("data/synth")
