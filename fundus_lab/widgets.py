@@ -33,6 +33,7 @@ from fundus_lab.data.dataset import open_dataset
 from fundus_lab.data.images import _rgb8_from_pil
 from fundus_lab.eval.explain import patch_prompt_similarity, upsample_map
 from fundus_lab.eval.zero_shot import class_embeddings, has_text_encoder, logit_scale
+from fundus_lab.models import load_model
 
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # a fundus photograph is a few MB; more is a mistake
 MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; larger files are refused before decoding
@@ -380,8 +381,6 @@ class PromptPlayground:
         if label not in self._models:
             spec = self._checkpoints[label]
             if isinstance(spec, (str, Path)):
-                from fundus_lab import load_model
-
                 spec = load_model(spec)
             self._models[label] = spec
         return self._models[label]
