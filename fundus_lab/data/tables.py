@@ -21,6 +21,10 @@ from fundus_lab.data.images import IMAGE_EXTENSIONS, DataError
 from fundus_lab.data.manifest import JoinSpec, SourceSpec
 
 
+# ---------------------------------------------------------------------------------------
+# cells
+
+
 def blank(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
 
@@ -52,6 +56,10 @@ def typed(v: Any) -> Any:
         except ValueError:
             pass
     return text
+
+
+# ---------------------------------------------------------------------------------------
+# columns and files
 
 
 def candidates(spec: Union[str, list[str], None]) -> list[str]:
@@ -108,6 +116,10 @@ def find_files(spec: Union[str, list[str], None], root: Path, where: str = "anno
         elif (root / cand).is_file():
             return [check_inside(root / cand, root, where, allow_outside)]
     return []
+
+
+# ---------------------------------------------------------------------------------------
+# reading a table
 
 
 def table_format(path: Path, declared: str) -> str:
