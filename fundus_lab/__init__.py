@@ -10,7 +10,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"config", "data", "models", "losses", "train", "eval", "viz", "widgets", "knowledge", "reproduce", "checkpoint", "cli", "export", "experiment"}
+_SUBMODULES = {"config", "data", "models", "losses", "train", "eval", "viz", "widgets", "knowledge", "reproduce", "checkpoint", "cli", "export", "experiment", "key_figures", "model_viz", "schema"}
 
 
 def load_model(checkpoint_dir, **kwargs):

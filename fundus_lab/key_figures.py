@@ -1,7 +1,7 @@
 """A finished run's key figures as small PNGs, for the README and for readers on the web.
 
     python -m fundus_lab.key_figures runs/latest results/default/figures
-    fl.viz.export_key_figures("runs/latest", "results/default/figures")
+    fl.key_figures.export_key_figures("runs/latest", "results/default/figures")
 
 The committed notebooks are stored without outputs, so a reader on the web sees no picture;
 these five files are what the README shows:
@@ -29,6 +29,16 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from fundus_lab import model_viz, viz
+from fundus_lab.data import text_source
+from fundus_lab.eval import explain
+from fundus_lab.eval.compare import shot_curve_rows
+from fundus_lab.eval.tables import long_format
+from fundus_lab.reproduce import LATEST, CheckpointMissing, latest_run, notebook_context, resolve_path
 
 KEY_FIGURES = ("attention_lesions", "reconstruction", "umap", "few_shot", "table1")
 MASK_RATIOS = (0.25, 0.5, 0.75)
@@ -37,8 +47,6 @@ MASK_RATIOS = (0.25, 0.5, 0.75)
 def save_small_png(fig, path: Path, dpi: int = 72, colors: int = 128) -> Path:
     """``fig`` as a PNG with an adaptive palette of ``colors`` (plots and overlays survive;
     the file is several times smaller than a true-colour one)."""
-    from PIL import Image
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     buffer.seek(0)
@@ -49,11 +57,6 @@ def save_small_png(fig, path: Path, dpi: int = 72, colors: int = 128) -> Path:
 
 def _attention_beside_lesions(ctx, method: str, n_images: int):
     """Per image: the photograph, its lesion masks in colour, the attention rollout of ``method``."""
-    import torch
-
-    from fundus_lab import viz
-    from fundus_lab.eval import explain
-
     model = ctx.model(method)
     ds = ctx.dataset("synth-odir", split="test")  # the task whose images carry lesion masks (as notebook 02)
     picked = explain.lesion_images(ds)[:n_images]
@@ -72,30 +75,22 @@ def _attention_beside_lesions(ctx, method: str, n_images: int):
                 lesion = np.where(_resize_mask(mask, image.shape[:2]), k, lesion)
                 names.append(name)
         shown = np.ma.masked_where(lesion == 0, lesion)
-        viz._overlay(axes[row, 0], image, None, "image" if row == 0 else None)
+        model_viz._overlay(axes[row, 0], image, None, "image" if row == 0 else None)
         axes[row, 1].imshow(image)
         axes[row, 1].imshow(shown, cmap="tab10", alpha=0.8, vmin=0, vmax=10, interpolation="nearest")
         axes[row, 1].set_title(", ".join(names)[:40], fontsize=7)
         axes[row, 1].set_axis_off()
-        viz._overlay(axes[row, 2], image, maps[row], f"{method}: attention rollout" if row == 0 else None)
+        model_viz._overlay(axes[row, 2], image, maps[row], f"{method}: attention rollout" if row == 0 else None)
     return fig
 
 
 def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
     if mask.shape == tuple(size):
         return mask
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size[::-1], Image.NEAREST)) > 0
 
 
 def _reconstruction(ctx, method: str):
-    import torch
-
-    from fundus_lab import viz
-    from fundus_lab.data import text_source
-    from fundus_lab.eval import explain
-
     model = ctx.model(method)
     if "reconstruction" not in model.capabilities:
         raise ValueError(f"{method} has no pixel decoder: pick a method with reconstruction (e.g. ours) for this figure")
@@ -105,12 +100,10 @@ def _reconstruction(ctx, method: str):
     texts = text_source.paired_texts(ds, picked, ctx.config(method).data.text_source)
     with torch.no_grad():
         results = {r: model.reconstruct(images, r, texts=texts) for r in MASK_RATIOS}
-    return viz.plot_reconstruction(images, results, model.model_cfg.patch_size)
+    return model_viz.plot_reconstruction(images, results, model.model_cfg.patch_size)
 
 
 def _umap(ctx, methods: Sequence[str], max_items: int):
-    from fundus_lab import viz
-
     ds = ctx.dataset("synth-fives", split="all")
     embeddings = {m: viz.dataset_embeddings(ctx.model(m), ds, max_items=max_items) for m in methods}
     meta = next(iter(embeddings.values()))["meta"]
@@ -120,11 +113,6 @@ def _umap(ctx, methods: Sequence[str], max_items: int):
 def _few_shot(ctx, methods: Sequence[str]):
     """The k-shot curves notebook 05 draws: few-shot fine-tuning, the linear probe and the
     prompt head, from the run's cached evaluations."""
-    import pandas as pd
-
-    from fundus_lab import viz
-    from fundus_lab.eval.compare import shot_curve_rows
-
     rows = []
     for m in methods:
         rows += shot_curve_rows(m, {p: [ctx.evaluate(m, p)] for p in ("few_shot", "linear_probe")})
@@ -134,9 +122,6 @@ def _few_shot(ctx, methods: Sequence[str]):
 
 
 def _table1(run_dir: Path):
-    from fundus_lab import viz
-    from fundus_lab.eval.tables import long_format
-
     csv, results = run_dir / "table1.csv", run_dir / "results.json"
     for path in (csv, results):
         if not path.is_file():
@@ -163,8 +148,6 @@ def export_key_figures(run_dir: str | Path, out_dir: str | Path, method: str = "
         max_items: images per method in the UMAP.
         dpi, colors: resolution and palette size of the PNGs (their size in bytes).
     """
-    from fundus_lab.reproduce import LATEST, latest_run, notebook_context, resolve_path
-
     run_dir = Path(run_dir)
     if run_dir.name == LATEST and not run_dir.is_dir():  # the runs/latest pointer file
         run_dir = latest_run(run_dir)
@@ -198,8 +181,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", help="where the PNGs go, e.g. results/default/figures")
     parser.add_argument("--method", default="ours", help="whose attention and reconstruction are shown")
     args = parser.parse_args(argv)
-    from fundus_lab.reproduce import CheckpointMissing
-
     try:
         written = export_key_figures(args.run_dir, args.out_dir, method=args.method)
     except (CheckpointMissing, FileNotFoundError, ValueError) as err:

@@ -2,7 +2,7 @@
 
     out = fl.eval.fine_tune(model, train, val, test, return_model=True)
     save_classifier(out["model"], "runs/aptos-cls", test.classes, test.task, image_size=test.image_size)
-    fundus-lab predict runs/aptos-cls img1.png img2.jpg        # (predict_main)
+    fundus-lab predict runs/aptos-cls img1.png img2.jpg        # (fundus_lab.cli.predict_main)
 
 A classifier folder holds ``backbone/`` (the fine-tuned model, ``save_pretrained``:
 safetensors + JSON), ``head.safetensors`` (the linear head) and ``classifier.json``
@@ -13,7 +13,6 @@ unpickled on load.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -130,41 +129,4 @@ def predict_images(classifier, info: dict, images: Sequence[Union[str, Path]], b
     return np.concatenate(out)
 
 
-def predict_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``fundus-lab predict CHECKPOINT IMAGES... [--top K] [--json]``: class probabilities per image."""
-    ap = argparse.ArgumentParser(prog="fundus-lab predict", description="Class probabilities of a saved fine-tuned classifier.")
-    ap.add_argument("checkpoint", help="a folder written by fundus_lab.predict.save_classifier")
-    ap.add_argument("images", nargs="+", help="image files (PNG, JPEG, TIFF)")
-    ap.add_argument("--top", type=int, default=0, help="print only the K most likely classes (default: all)")
-    ap.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-size", type=int, default=16)
-    args = ap.parse_args(argv)
-    missing = [p for p in args.images if not Path(p).is_file()]
-    if missing:
-        print(f"error: no such image file(s): {missing[:5]}")
-        return 2
-    from fundus_lab.data.images import DataError
-
-    try:
-        classifier, info = load_classifier(args.checkpoint, args.device)
-        probs = predict_images(classifier, info, args.images, args.batch_size)
-    except (ClassifierError, DataError, FileNotFoundError) as err:
-        print(f"error: {err}")
-        return 2
-    classes = info["classes"]
-    for path, row in zip(args.images, probs):
-        order = np.argsort(-row, kind="stable")
-        if args.top:
-            order = order[:args.top]
-        if args.json:
-            print(json.dumps({"image": str(path), "task": info["task"],
-                              "probabilities": {classes[i]: round(float(row[i]), 6) for i in order}}))
-        else:
-            print(f"{path}")
-            for i in order:
-                print(f"  {classes[i]:<30} {row[i]:.4f}")
-    return 0
-
-
-__all__ = ["ClassifierError", "load_classifier", "predict_images", "predict_main", "save_classifier"]
+__all__ = ["ClassifierError", "load_classifier", "predict_images", "save_classifier"]

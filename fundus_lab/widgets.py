@@ -16,7 +16,7 @@ embedding is the re-normalised mean of its prompts' embeddings and
     p(c | x) = softmax_c(s * <z_img, t_c>)
 
 The heat map of a prompt is the cosine similarity of each projected patch token with the
-prompt's embedding (:func:`fundus_lab.viz.patch_prompt_similarity`).
+prompt's embedding (:func:`fundus_lab.eval.explain.patch_prompt_similarity`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from fundus_lab import viz
+from fundus_lab.data.dataset import open_dataset
+from fundus_lab.data.images import _rgb8_from_pil
+from fundus_lab.eval.explain import patch_prompt_similarity, upsample_map
+from fundus_lab.eval.zero_shot import class_embeddings, has_text_encoder, logit_scale
+from fundus_lab.models import load_model
 
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # a fundus photograph is a few MB; more is a mistake
 MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; larger files are refused before decoding
@@ -92,8 +97,6 @@ def load_image_bytes(data: bytes, name: str = "upload", max_side: int = MAX_SIDE
     rescaled by its range, not clipped to white.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from fundus_lab.data.images import _rgb8_from_pil
 
     if len(data) == 0:
         raise ImageInputError(f"{name}: the file is empty")
@@ -209,8 +212,6 @@ def score(model, image: Any, prompts: str | Mapping[str, Sequence[str]]) -> Prom
     """
     import torch
 
-    from fundus_lab.eval.zero_shot import class_embeddings, has_text_encoder, logit_scale
-
     if not has_text_encoder(model):
         raise ValueError(f"{type(model).__name__} ({_method_name(model)}) has no text embedding to compare prompts with; pick a contrastive checkpoint")
     parsed = parse_prompts(prompts) if isinstance(prompts, str) else {k: list(v) for k, v in prompts.items()}
@@ -229,7 +230,7 @@ def score(model, image: Any, prompts: str | Mapping[str, Sequence[str]]) -> Prom
             prompt_emb = model.encode_text(flat).float()  # [P, D]
     finally:
         model.train(was_training)
-    maps = viz.patch_prompt_similarity(patches, prompt_emb)[0]  # [P, gh, gw]
+    maps = patch_prompt_similarity(patches, prompt_emb)[0]  # [P, gh, gw]
     split = np.cumsum([len(p) for p in plists])[:-1]
     return PromptScores(
         classes=classes,
@@ -250,7 +251,7 @@ def playground_figure(result: PromptScores, max_maps: int = 8):
 
     flat = [(c, p, m) for c, plist, maps in zip(result.classes, result.prompts, result.prompt_maps) for p, m in zip(plist, maps)]
     flat = flat[:max_maps]
-    up = viz.upsample_map(np.stack([m for _, _, m in flat]), result.image.shape[:2], normalize=False)
+    up = upsample_map(np.stack([m for _, _, m in flat]), result.image.shape[:2], normalize=False)
     lo, hi = float(up.min()), float(up.max())
     ncols = 1 + len(flat)
     fig = Figure(figsize=(3.2 + 2.4 * len(flat), 2.9), layout="constrained")
@@ -371,8 +372,6 @@ class PromptPlayground:
         if name not in self._opened:
             spec = self._datasets[name]
             if isinstance(spec, (str, Path)):
-                from fundus_lab.data import open_dataset
-
                 spec = open_dataset(spec, root=self.data_root, split=self.split)
             self._opened[name] = spec
         return self._opened[name]
@@ -382,8 +381,6 @@ class PromptPlayground:
         if label not in self._models:
             spec = self._checkpoints[label]
             if isinstance(spec, (str, Path)):
-                from fundus_lab import load_model
-
                 spec = load_model(spec)
             self._models[label] = spec
         return self._models[label]

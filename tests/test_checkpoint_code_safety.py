@@ -124,7 +124,8 @@ def test_predict_refuses_a_backbone_with_checkpoint_code(tmp_path, marker, capsy
     from safetensors.torch import save_file
     import torch
 
-    from fundus_lab.predict import FORMAT, load_classifier, predict_main
+    from fundus_lab.cli import predict_main
+    from fundus_lab.predict import FORMAT, load_classifier
 
     clf = tmp_path / "classifier"
     evil_open_clip(clf / "backbone", marker)

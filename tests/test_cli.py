@@ -21,8 +21,8 @@ def test_unknown_command_suggests_close_match(capsys):
 def test_every_subcommand_resolves_to_a_callable():
     import importlib
 
-    for name, (module, func, _) in cli.SUBCOMMANDS.items():
-        assert callable(getattr(importlib.import_module(module), func)), name
+    for name, command in cli.SUBCOMMANDS.items():
+        assert callable(getattr(importlib.import_module(command.module), command.function)), name
 
 
 def test_console_entry_point_runs():
@@ -104,3 +104,18 @@ def test_compare_and_reproduce_accept_comma_and_space_lists(monkeypatch, tmp_pat
     monkeypatch.setattr(reproduce, "reproduce", lambda preset, data_root, methods, *a, **k: got.setdefault("rep", methods))
     cli.main(["reproduce", "--preset", "smoke", "--methods", "clip,coca", "ours"])
     assert got["rep"] == ["clip", "coca", "ours"]
+
+
+def test_commands_whose_parsers_live_here_print_their_full_help(capsys):
+    import pytest
+
+    for command, options in (("synth", ("--out", "--task", "--overwrite")),
+                             ("predict", ("--top", "--json", "--batch-size", "checkpoint"))):
+        with pytest.raises(SystemExit) as info:
+            cli.main([command, "--help"])
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: fundus-lab {command}"), out
+        for option in options:
+            assert option in out, (command, option)
+    assert cli.SUBCOMMANDS.get("predict").module == "fundus_lab.cli"

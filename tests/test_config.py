@@ -3,6 +3,7 @@
 import pytest
 
 from fundus_lab import config as C
+from fundus_lab.schema import to_dict
 
 
 @pytest.fixture()
@@ -95,23 +96,15 @@ def test_shipped_presets_and_methods_load():
 
 
 def test_config_is_a_leaf_module():
-    """`import fundus_lab.config` loads no other part of the package (and no torch)."""
+    """`import fundus_lab.config` loads no other part of the package but its schema coercer (and no torch)."""
     import subprocess
     import sys
 
     code = ("import sys, fundus_lab.config; "
             "print(sorted(m for m in sys.modules if m.startswith('fundus_lab'))); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
-    assert out[0] == "['fundus_lab', 'fundus_lab.config']"
+    assert out[0] == "['fundus_lab', 'fundus_lab.config', 'fundus_lab.schema']"
     assert out[1] == "False"
-
-
-def test_section_modules_re_export_the_same_classes():
-    from fundus_lab.data.config import DataConfig
-    from fundus_lab.eval.config import EvalConfig
-    from fundus_lab.models.config import MethodConfig, ModelConfig
-
-    assert (DataConfig, EvalConfig, MethodConfig, ModelConfig) == (C.DataConfig, C.EvalConfig, C.MethodConfig, C.ModelConfig)
 
 
 def test_resolve_config_layers_method_then_overrides_and_keeps_the_budget(config_dir, tmp_path):
@@ -161,7 +154,7 @@ def test_deprecated_tensorboard_key_maps_onto_log_with(config_dir, tmp_path):
     # the config.yaml of a run saved before log_with existed
     old = C.from_dict(C.Config, {"train": {"tensorboard": False, "steps": 4}}, "old/config.yaml")
     assert old.train.log_with == "none" and old.train.tensorboard is None
-    assert C.to_dict(old)["train"]["log_with"] == "none"
+    assert to_dict(old)["train"]["log_with"] == "none"
     # a later layer's alias beats an earlier layer's log_with, and the other way round
     (config_dir / "presets" / "quiet.yaml").write_text("train:\n  log_with: none\n")
     assert C.load_config(preset="quiet", overrides=["train.tensorboard=true"]).train.log_with == "tensorboard"

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from fundus_lab.data.images import DataError
-from fundus_lab.data.readers import Record
+from fundus_lab.data.records import Record
 from fundus_lab.data.splits import (
     assign_splits,
     check_patient_disjoint,

@@ -6,10 +6,11 @@ import pytest
 import yaml
 from PIL import Image
 
+from fundus_lab.cli import manifest_init_main
 from fundus_lab.data import open_dataset
 from fundus_lab.data.manifest import load_manifest, parse_manifest
 from fundus_lab.data.tabular import (
-    TabularError, manifest_from_csv, manifest_from_folder, manifest_init_main, table_manifest,
+    TabularError, manifest_from_csv, manifest_from_folder, table_manifest,
 )
 
 

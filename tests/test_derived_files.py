@@ -19,13 +19,14 @@ import torch
 from fundus_lab import checkpoint as ckpt
 from fundus_lab import reproduce as rp
 from fundus_lab import train as T
+from fundus_lab.cli import predict_main
 from fundus_lab.config import ConfigError
 from fundus_lab.data import open_dataset, synth
 from fundus_lab.data.images import DataError
 from fundus_lab.data.tokenizer import load_tokenizer, train_tokenizer
 from fundus_lab.eval import features
 from fundus_lab.eval.features import extract_features
-from fundus_lab.predict import ClassifierError, load_classifier, predict_main
+from fundus_lab.predict import ClassifierError, load_classifier
 from test_eval_doubles import ToyDataset, ToyViT
 from test_reproduce import _notebook
 from test_predict import saved  # noqa: F401  (a fixture: a tiny saved classifier and images)

@@ -4,6 +4,7 @@ them on both test columns, writes Tables 1 and 2; reruns come from the cache; ev
 to its run folder, config and split files; no patient crosses splits."""
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -158,14 +159,14 @@ def test_rerun_is_cached_and_a_changed_setting_reruns_only_its_part(table, monke
     protocols = dict(ex.PROTOCOLS)
     before2 = paths["table2_csv"].read_text()
     for name in ex.DEFAULT_PROTOCOLS:
-        monkeypatch.setitem(ex.PROTOCOLS, name, ex.dataclasses_replace(protocols[name], run=refuse))
+        monkeypatch.setitem(ex.PROTOCOLS, name, dataclasses.replace(protocols[name], run=refuse))
     again = compare(_run(out), METHODS)
     assert again["csv"].read_text() == before and again["table2_csv"].read_text() == before2
 
     calls = []
     for name in ("few_shot", "linear_probe"):
         real = protocols[name].run
-        monkeypatch.setitem(ex.PROTOCOLS, name, ex.dataclasses_replace(
+        monkeypatch.setitem(ex.PROTOCOLS, name, dataclasses.replace(
             protocols[name], run=lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k)))
     compare(_run(out, ["eval.seeds=3"]), ["clip"], references=())
     assert calls == ["few_shot", "linear_probe"]  # both k-shot protocols redone with the new seed count

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fundus_lab.data.readers import Record
+from fundus_lab.data.records import Record
 
 
 class ToyDataset(torch.utils.data.Dataset):

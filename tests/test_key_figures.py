@@ -75,10 +75,6 @@ def test_export_refuses_to_train_a_missing_checkpoint(finished_run, tmp_path):
 def test_export_names_a_folder_that_is_not_a_run(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match=r"parameters.json does not exist: export_key_figures reads a run folder"):
         export_key_figures(tmp_path, tmp_path / "figures")
-    from fundus_lab import viz
-
-    with pytest.raises(FileNotFoundError, match="parameters.json does not exist"):  # the same function, from viz
-        viz.export_key_figures(tmp_path, tmp_path / "figures")
     assert main([str(tmp_path), str(tmp_path / "figures")]) == 1
     assert "parameters.json does not exist" in capsys.readouterr().err
     assert not (tmp_path / "figures").exists()

@@ -10,7 +10,7 @@ import nbformat
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-# a code cell draws a figure when it calls a plotting function of fundus_lab.viz or saves one
+# a code cell draws a figure when it calls a plotting function of fundus_lab.viz or model_viz, or saves one
 FIGURE_CALLS = ("viz.plot_", "viz.save_figure(", "PromptPlayground(")
 
 

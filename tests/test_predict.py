@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from fundus_lab.cli import predict_main
 from fundus_lab.data.images import load_tensor
 from fundus_lab.eval.fine_tune import FineTuneClassifier
 from fundus_lab.models import MethodConfig, ModelConfig, build_model
-from fundus_lab.predict import ClassifierError, load_classifier, predict_main, save_classifier
+from fundus_lab.predict import ClassifierError, load_classifier, save_classifier
 
 TINY = dict(img_size=32, patch_size=16, vision_width=32, vision_depth=2, vision_heads=2, embed_dim=16,
             decoder_width=32, decoder_depth=1, decoder_heads=2)

@@ -1,4 +1,4 @@
-"""The one schema coercer configs and manifests share (fundus_lab.config.coerce / build_dataclass):
+"""The one schema coercer configs and manifests share (fundus_lab.schema.coerce / build_dataclass):
 each type family, strict versus lenient (command-line) conversions, and the error text."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional, Union
 import pytest
 
 from fundus_lab import config as C
-from fundus_lab.config import NOT_FROM_FILE, SchemaError, build_dataclass, coerce
+from fundus_lab.schema import NOT_FROM_FILE, SchemaError, build_dataclass, coerce, short_repr
 
 
 @dataclass
@@ -118,7 +118,7 @@ def _raises(cls, data, **kw) -> SchemaError:
 def test_error_text_is_short_for_huge_values():
     e = _err(["x" * 10_000] * 10_000, str)
     assert str(e).startswith("f: expected str, got ['xxx") and len(str(e)) <= len("f: expected str, got ") + 80
-    assert C.short_repr(list(range(10))) == "[0, 1, 2, 3, ...]" and C.short_repr({"a": 1}) == "{'a': 1}"
+    assert short_repr(list(range(10))) == "[0, 1, 2, 3, ...]" and short_repr({"a": 1}) == "{'a': 1}"
 
 
 def test_configs_and_manifests_use_the_same_coercer():

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 import fundus_lab as fl
 from fundus_lab import checkpoint as ckpt
 from fundus_lab import train as T
-from fundus_lab.config import available_methods, load_config, to_dict
+from fundus_lab.config import available_methods, load_config
+from fundus_lab.schema import to_dict
 
 
 @pytest.fixture(scope="module")

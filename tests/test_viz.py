@@ -1,5 +1,5 @@
-"""fundus_lab.viz on synthetic arrays: reconstruction helpers, figures on disk, and the old names of
-the explanation maps and scores (now in fundus_lab.eval.explain, tested in test_eval_explain.py)."""
+"""fundus_lab.viz and fundus_lab.model_viz on synthetic arrays: reconstruction helpers and figures on disk
+(the explanation maps and scores they draw are tested in test_eval_explain.py)."""
 
 from __future__ import annotations
 
@@ -8,26 +8,16 @@ import pandas as pd
 import pytest
 import torch
 
-from fundus_lab import viz
-
-
-def test_explanation_names_moved_to_eval_explain_still_work_from_viz():
-    from fundus_lab.eval import explain
-
-    moved = ["to_numpy", "attention_rollout", "cls_attention", "tokens_to_grid", "upsample_map", "rollout_maps",
-             "patch_prompt_similarity", "cross_attention_map", "mass_in_mask", "pointing_game", "score_explanations",
-             "summarize_explanations", "load_record_masks", "attention_explanations"]
-    for name in moved:
-        assert getattr(viz, name) is getattr(explain, name), name
-        assert name in viz.__all__, name
+from fundus_lab import model_viz, viz
+from fundus_lab.eval import explain
 
 
 def test_mask_to_pixels_and_paste_visible():
     mask = np.array([[0, 1, 1, 0]])  # 2x2 grid of 4-px patches, patches 1 and 2 removed
-    pix = viz.mask_to_pixels(mask, 4, (8, 8))[0]
+    pix = model_viz.mask_to_pixels(mask, 4, (8, 8))[0]
     assert pix[:4, 4:].all() and pix[4:, :4].all() and not pix[:4, :4].any() and not pix[4:, 4:].any()
     orig, pred = np.zeros((3, 8, 8)), np.ones((3, 8, 8))
-    pasted = viz.paste_visible(orig, pred, pix)
+    pasted = model_viz.paste_visible(orig, pred, pix)
     np.testing.assert_array_equal(pasted[..., 0], pix)
 
 
@@ -54,12 +44,12 @@ def test_figures_save_png_and_svg(tmp_path):
     for _ in range(2):
         a = rng.random((2, 2, 17, 17))
         attn.append(a / a.sum(-1, keepdims=True))
-    viz.plot_attention(images, attn, out_dir=tmp_path, name="attention")
-    viz.plot_cross_attention(images, rng.random((2, 2, 3, 16)), ["[CLS]", "drusen", "macula"], [1, 2], out_dir=tmp_path, name="xattn")
-    sim = viz.patch_prompt_similarity(rng.normal(size=(1, 16, 4)), rng.normal(size=(2, 4)))[0]
-    viz.plot_prompt_similarity(images[0], sim, ["normal", "drusen"], probs=[0.3, 0.7], out_dir=tmp_path, name="prompts")
+    model_viz.plot_attention(images, attn, out_dir=tmp_path, name="attention")
+    model_viz.plot_cross_attention(images, rng.random((2, 2, 3, 16)), ["[CLS]", "drusen", "macula"], [1, 2], out_dir=tmp_path, name="xattn")
+    sim = explain.patch_prompt_similarity(rng.normal(size=(1, 16, 4)), rng.normal(size=(2, 4)))[0]
+    model_viz.plot_prompt_similarity(images[0], sim, ["normal", "drusen"], probs=[0.3, 0.7], out_dir=tmp_path, name="prompts")
     mask = (rng.random((2, 4)) > 0.5).astype(float)
-    viz.plot_reconstruction(images, {0.5: {"pred_images": torch.rand(2, 3, 32, 32), "mask": mask}}, 16, out_dir=tmp_path, name="recon")
+    model_viz.plot_reconstruction(images, {0.5: {"pred_images": torch.rand(2, 3, 32, 32), "mask": mask}}, 16, out_dir=tmp_path, name="recon")
     emb = {"clip": {"image": rng.normal(size=(6, 4)), "text": rng.normal(size=(6, 4))}, "mae": {"image": rng.normal(size=(6, 4))}}
     meta = {"disease": list("aabbcc"), "camera": list("xyxyxy"), "split": ["train"] * 6}
     viz.plot_embeddings(emb, meta, out_dir=tmp_path, name="umap")

@@ -3,7 +3,7 @@
     from fundus_lab.data import open_dataset, collate
     ds = open_dataset("odir5k", root="/data/ODIR", split="test")
 
-Names are imported on first use, so ``import fundus_lab.data`` (e.g. for ``DataConfig``)
+Names are imported on first use, so ``import fundus_lab.data`` (e.g. for ``load_manifest``)
 does not pull in torch, pandas or the generator.
 """
 
@@ -15,7 +15,7 @@ _LAZY = {
     "open_dataset": "fundus_lab.data.dataset",
     "FundusDataset": "fundus_lab.data.dataset",
     "collate": "fundus_lab.data.dataset",
-    "Record": "fundus_lab.data.readers",
+    "Record": "fundus_lab.data.records",
     "load_manifest": "fundus_lab.data.manifest",
     "available_manifests": "fundus_lab.data.manifest",
     "Manifest": "fundus_lab.data.manifest",
@@ -23,7 +23,8 @@ _LAZY = {
     "DataError": "fundus_lab.data.images",
     "ImageError": "fundus_lab.data.images",
 }
-_SUBMODULES = ("synth", "images", "manifest", "readers", "splits", "dataset", "config", "tokenizer", "text_source")
+_SUBMODULES = ("synth", "images", "manifest", "records", "tables", "npz", "readers", "splits", "dataset", "tokenizer",
+               "text_source")
 
 __all__ = list(_LAZY) + list(_SUBMODULES)
 

@@ -39,6 +39,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from fundus_lab.config import ConfigError, path_inside
 from fundus_lab.data import images as img
 from fundus_lab.data.images import DataError, ImageError
 
@@ -187,8 +188,6 @@ def _damage(path: Path, meta_path: Path, key: str, ids: list, image_size: int) -
 def cache_path(folder: Path, stem: str, key: str) -> Path:
     """``folder/<stem>-<key>.u8.npy``, refused (:class:`DataError`) unless the stem (dataset
     name, split, size) is one safe file name that stays inside ``folder``."""
-    from fundus_lab.config import ConfigError, path_inside
-
     try:
         return path_inside(folder, f"{stem}-{key[:20]}{SUFFIX}", "image cache file")
     except ConfigError as err:

@@ -20,11 +20,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fundus_lab import knowledge
 from fundus_lab.data import images as img
+from fundus_lab.data.cache import ImageCache
 from fundus_lab.data.images import DataError, ImageError
 from fundus_lab.data.manifest import MANIFEST_DIR, SPLIT_VALUES, Manifest, load_manifest
-from fundus_lab.data.readers import LoadReport, Record, read_records
+from fundus_lab.data.readers import read_records
+from fundus_lab.data.records import LoadReport, Record
 from fundus_lab.data.splits import check_patient_disjoint, make_splits, split_counts
+from fundus_lab.data.tabular import table_manifest
 
 SYNTH_ROOT = Path("data/synth")
 
@@ -70,8 +74,6 @@ class FundusDataset(Dataset):
     def enable_cache(self, cache_dir: Union[str, Path, None] = None, progress: bool = False) -> "FundusDataset":
         """Serve images from a pre-decoded, pre-resized uint8 memory map (``data.cache``),
         written on first use; augmentation still runs on every item. Returns self."""
-        from fundus_lab.data.cache import ImageCache
-
         self.image_cache = ImageCache.build(self, cache_dir, progress=progress)
         return self
 
@@ -112,8 +114,6 @@ class FundusDataset(Dataset):
 
     def class_prompts(self) -> list[list[str]]:
         """Per class: the knowledge base's prompts for its key, then the manifest's own."""
-        from fundus_lab import knowledge  # lazy: loading a dataset does not need it
-
         out = []
         for c in self.manifest.classes:
             prompts = list(knowledge.class_prompts(c.key)) if c.key else []
@@ -322,8 +322,6 @@ def open_dataset(
             ``manifest_from_folder`` arguments (``task``, ``label_separator``, ``patient_column``...).
     """
     if not isinstance(name_or_path, Manifest):  # a plain CSV or class-per-folder tree
-        from fundus_lab.data.tabular import table_manifest
-
         name_or_path = table_manifest(name_or_path, image_column, label_column, root, **(table_options or {})) or name_or_path
     manifest = name_or_path if isinstance(name_or_path, Manifest) else load_manifest(name_or_path)
     if split not in (None, "all", *SPLIT_VALUES):

@@ -10,7 +10,7 @@ documents every field; this module parses and validates them.
 Validation is strict on purpose: an unknown key or a wrong type is an error naming the
 manifest file and the field (``odir5k.yaml: sources[0].label.keyword.rules[3].labl:
 unknown field; did you mean 'label'?``) instead of a setting that silently does nothing.
-The type checking is the one configs use (:func:`fundus_lab.config.coerce`, strict mode).
+The type checking is the one configs use (:func:`fundus_lab.schema.coerce`, strict mode).
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-import fundus_lab
-from fundus_lab.config import NOT_FROM_FILE, ConfigError, SchemaError, build_dataclass, check_name, coerce, short_repr
+from fundus_lab.config import PACKAGE_ROOT, ConfigError, check_name
+from fundus_lab.schema import NOT_FROM_FILE, SchemaError, build_dataclass, coerce, short_repr
 
-PACKAGE_ROOT = Path(fundus_lab.__file__).resolve().parent
 # the shipped manifests live inside the package (``data_manifests/`` at the checkout root links
 # to them) so a plain install has them; FUNDUS_LAB_MANIFESTS points elsewhere (a site's own collection)
 MANIFEST_DIR = Path(os.environ.get("FUNDUS_LAB_MANIFESTS", PACKAGE_ROOT / "data_manifests"))
@@ -289,7 +288,7 @@ class Manifest:
 
 
 # ---------------------------------------------------------------------------------------
-# dataclass checking: the shared schema coercer of fundus_lab.config, in manifest words
+# dataclass checking: the shared schema coercer of fundus_lab.schema, in manifest words
 
 
 def _schema_error(err: SchemaError, where: str) -> ManifestError:

@@ -17,7 +17,7 @@ import numpy as np
 
 from fundus_lab.data.images import DataError
 from fundus_lab.data.manifest import SPLIT_VALUES
-from fundus_lab.data.readers import Record
+from fundus_lab.data.records import Record
 
 SPLIT_FILE_VERSION = 1
 

@@ -12,12 +12,11 @@ Classes are the distinct labels (numbers in numeric order, else text in sorted o
 each class's zero-shot prompts default to its name, and a name that is a knowledge-base
 class (its key, name or a synonym: "glaucoma", "Cataract") also gets that class's
 knowledge prompts. ``fundus-lab manifest init labels.csv --image-column ... --label-column
-...`` (:func:`manifest_init_main`) writes the manifest as YAML for editing.
+...`` (:func:`fundus_lab.cli.manifest_main`) writes the manifest as YAML for editing.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -25,10 +24,12 @@ from typing import Optional, Sequence, Union
 import pandas as pd
 import yaml
 
+from fundus_lab import knowledge
+from fundus_lab.data.manifest import TASKS, parse_manifest
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "test": "test", "testing": "test"}
-TASKS = ("multiclass", "multilabel", "ordinal", "binary")
 
 
 class TabularError(ValueError):
@@ -37,8 +38,6 @@ class TabularError(ValueError):
 
 def _knowledge_key(name: str) -> Optional[str]:
     """The knowledge-base class whose key, name or synonym is ``name`` (case-insensitive)."""
-    from fundus_lab import knowledge
-
     wanted = re.sub(r"[\s_-]+", " ", name.strip().lower())
     for key in knowledge.class_keys():
         entry = knowledge.entry(key)
@@ -269,8 +268,6 @@ def table_manifest(path: Union[str, Path], image_column: Optional[str] = None, l
 
     This is the dispatch ``open_dataset`` uses for plain tables and image folders.
     """
-    from fundus_lab.data.manifest import parse_manifest
-
     p = Path(path)
     if p.suffix.lower() in (".csv", ".tsv"):
         if image_column is None or label_column is None:
@@ -297,60 +294,4 @@ def dump_manifest(manifest: dict, out: Union[str, Path], source: str = "") -> Pa
     return out
 
 
-def manifest_init_parser() -> argparse.ArgumentParser:
-    """The parser of ``fundus-lab manifest init`` (``fundus-lab manifest --help`` prints its help)."""
-    ap = argparse.ArgumentParser(prog="fundus-lab manifest init",
-                                 description="Write a manifest to edit for a labelled CSV or a folder per class.")
-    ap.add_argument("source", help="a CSV (one row per image) or a folder of class subfolders")
-    ap.add_argument("--image-column", help="CSV column with image paths (relative to --root)")
-    ap.add_argument("--label-column", help="CSV column with the label")
-    ap.add_argument("--root", help="folder the image paths are relative to (default: the CSV's folder)")
-    ap.add_argument("--task", choices=TASKS, help="default: binary for 2 classes, else multiclass")
-    ap.add_argument("--label-separator", help="several labels per cell, separated by this (multilabel)")
-    ap.add_argument("--patient-column")
-    ap.add_argument("--eye-column")
-    ap.add_argument("--text-column")
-    ap.add_argument("--split-column")
-    ap.add_argument("--sep", default=",", help="CSV field separator")
-    ap.add_argument("--name", help="dataset name (default: the file or folder name)")
-    ap.add_argument("-o", "--output", help="where to write (default: manifest.yaml beside the source)")
-    ap.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    return ap
-
-
-def manifest_init_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``fundus-lab manifest init SOURCE [--image-column C --label-column C] [-o manifest.yaml]``."""
-    args = manifest_init_parser().parse_args(argv)
-    src = Path(args.source)
-    try:
-        if src.is_dir():
-            manifest = manifest_from_folder(src, args.task, name=args.name)
-            default_out = src / "manifest.yaml"
-        else:
-            if not args.image_column or not args.label_column:
-                ap.error(f"{src}: a CSV needs --image-column and --label-column")
-            manifest = manifest_from_csv(
-                src, args.image_column, args.label_column, args.root, args.task, name=args.name, sep=args.sep,
-                label_separator=args.label_separator, patient_column=args.patient_column,
-                eye_column=args.eye_column, text_column=args.text_column, split_column=args.split_column,
-            )
-            default_out = src.parent / "manifest.yaml"
-        from fundus_lab.data.manifest import parse_manifest
-
-        out = Path(args.output) if args.output else default_out
-        parse_manifest(manifest, out)  # what we write must load
-    except (TabularError, ValueError) as err:
-        print(f"error: {err}")
-        return 2
-    if out.exists() and not args.force:
-        print(f"error: {out} exists; pass --force to overwrite or -o to write elsewhere")
-        return 2
-    dump_manifest(manifest, out, str(src))
-    n_classes = len(manifest["classes"])
-    print(f"wrote {out}: task {manifest['task']}, {n_classes} classes "
-          f"({', '.join(c['name'] for c in manifest['classes'][:8])}{' ...' if n_classes > 8 else ''})")
-    return 0
-
-
-__all__ = ["TabularError", "dump_manifest", "manifest_from_csv", "manifest_from_folder", "manifest_init_main",
-           "table_manifest"]
+__all__ = ["TabularError", "dump_manifest", "manifest_from_csv", "manifest_from_folder", "table_manifest"]

@@ -23,6 +23,9 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from fundus_lab import knowledge
+from fundus_lab.checkpoint import CheckpointError
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -118,8 +121,6 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
     except Exception as err:  # noqa: BLE001 -- the tokenizers library raises bare Exceptions on bad files
-        from fundus_lab.checkpoint import CheckpointError
-
         raise CheckpointError(f"tokenizer {path} cannot be loaded ({type(err).__name__}: {err}); if one of its "
                               "files is damaged, restore the folder from a good copy of the checkpoint") from None
     missing = [name for name in ("pad_token", "cls_token", "mask_token") if getattr(tok, name) is None]
@@ -131,8 +132,6 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 def _check_json_files(path: Path) -> None:
     """Every JSON file of a tokenizer folder parses (a truncated tokenizer.json is a
     :class:`CheckpointError` naming it, not the tokenizers library's bare Exception)."""
-    from fundus_lab.checkpoint import CheckpointError
-
     for file in sorted(path.glob("*.json")):
         try:
             json.loads(file.read_text(encoding="utf-8"))
@@ -145,8 +144,6 @@ def _check_json_files(path: Path) -> None:
 def check_no_remote_code(path: str | Path) -> None:
     """Refuse a model/tokenizer folder that asks transformers to import its own Python
     (``auto_map`` in a config, or ``.py`` files beside it): loading must never run code."""
-    from fundus_lab.checkpoint import CheckpointError
-
     path = Path(path)
     for name in ("tokenizer_config.json", "config.json", "special_tokens_map.json"):
         file = path / name
@@ -168,6 +165,4 @@ def check_no_remote_code(path: str | Path) -> None:
 
 def default_corpus(extra_texts: Iterable[str] = ()) -> list[str]:
     """The knowledge-base texts plus ``extra_texts`` (e.g. the training reports)."""
-    from fundus_lab import knowledge
-
     return list(knowledge.corpus()) + [t for t in extra_texts if isinstance(t, str)]

@@ -15,7 +15,7 @@
 """
 
 from fundus_lab.eval import explain, metrics, prompts
-from fundus_lab.eval.config import EvalConfig
+from fundus_lab.config import EvalConfig
 from fundus_lab.eval.features import extract_features
 from fundus_lab.eval.few_shot import few_shot, few_shot_fine_tune, sample_few_shot
 from fundus_lab.eval.fine_tune import fine_tune

@@ -4,7 +4,7 @@
     model.save_pretrained(out_dir); model = load_model(out_dir)
 """
 
-from fundus_lab.models.config import MethodConfig, ModelConfig
+from fundus_lab.config import MethodConfig, ModelConfig
 from fundus_lab.models.image import (
     VisionTransformer, block_mask, build_image_encoder, load_image_weights, patchify, random_masking, unpatchify,
 )

@@ -40,7 +40,7 @@ from torch import nn
 
 from fundus_lab import losses as L
 from fundus_lab.models.coca import AttentionalPooler, CoCaTextEncoder, MultimodalDecoder
-from fundus_lab.models.config import MethodConfig, ModelConfig
+from fundus_lab.config import MethodConfig, ModelConfig
 from fundus_lab.models.decoders import MAEDecoder, MaskedTextDecoder
 from fundus_lab.models.fusion import CrossAttention
 from fundus_lab.models.image import ImageTower, block_mask, build_image_encoder, load_image_weights, patchify, unpatchify

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from fundus_lab.checkpoint import replace_dir
+from fundus_lab.config import PACKAGE_ROOT
 
 from .cameras import CAMERAS, HELD_OUT, TRAIN_CAMERAS
 from .labels import ODIR_CODES, TASK_IDS, TASKS, sample_patient
@@ -47,8 +48,7 @@ FORMAT_VERSION = 3  # 2: splits by patient slot (index*3 mod 7); 3: + in-domain 
 
 def manifest_template(task: str) -> Path:
     """The shipped ``data_manifests/synth-<task>.yaml`` (package data, found in any install)."""
-    import fundus_lab
-    return Path(fundus_lab.__file__).resolve().parent / "data_manifests" / f"{DATASET_NAMES[task]}.yaml"
+    return PACKAGE_ROOT / "data_manifests" / f"{DATASET_NAMES[task]}.yaml"
 
 
 def _check(task: str, cameras: Optional[Sequence[str]]) -> list[str]:
