@@ -12,6 +12,7 @@ import yaml
 from fundus_lab.config import CONFIG_DIR, Config, from_dict
 from fundus_lab.data.tokenizer import train_tokenizer
 from fundus_lab.models import FundusVLM, MethodConfig, ModelConfig, build_model, load_model
+from fundus_lab.models.objectives import ImagePass, TextPass
 
 METHOD_DIR = Path(__file__).resolve().parents[1] / "configs" / "methods"
 METHODS = sorted(p.stem for p in METHOD_DIR.glob("*.yaml"))
@@ -269,7 +270,8 @@ def test_each_method_runs_exactly_its_encoder_passes(name, image, text, tokenize
     model(batch())
     assert sorted(calls["image"]) == image and sorted(calls["text"]) == sorted(text)
     plan = model.passes()
-    assert sorted(r for _, r in plan["image"]) == image and sorted(plan["text"]) == sorted(text)
+    assert sorted(p.ratio for p in plan if isinstance(p, ImagePass)) == image
+    assert sorted("masked" if p.masked else "full" for p in plan if isinstance(p, TextPass)) == sorted(text)
 
 
 @pytest.mark.parametrize("name,heads", [
@@ -281,7 +283,7 @@ def test_methods_compose_objective_heads(name, heads, tokenizer):
     model = tiny_model(name, tokenizer)
     assert [type(h).__name__ for h in model.objectives] == heads
     out = model(batch())
-    assert {k for k in out if k.endswith("_loss")} == {h.key for h in model.objectives if h.active(model)}
+    assert {k for k in out if k.endswith("_loss")} == {h.key for h in model.objectives if h.active(model.stage)}
 
 
 def _method_lines(name):

@@ -39,12 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fundus_lab import losses as L
+from fundus_lab.config import MethodConfig, ModelConfig
 from fundus_lab.models.coca import AttentionalPooler, CoCaTextEncoder, MultimodalDecoder
-from fundus_lab.models.config import MethodConfig, ModelConfig
 from fundus_lab.models.decoders import MAEDecoder, MaskedTextDecoder
 from fundus_lab.models.fusion import CrossAttention
 from fundus_lab.models.image import ImageTower, block_mask, build_image_encoder, load_image_weights, patchify, unpatchify
-from fundus_lab.models.objectives import objectives_for
+from fundus_lab.models.objectives import ImagePass, Pass, TextPass, context_passes, objectives_for
 from fundus_lab.models.text import TextEncoder, config_from_dict, mask_tokens, small_bert_config
 from fundus_lab.checkpoint import CheckpointError, read_json_file, read_safetensors  # noqa: F401  (CheckpointError re-exported by fundus_lab.models)
 
@@ -125,7 +125,7 @@ def code_revision(m: MethodConfig) -> int | None:
     CoCa 2: the text CLS at the fixed-context position (issue 17); before, at the batch's
     padded length, a position the CLS of a new checkpoint is never trained at.
     """
-    if m.caption_weight > 0 and m.caption_mode == "autoregressive":
+    if m.uses_coca:
         return 2
     return None
 
@@ -163,14 +163,14 @@ class FundusVLM(nn.Module):
         validate_method(method_cfg)
         self.model_cfg, self.method_cfg = model_cfg, method_cfg
         m = method_cfg
-        self.use_contrastive = m.contrastive_weight > 0
-        self.use_image_gen = m.image_gen_weight > 0
-        self.use_caption = m.caption_weight > 0
-        self.masked_caption = self.use_caption and m.caption_mode == "masked"
-        self.coca = self.use_caption and m.caption_mode == "autoregressive"
-        self.has_text = self.use_contrastive or self.use_caption
+        self.use_contrastive = m.uses_contrastive
+        self.use_image_gen = m.uses_image_decoder
+        self.use_caption = m.uses_caption
+        self.masked_caption = m.uses_masked_caption
+        self.coca = m.uses_coca
+        self.has_text = m.uses_text
         self.use_momentum = self.use_contrastive and m.contrastive_loss == "vilref"
-        self.teacher_target = self.use_image_gen and m.image_gen_target == "teacher"
+        self.teacher_target = m.uses_teacher
         self.stage = 1 if m.stage1_fraction > 0 else 0  # 0: one stage (every term every step)
         self._truncation_warned = False
 
@@ -210,7 +210,7 @@ class FundusVLM(nn.Module):
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / m.init_temperature)))
 
         # cross-attention (eq. 7): each direction only where a decoder reads its output
-        use_fusion = m.cross_attention and self.has_text
+        use_fusion = m.uses_cross_attention
         self.fusion_image = (
             CrossAttention(vw, tw, model_cfg.fusion_depth, model_cfg.fusion_heads, model_cfg.mlp_ratio)
             if use_fusion and self.use_image_gen and not self.teacher_target else None
@@ -259,7 +259,7 @@ class FundusVLM(nn.Module):
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
             self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
 
-        self.objectives = objectives_for(self)  # the terms of eq. 8 this method trains
+        self.objectives = objectives_for(m)  # the terms of eq. 8 this method trains
 
     # ------------------------------------------------------------------ what it can do
     @property
@@ -282,38 +282,16 @@ class FundusVLM(nn.Module):
             caps |= {"attention_maps", "fine_tune"}
         return frozenset(caps)
 
-    def passes(self) -> dict[str, Any]:
+    def passes(self) -> list[Pass]:
         """The encoder passes one training step runs: the union of what the active
-        objective heads declare (``fundus_lab.models.objectives``), each run once.
-
-        Returns dict(image: list of (kind, ratio) with kind "full" | "masked" |
-        "mask_token", text: list of "full" | "masked"). The paper's ``ours`` runs one
-        unmasked and one masked pass of each encoder.
-        """
-        views: list[tuple[str, Any]] = []
+        objective heads declare (``fundus_lab.models.objectives``), each once, in the
+        heads' order. The paper's ``ours`` runs one unmasked and one masked pass of each
+        encoder."""
+        plan: list[Pass] = []
         for head in self.objectives:
-            if head.active(self):
-                views += [v for v in head.needs(self) if v not in views]
-        image = []
-        for _, r in (v for v in views if v[0] == "image"):
-            if r == "mask_token":
-                image.append(("mask_token", self.method_cfg.mask_ratio))
-            else:
-                image.append(("masked" if r > 0 else "full", r))
-        return {"image": image, "text": [t for k, t in views if k == "text"]}
-
-    def context_image_ratio(self) -> float:
-        """Mask ratio of the image view the contrastive term and ``CA_text`` read: 0 (the
-        unmasked image, eq. 1) or FLIP's ``contrastive_mask_ratio``."""
-        m = self.method_cfg
-        return m.contrastive_mask_ratio if (self.use_contrastive and m.contrastive_view == "masked") else 0.0
-
-    def context_text_view(self) -> str:
-        """The text view the contrastive term and ``CA_img`` read: the unmasked text (eq. 1),
-        or under FLIP the masked text that captioning makes anyway (one text pass)."""
-        m = self.method_cfg
-        flip = self.use_contrastive and m.contrastive_view == "masked" and self.masked_caption
-        return "masked" if flip else "full"
+            if head.active(self.stage):
+                plan += [p for p in head.passes() if p not in plan]
+        return plan
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -445,35 +423,14 @@ class FundusVLM(nn.Module):
         ids, attn = self.tokenize(texts)
         if mask_text:
             ids, _ = mask_tokens(ids, attn, self.method_cfg.text_mask_ratio, self.tokenizer.mask_token_id, self._special_ids())
-        img = self.image_encoder(images, self.context_image_ratio())["tokens"]
+        img = self.image_encoder(images, context_passes(self.method_cfg)[0].ratio)["tokens"]
         txt = self.text_encoder(ids, attn)["tokens"]
         _, maps = self.fusion_text(txt, img, return_attention=True)
         maps = [a.float() for a in maps]
         tokens = [self.tokenizer.convert_ids_to_tokens(row[mask.bool()].tolist()) for row, mask in zip(ids.cpu(), attn.cpu())]
         return {"maps": maps, "tokens": tokens, "attention_mask": attn}
 
-    # ------------------------------------------------------------------ loss terms
-    def forward_contrastive(self, image_feature, text_cls, labels) -> torch.Tensor:
-        """Eq. 2 (or the FLAIR / ViLReF variant) on projected, normalised pooled features."""
-        m = self.method_cfg
-        z_img = F.normalize(self.image_proj(image_feature), dim=-1)
-        z_txt = F.normalize(self.text_proj(text_cls), dim=-1)
-        scale = self._scale()
-        if m.contrastive_loss == "infonce":
-            return L.contrastive_loss(z_img, z_txt, scale, directions=m.contrastive_directions)
-        try:
-            labels = None if labels is None else torch.as_tensor(labels).to(self.device)
-        except (TypeError, ValueError, RuntimeError):
-            labels = None
-        if labels is None:
-            raise ValueError(f"method {m.name!r} ({m.contrastive_loss}) needs batch['label'] (class ids or multi-hot) for every image")
-        if m.contrastive_loss == "label_aware":
-            return L.label_aware_contrastive_loss(z_img, z_txt, labels, scale)
-        k = int(self.queue_count)
-        return L.weighted_similarity_coupling_loss(
-            z_img, z_txt, labels, scale, self.image_queue[:k].clone(), self.text_queue[:k].clone(), self.label_queue[:k].clone()
-        )
-
+    # ------------------------------------------------------------------ training step
     def forward(self, batch: dict) -> dict:
         """One training step's losses: run the passes the active heads declare, then each head.
 
@@ -487,78 +444,51 @@ class FundusVLM(nn.Module):
         """
         if "image" not in batch:
             raise KeyError("batch has no 'image'")
-        m = self.method_cfg
-        enc = self.encode_views(batch)
-        terms = {head.key: head(self, enc, batch) for head in self.objectives if head.active(self)}
+        enc = self.encode_passes(batch, self.passes())
+        heads = [head for head in self.objectives if head.active(self.stage)]
+        terms = {head.key: head(self, enc, batch) for head in heads}
         logs: dict[str, Any] = {}
         if "contrastive_loss" in terms:
             logs["logit_scale"] = self._scale().detach()
         if self.stage:
             logs["stage"] = self.stage
-        total, weighted = L.total_loss(
-            terms, {"contrastive_loss": m.contrastive_weight, "image_gen_loss": m.image_gen_weight, "caption_loss": m.caption_weight}
-        )
-        if self.use_momentum and self.training and "contrastive_loss" in terms:
-            self._enqueue(enc["images"], enc["input_ids"], enc["attention_mask"], batch.get("label"))
+        total, weighted = L.total_loss(terms, {head.key: head.weight for head in heads})
+        for head in heads:
+            head.after_step(self, enc, batch)
         return {"loss": total, **weighted, **logs}
 
-    def encode_views(self, batch: dict) -> dict:
-        """Eqs. 1, 3, 5: each planned pass once. Returns ``{("image", ratio | "mask_token"):
-        encoder output, ("text", "full" | "masked"): encoder output}`` plus images,
-        input_ids, attention_mask and text_targets (the caption targets)."""
-        m = self.method_cfg
+    def encode_passes(self, batch: dict, passes: Sequence[Pass]) -> dict:
+        """Eqs. 1, 3, 5: run each pass once. Returns ``{pass: encoder output}`` plus
+        ``images`` and, where a text pass runs, the batch's ``input_ids`` and
+        ``attention_mask`` ``[N, T]``. Image passes run in the order given, then the masked
+        text pass (its output carries ``mlm_targets``), then the whole text."""
         images = batch["image"].to(self.device)
         enc: dict[Any, Any] = {"images": images}
-        plan = self.passes()
-        for kind, ratio in plan["image"]:
-            if kind == "mask_token":
-                mask = block_mask(images.shape[0], self.image_encoder.grid_size, ratio).to(images.device)
+        for p in passes:
+            if not isinstance(p, ImagePass):
+                continue
+            if p.mask_token:
+                mask = block_mask(images.shape[0], self.image_encoder.grid_size, p.ratio).to(images.device)
                 out = self.image_encoder.forward_features(images, mask=mask)
-                enc[("image", "mask_token")] = {**out, "mask": mask.to(out["tokens"].dtype)}
+                enc[p] = {**out, "mask": mask.to(out["tokens"].dtype)}
             else:
-                enc[("image", ratio)] = self.image_encoder(images, ratio)
-        if plan["text"]:
+                enc[p] = self.image_encoder(images, p.ratio)
+        text_passes = sorted((p for p in passes if isinstance(p, TextPass)), key=lambda p: not p.masked)
+        if text_passes:
             if "text" not in batch or batch["text"] is None:
-                raise KeyError(f"method {m.name!r} needs batch['text'] (one text per image)")
+                raise KeyError(f"method {self.method_cfg.name!r} needs batch['text'] (one text per image)")
             ids, attn = self.tokenize(batch["text"])
-            targets = None
-            if self.coca:  # as open_clip's CoCa.forward: the CLS reads the whole text, the
-                # captioner the unimodal tokens of ids[:-1] predicting ids[1:] (teacher forcing)
-                full = self.text_encoder(ids, attn)
-                targets = ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
-                ids, attn = ids[:, :-1], attn[:, :-1]
-                enc[("text", "full")] = {**full, "tokens": full["tokens"][:, :-1], "attention_mask": attn}
-            if "masked" in plan["text"]:
-                masked_ids, masked_targets = mask_tokens(ids, attn, m.text_mask_ratio, self.tokenizer.mask_token_id, self._special_ids())
-                # eq. 6 sums over all T tokens; "masked" scores only the masked ones (MLM)
-                targets = masked_targets if m.caption_targets == "masked" else ids.masked_fill(attn == 0, -100)
-                enc[("text", "masked")] = self.text_encoder(masked_ids, attn)
-            if "full" in plan["text"] and not self.coca:
-                enc[("text", "full")] = self.text_encoder(ids, attn)
-            enc.update(input_ids=ids, attention_mask=attn, text_targets=targets)
+            enc.update(input_ids=ids, attention_mask=attn)
+            for p in text_passes:
+                if p.masked:
+                    masked_ids, targets = mask_tokens(ids, attn, self.method_cfg.text_mask_ratio,
+                                                      self.tokenizer.mask_token_id, self._special_ids())
+                    enc[p] = {**self.text_encoder(masked_ids, attn), "mlm_targets": targets}
+                else:
+                    enc[p] = self.text_encoder(ids, attn)
         return enc
 
-    # ------------------------------------------------------------------ momentum encoders (ViLReF)
-    @torch.no_grad()
-    def _enqueue(self, images, ids, attn, labels):
-        """Push this (global) batch's momentum features and labels into the FIFO queue."""
-        k = self.method_cfg.queue_size
-        if k == 0:
-            return
-        zi = F.normalize(self.momentum_image_proj(self.momentum_image_encoder(images)["cls"]), dim=-1)
-        zt = F.normalize(self.momentum_text_proj(self.text_embedding_input(self.momentum_text_encoder(ids, attn))), dim=-1)
-        y = L._labels_as_matrix(torch.as_tensor(labels).to(self.device), self.method_cfg.num_labels)
-        zi, zt, y = L.gather_no_grad(zi), L.gather_no_grad(zt), L.gather_no_grad(y)
-        n = zi.shape[0]
-        idx = (int(self.queue_ptr) + torch.arange(n, device=zi.device)) % k
-        if n > k:  # a batch larger than the queue: keep its last k entries
-            idx, zi, zt, y = idx[-k:], zi[-k:], zt[-k:], y[-k:]
-        self.image_queue[idx] = zi.to(self.image_queue.dtype)
-        self.text_queue[idx] = zt.to(self.text_queue.dtype)
-        self.label_queue[idx] = y.to(self.label_queue.dtype)
-        self.queue_ptr.fill_((int(self.queue_ptr) + n) % k)
-        self.queue_count.fill_(min(k, int(self.queue_count) + n))
-
+    # ------------------------------------------------------------------ after the optimizer step
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Call after every optimizer step: clamp the temperature (CLIP) and move the
@@ -733,18 +663,18 @@ def build_model(model_cfg: ModelConfig, method_cfg: MethodConfig, tokenizer=None
       runnable stand-in, not the EVA recipe, and a loud warning says so
       (``fundus-lab compare`` trains ``clip`` first and passes its checkpoint).
     """
-    has_text = method_cfg.contrastive_weight > 0 or method_cfg.caption_weight > 0
+    has_text = method_cfg.uses_text
     if has_text and tokenizer is None:
         tokenizer = _resolve_tokenizer(model_cfg)
     text_encoder = text_config = None
-    if has_text and model_cfg.text_pretrained and method_cfg.caption_mode == "autoregressive" and method_cfg.caption_weight > 0:
+    if has_text and model_cfg.text_pretrained and method_cfg.uses_coca:
         raise ValueError(f"model.text_pretrained={model_cfg.text_pretrained!r}: CoCa's causal text stack "
                          "(method.caption_mode='autoregressive') is built from scratch; unset model.text_pretrained")
     if has_text and model_cfg.text_pretrained:
         text_encoder = TextEncoder.from_pretrained(model_cfg.text_pretrained)
         text_config = text_encoder.config
     teacher_cfg = None
-    uses_teacher = method_cfg.image_gen_weight > 0 and method_cfg.image_gen_target == "teacher"
+    uses_teacher = method_cfg.uses_teacher
     if uses_teacher and method_cfg.teacher_checkpoint:
         from fundus_lab.config import from_dict
 
