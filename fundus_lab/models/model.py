@@ -5,8 +5,9 @@
 A method (``MethodConfig``) switches terms on and off and picks their variants; modules a
 method does not use are not built. The terms are objective heads
 (``fundus_lab.models.objectives``: Contrastive, ImageGeneration / TeacherMIM,
-MaskedCaption / CoCaCaption), each declaring the encoder passes it reads; ``capabilities``
-says what the model can do. ``forward`` follows the paper (``docs/fidelity.md`` maps
+MaskedCaption / CoCaCaption), each owning its whole term (the passes it reads, its targets,
+its loss call); the model holds the modules and runs the towers. ``capabilities`` says what
+the model can do. :mod:`fundus_lab.models.factory` builds and loads it. ``forward`` follows the paper (``docs/fidelity.md`` maps
 each step to its equation and declares every deviation):
 
 1. encode (eq. 1): ``E_img`` / ``E_text`` on the unmasked image and text, one pass each,
@@ -30,7 +31,6 @@ import copy
 import json
 import math
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,15 +38,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from safetensors.torch import save_file
+
 from fundus_lab import losses as L
-from fundus_lab.config import MethodConfig, ModelConfig
+from fundus_lab.checkpoint import CheckpointError
+from fundus_lab.config import MethodConfig, ModelConfig, to_dict
+from fundus_lab.models.card import write_model_card
 from fundus_lab.models.coca import AttentionalPooler, CoCaTextEncoder, MultimodalDecoder
 from fundus_lab.models.decoders import MAEDecoder, MaskedTextDecoder
 from fundus_lab.models.fusion import CrossAttention
-from fundus_lab.models.image import ImageTower, block_mask, build_image_encoder, load_image_weights, patchify, unpatchify
+from fundus_lab.models.image import ImageTower, block_mask, build_image_encoder, patchify, unpatchify
 from fundus_lab.models.objectives import ImagePass, Pass, TextPass, context_passes, objectives_for
-from fundus_lab.models.text import TextEncoder, config_from_dict, mask_tokens, small_bert_config
-from fundus_lab.checkpoint import CheckpointError, read_json_file, read_safetensors  # noqa: F401  (CheckpointError re-exported by fundus_lab.models)
+from fundus_lab.models.text import TextEncoder, mask_tokens, small_bert_config
+from fundus_lab.models.method import validate_method
+from fundus_lab.registry import Registry
 
 FORMAT = "fundus_lab.FundusVLM"
 FORMAT_VERSION = 2
@@ -54,66 +59,27 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TOKENIZER_DIR = "tokenizer"
 
-# what a model can do, for eval / viz / widgets (no attribute probing)
-CAPABILITIES = (
-    "image_embedding",       # encode_image in a joint image-text space (else: the ViT's CLS)
-    "text_embedding",        # encode_text: zero-shot and prompt heads
-    "patch_embedding",       # encode_patches: where a prompt matches
-    "reconstruction",        # reconstruct: pixels rebuilt from a masked image
-    "text_conditioned_reconstruction",  # reconstruct(texts=...): through CA_img (eq. 7)
-    "cross_attention_maps",  # cross_attention_maps: CA_text's text -> image attention
-    "captioning",            # a caption / text-rebuilding term
-    "attention_maps",        # attention_maps: the image tower's self-attention (ViTs)
-    "image_features",        # image_features: pooled feature and patch tokens (probes)
-    "fine_tune",             # image_encoder with .blocks: layer-wise lr decay fine-tuning
-)
+# what a model can do, for eval / viz / widgets (no attribute probing): name -> what it gives
+CAPABILITIES: Registry[str] = Registry("capability")
+for _name, _gives in (
+    ("image_embedding", "encode_image in a joint image-text space (else: the ViT's CLS)"),
+    ("text_embedding", "encode_text: zero-shot and prompt heads"),
+    ("patch_embedding", "encode_patches: where a prompt matches"),
+    ("reconstruction", "reconstruct: pixels rebuilt from a masked image"),
+    ("text_conditioned_reconstruction", "reconstruct(texts=...): through CA_img (eq. 7)"),
+    ("cross_attention_maps", "cross_attention_maps: CA_text's text -> image attention"),
+    ("captioning", "a caption / text-rebuilding term"),
+    ("attention_maps", "attention_maps: the image tower's self-attention (ViTs)"),
+    ("image_features", "image_features: pooled feature and patch tokens (probes)"),
+    ("fine_tune", "image_encoder with .blocks: layer-wise lr decay fine-tuning"),
+):
+    CAPABILITIES.register(_name, _gives)
 
 
 def build_vision_transformer(cfg: ModelConfig, mask_token: bool = False) -> ImageTower:
     """The image tower ``model.image_encoder`` names (any timm ViT or CNN), without outside
     weights: :func:`build_model` loads ``model.image_weights``; a restored checkpoint has its own."""
     return build_image_encoder(cfg, mask_token=mask_token, load_weights=False)
-
-
-def validate_method(m: MethodConfig) -> None:
-    """Reject switch combinations that cannot train, naming the field."""
-    for name in ("contrastive_weight", "image_gen_weight", "caption_weight"):
-        if getattr(m, name) < 0:
-            raise ValueError(f"method.{name}={getattr(m, name)}: weights must be >= 0")
-    if m.contrastive_weight == 0 and m.image_gen_weight == 0 and m.caption_weight == 0:
-        raise ValueError(f"method {m.name!r}: every loss weight is 0, nothing would train")
-    if not 0.0 <= m.mask_ratio < 1.0:
-        raise ValueError(f"method.mask_ratio={m.mask_ratio}: expected 0 <= mask_ratio < 1")
-    if not 0.0 <= m.contrastive_mask_ratio < 1.0:
-        raise ValueError(f"method.contrastive_mask_ratio={m.contrastive_mask_ratio}: expected 0 <= ratio < 1")
-    if not 0.0 < m.text_mask_ratio < 1.0 and m.caption_weight > 0 and m.caption_mode == "masked":
-        raise ValueError(f"method.text_mask_ratio={m.text_mask_ratio}: expected 0 < ratio < 1 for masked captioning")
-    if m.image_gen_weight > 0 and m.mask_ratio == 0:
-        raise ValueError("method.mask_ratio=0 with image_gen_weight > 0: nothing would be masked to rebuild")
-    if m.contrastive_weight > 0 and m.contrastive_view == "masked" and m.contrastive_mask_ratio == 0:
-        raise ValueError("method.contrastive_view='masked' needs method.contrastive_mask_ratio > 0")
-    if not 0.0 <= m.momentum < 1.0:
-        raise ValueError(f"method.momentum={m.momentum}: expected 0 <= momentum < 1")
-    if m.contrastive_loss == "vilref" and (m.queue_size < 0 or m.num_labels < 1):
-        raise ValueError("method.contrastive_loss='vilref' needs method.queue_size >= 0 and method.num_labels >= 1")
-    if m.init_temperature <= 0 or m.max_logit_scale <= 1:
-        raise ValueError("method.init_temperature must be > 0 and method.max_logit_scale > 1")
-    if m.mim_masking == "block" and m.image_gen_target != "teacher":
-        raise ValueError("method.mim_masking='block' regresses teacher features (EVA); set method.image_gen_target='teacher'")
-    if m.image_gen_target == "teacher" and m.image_gen_weight > 0 and m.mim_masking != "block":
-        raise ValueError("method.image_gen_target='teacher' needs method.mim_masking='block' ([MASK] tokens, as EVA)")
-    if not 0.0 <= m.stage1_fraction < 1.0:
-        raise ValueError(f"method.stage1_fraction={m.stage1_fraction}: expected 0 <= fraction < 1")
-    if m.stage1_fraction > 0 and (m.image_gen_weight == 0 or m.contrastive_weight == 0 or m.caption_weight > 0):
-        raise ValueError("method.stage1_fraction > 0 (two stages) needs image_gen_weight > 0 (stage 1), "
-                         "contrastive_weight > 0 (stage 2) and caption_weight = 0")
-    if m.caption_weight > 0 and m.caption_mode == "autoregressive" and m.cross_attention:
-        raise ValueError("method.caption_mode='autoregressive' (CoCa) cross-attends inside its decoder; set method.cross_attention=false")
-    if m.caption_mode == "autoregressive" and m.caption_weight > 0 and m.coca_pool_queries < 1:
-        raise ValueError(f"method.coca_pool_queries={m.coca_pool_queries}: expected >= 1")
-    if m.text_init == "teacher" and not (m.image_gen_weight > 0 and m.image_gen_target == "teacher" and m.contrastive_weight > 0):
-        raise ValueError("method.text_init='teacher' copies the text tower of the teacher (EVA-CLIP); it needs "
-                         "image_gen_target='teacher', image_gen_weight > 0 and contrastive_weight > 0")
 
 
 def code_revision(m: MethodConfig) -> int | None:
@@ -282,6 +248,12 @@ class FundusVLM(nn.Module):
             caps |= {"attention_maps", "fine_tune"}
         return frozenset(caps)
 
+    def has(self, capability: str) -> bool:
+        """Whether the model can do ``capability``, a :data:`CAPABILITIES` name (an unknown
+        name is an error that suggests the close ones, never a silent False)."""
+        CAPABILITIES.get(capability)
+        return capability in self.capabilities
+
     def passes(self) -> list[Pass]:
         """The encoder passes one training step runs: the union of what the active
         objective heads declare (``fundus_lab.models.objectives``), each once, in the
@@ -418,7 +390,7 @@ class FundusVLM(nn.Module):
         Returns dict(maps: list per layer of ``[N, heads, T, 1 + L']`` (column 0 is the image
         CLS token), tokens: list of token strings per text, attention_mask ``[N, T]``).
         """
-        self._require("text->image cross-attention", "cross_attention_maps" in self.capabilities,
+        self._require("text->image cross-attention", self.has("cross_attention_maps"),
                       "method.cross_attention is false or masked captioning is off")
         ids, attn = self.tokenize(texts)
         if mask_text:
@@ -526,7 +498,7 @@ class FundusVLM(nn.Module):
         ``[N, 1, H, W]`` (1 = masked)). With ``norm_pix_loss`` the per-patch normalised
         prediction is mapped back with each patch's true mean and variance, for display only.
         """
-        self._require("pixel decoder", "reconstruction" in self.capabilities,
+        self._require("pixel decoder", self.has("reconstruction"),
                       "it does not rebuild pixels (image_gen_weight is 0 or the target is teacher features)")
         ratio = self.method_cfg.mask_ratio if mask_ratio is None else mask_ratio
         enc = self.image_encoder(images, ratio)
@@ -561,10 +533,6 @@ class FundusVLM(nn.Module):
         """Write ``model.safetensors``, ``config.json`` (model + method + text/teacher configs),
         ``tokenizer/`` and a model card ``README.md``. Loading needs nothing else (no original
         paths, no pickle): :meth:`from_pretrained` or ``fl.load_model``."""
-        from safetensors.torch import save_file
-
-        from fundus_lab.config import to_dict
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -582,8 +550,6 @@ class FundusVLM(nn.Module):
             "teacher_model": to_dict(self.teacher_config) if self.teacher_config is not None else None,
         }
         (out / CONFIG_NAME).write_text(json.dumps(payload, indent=2, default=str))
-        from fundus_lab.models.card import write_model_card
-
         write_model_card(out)  # README.md: method, config, data and budget of the run it sits in
         return out
 
@@ -595,175 +561,6 @@ class FundusVLM(nn.Module):
         if not (path / CONFIG_NAME).is_file():
             raise CheckpointError(f"{path}: no {CONFIG_NAME}; FundusVLM.from_pretrained reads a local folder written by "
                                   "save_pretrained (fl.load_model also reads open_clip and Hugging Face CLIP folders)")
+        from fundus_lab.models.factory import load_model  # factory builds FundusVLM: a real cycle
+
         return load_model(path, map_location=map_location)
-
-
-# ---------------------------------------------------------------------- factories
-
-
-def _resolve_tokenizer(model_cfg: ModelConfig):
-    from fundus_lab.data.tokenizer import default_corpus, load_tokenizer, train_tokenizer
-
-    if model_cfg.tokenizer:
-        return load_tokenizer(model_cfg.tokenizer)
-    if model_cfg.text_pretrained:
-        return load_tokenizer(model_cfg.text_pretrained)
-    # no tokenizer given: learn one from the knowledge base (deterministic)
-    return train_tokenizer(default_corpus(), vocab_size=model_cfg.vocab_size, model_max_length=model_cfg.text_max_length)
-
-
-def _read_checkpoint_config(path: Path) -> dict:
-    cfg_path = path / CONFIG_NAME
-    data = read_json_file(cfg_path, "; is this a directory written by save_pretrained?")
-    if data.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_path}: format is {data.get('format')!r}, expected {FORMAT!r}")
-    for key in ("model", "method"):
-        if not isinstance(data.get(key), dict):
-            raise CheckpointError(f"{cfg_path}: field {key!r} is missing or not a mapping")
-    return data
-
-
-def _load_weights(module: nn.Module, weights: Path, prefix: str = "") -> None:
-    """Copy safetensors weights into ``module``; any missing, extra or mis-shaped key is an error."""
-
-    if not weights.is_file():
-        raise CheckpointError(f"{weights} does not exist")
-    state = read_safetensors(weights)
-    if prefix:
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    if wrong:
-        problems.append(
-            "shape mismatch " + ", ".join(f"{k}: file {list(state[k].shape)} vs model {list(expected[k].shape)}" for k in wrong[:8])
-        )
-    if problems:
-        raise CheckpointError(f"{weights}{' [' + prefix + '*]' if prefix else ''} does not fit the model: " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
-
-
-def build_model(model_cfg: ModelConfig, method_cfg: MethodConfig, tokenizer=None) -> FundusVLM:
-    """Build a :class:`FundusVLM` for ``method_cfg``, loading any pretrained parts.
-
-    - tokenizer: given, else ``model.tokenizer``, else the ``text_pretrained`` checkpoint's,
-      else one trained on the knowledge base.
-    - ``model.text_pretrained``: a local HF checkpoint directory (safetensors) for ``E_text``.
-    - ``method.teacher_checkpoint``: a ``save_pretrained`` directory (a trained CLIP) whose
-      image encoder becomes EVA's frozen teacher and, with ``method.text_init: teacher``,
-      whose text tower (encoder and projection) is where EVA's text tower starts (EVA-CLIP
-      starts from a pretrained CLIP text encoder). Without one the teacher is a frozen,
-      randomly initialised copy of the student's ViT and the text tower is random: a
-      runnable stand-in, not the EVA recipe, and a loud warning says so
-      (``fundus-lab compare`` trains ``clip`` first and passes its checkpoint).
-    """
-    has_text = method_cfg.uses_text
-    if has_text and tokenizer is None:
-        tokenizer = _resolve_tokenizer(model_cfg)
-    text_encoder = text_config = None
-    if has_text and model_cfg.text_pretrained and method_cfg.uses_coca:
-        raise ValueError(f"model.text_pretrained={model_cfg.text_pretrained!r}: CoCa's causal text stack "
-                         "(method.caption_mode='autoregressive') is built from scratch; unset model.text_pretrained")
-    if has_text and model_cfg.text_pretrained:
-        text_encoder = TextEncoder.from_pretrained(model_cfg.text_pretrained)
-        text_config = text_encoder.config
-    teacher_cfg = None
-    uses_teacher = method_cfg.uses_teacher
-    if uses_teacher and method_cfg.teacher_checkpoint:
-        from fundus_lab.config import from_dict
-
-        tpath = Path(method_cfg.teacher_checkpoint)
-        tdata = _read_checkpoint_config(tpath)
-        teacher_cfg = from_dict(ModelConfig, tdata["model"], str(tpath / CONFIG_NAME))
-    model = FundusVLM(model_cfg, method_cfg, tokenizer if has_text else None, text_config, teacher_cfg)
-    if model_cfg.image_weights:  # timm / RETFound weights for the image tower
-        load_image_weights(model.image_encoder, model_cfg.image_weights)
-    if text_encoder is not None:
-        model.text_encoder.load_state_dict(text_encoder.state_dict(), strict=True)
-    if uses_teacher and method_cfg.teacher_checkpoint:
-        _load_weights(model.teacher, Path(method_cfg.teacher_checkpoint) / WEIGHTS_NAME, prefix="image_encoder.")
-        if method_cfg.text_init == "teacher":
-            load_teacher_text_tower(model, Path(method_cfg.teacher_checkpoint))
-    elif uses_teacher:
-        warnings.warn(
-            f"method {method_cfg.name!r} has no method.teacher_checkpoint: its teacher is a FROZEN RANDOM ViT"
-            + (" and its text tower starts RANDOM instead of from the teacher's (method.text_init='teacher')"
-               if method_cfg.text_init == "teacher" else "")
-            + ". This runs, but it is not the EVA-CLIP recipe; pass a trained CLIP checkpoint as "
-            "method.teacher_checkpoint (fundus-lab compare trains clip first and does so).",
-            UserWarning, stacklevel=2)
-    if model.use_momentum:  # momentum encoders start equal to the online ones
-        model.momentum_text_encoder.load_state_dict(model.text_encoder.state_dict())
-    return model
-
-
-def load_teacher_text_tower(model: FundusVLM, teacher: Path) -> None:
-    """EVA-CLIP's text initialisation: copy the CLIP teacher checkpoint's text encoder and
-    text projection into ``model`` (the teacher must share the model's tokenizer and text sizes)."""
-    data = _read_checkpoint_config(teacher)
-    if (teacher / TOKENIZER_DIR).is_dir() and model.tokenizer is not None:
-        from fundus_lab.data.tokenizer import load_tokenizer
-
-        if load_tokenizer(teacher / TOKENIZER_DIR).get_vocab() != model.tokenizer.get_vocab():
-            raise CheckpointError(f"method.teacher_checkpoint={str(teacher)!r}: its tokenizer differs from the model's; "
-                                  "method.text_init='teacher' needs the same tokenizer (train the teacher with the same model.* settings)")
-    if data.get("method", {}).get("contrastive_weight", 0) <= 0:
-        raise CheckpointError(f"method.teacher_checkpoint={str(teacher)!r} has no contrastive text tower to start from "
-                              "(contrastive_weight is 0); method.text_init='teacher' needs a CLIP-like teacher")
-    weights = teacher / WEIGHTS_NAME
-    _load_weights(model.text_encoder, weights, prefix="text_encoder.")
-    _load_weights(model.text_proj, weights, prefix="text_proj.")
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu", external: bool = True) -> FundusVLM:
-    """Load a directory written by :meth:`FundusVLM.save_pretrained` (safetensors + JSON; no pickle),
-    or an outside model: a Hugging Face ``CLIPModel`` folder, an open_clip checkpoint, or timm /
-    RETFound ViT image weights (image-only: no zero-shot)
-    (:func:`fundus_lab.models.external.load_external`), behind the same evaluation interface.
-    ``external=False`` reads only our own format (resume)."""
-    from fundus_lab.config import ConfigError, from_dict
-    from fundus_lab.data.tokenizer import load_tokenizer
-    from fundus_lab.models.external import ExternalModelError, detect_kind, load_external
-
-    path = Path(path)
-    try:
-        kind = detect_kind(path) if external else None
-    except ExternalModelError:
-        kind = None
-    # a folder with our config.json is ours (even a broken one, to be named as such); a
-    # Hugging Face CLIP folder or an open_clip checkpoint goes to the outside loaders
-    if kind in ("hf", "timm"):  # timm / RETFound image weights: an image-only model
-        return load_external(path, map_location=map_location)
-    if kind == "open_clip" and not (path / CONFIG_NAME).is_file():
-        try:
-            return load_external(path, map_location=map_location)
-        except ExternalModelError:
-            if not (path / WEIGHTS_NAME).is_file():
-                raise  # else: our weights without their config.json, named as such below
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    data = _read_checkpoint_config(path)
-    src = str(path / CONFIG_NAME)
-    try:
-        model_cfg = from_dict(ModelConfig, data["model"], src, prefix="model.")
-        method_cfg = from_dict(MethodConfig, data["method"], src, prefix="method.")
-        teacher_cfg = from_dict(ModelConfig, data["teacher_model"], src, prefix="teacher_model.") if data.get("teacher_model") else None
-    except ConfigError as err:
-        raise CheckpointError(str(err)) from None
-    tokenizer = None
-    if (path / TOKENIZER_DIR).is_dir():
-        tokenizer = load_tokenizer(path / TOKENIZER_DIR)
-        model_cfg = replace(model_cfg, tokenizer=str(path / TOKENIZER_DIR))
-    try:
-        text_config = config_from_dict(data["text_config"]) if data.get("text_config") else None
-    except ValueError as err:
-        raise CheckpointError(f"{src}: {err}") from None
-    model = FundusVLM(model_cfg, method_cfg, tokenizer, text_config, teacher_cfg)
-    _load_weights(model, path / WEIGHTS_NAME)
-    return model.to(map_location).eval()
