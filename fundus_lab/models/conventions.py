@@ -25,7 +25,8 @@ from PIL import Image
 from fundus_lab.checkpoint import CheckpointError
 from fundus_lab.data.images import load_tensor
 from fundus_lab.data.tokenizer import load_tokenizer
-from fundus_lab.models.external import ExternalModelError, detect_kind, open_clip_tokenizer
+from fundus_lab.models.external import ExternalModelError, detect_kind
+from fundus_lab.models.external.open_clip_checkpoint import open_clip_tokenizer
 from fundus_lab.models.factory import load_model
 from fundus_lab.models.model import TOKENIZER_DIR
 
