@@ -179,6 +179,8 @@ def test_detection_errors_name_the_problem(tmp_path):
         detect_kind(tmp_path)
     with pytest.raises(ExternalModelError, match="model_type is 'bert'"):
         load_external(tmp_path, kind="hf")
+    with pytest.raises(ExternalModelError, match="unknown outside model kind 'open-clip'; did you mean 'open_clip'"):
+        load_external(tmp_path, kind="open-clip")
 
 
 @pytest.fixture(scope="module")

@@ -36,9 +36,8 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from safetensors.torch import save_file
+from torch import nn
 
 from fundus_lab import losses as L
 from fundus_lab.checkpoint import CheckpointError
@@ -48,9 +47,9 @@ from fundus_lab.models.coca import AttentionalPooler, CoCaTextEncoder, Multimoda
 from fundus_lab.models.decoders import MAEDecoder, MaskedTextDecoder
 from fundus_lab.models.fusion import CrossAttention
 from fundus_lab.models.image import ImageTower, block_mask, build_image_encoder, patchify, unpatchify
+from fundus_lab.models.method import validate_method
 from fundus_lab.models.objectives import ImagePass, Pass, TextPass, context_passes, objectives_for
 from fundus_lab.models.text import TextEncoder, mask_tokens, small_bert_config
-from fundus_lab.models.method import validate_method
 from fundus_lab.registry import Registry
 
 FORMAT = "fundus_lab.FundusVLM"

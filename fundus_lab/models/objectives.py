@@ -228,7 +228,7 @@ class Contrastive(Objective):
             return
         zi = F.normalize(model.momentum_image_proj(model.momentum_image_encoder(images)["cls"]), dim=-1)
         zt = F.normalize(model.momentum_text_proj(model.text_embedding_input(model.momentum_text_encoder(ids, attn))), dim=-1)
-        y = L._labels_as_matrix(torch.as_tensor(labels).to(model.device), self.method.num_labels)
+        y = L.labels_as_matrix(torch.as_tensor(labels).to(model.device), self.method.num_labels)
         zi, zt, y = L.gather_no_grad(zi), L.gather_no_grad(zt), L.gather_no_grad(y)
         n = zi.shape[0]
         idx = (int(model.queue_ptr) + torch.arange(n, device=zi.device)) % k

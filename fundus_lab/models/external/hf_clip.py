@@ -18,6 +18,7 @@ from fundus_lab.data.tokenizer import check_no_remote_code
 from fundus_lab.models.external.safety import ExternalModelError, read_json, read_state_dict
 from fundus_lab.models.external.wrapper import OPENAI_MEAN, OPENAI_STD, ExternalModel, TowerView
 
+
 def hf_pixel_transform(size: int, config: dict):
     """A Hugging Face ``CLIPImageProcessor`` built from ``preprocessor_config.json`` (its resize,
     resample and crop; the model's own size where the file gives none), normalisation off."""

@@ -20,6 +20,7 @@ from fundus_lab.models.external.safety import (
 )
 from fundus_lab.models.external.wrapper import OPENAI_MEAN, OPENAI_STD, ExternalModel, TowerView
 
+
 def open_clip_pixel_transform(size: int, preprocess_cfg: dict):
     """open_clip's own eval transform for this checkpoint's ``preprocess_cfg`` (resize mode,
     interpolation), without its final Normalize (the wrapper normalises)."""
