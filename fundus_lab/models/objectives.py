@@ -13,7 +13,7 @@ A head declares its passes (:class:`ImagePass`, :class:`TextPass`, built from it
 config: the mask ratio goes from the YAML into the head and nowhere else); the model runs
 the union of the active heads' passes once each (``FundusVLM.encode_passes``), so two
 heads that read the same view share it, and hands each head the outputs keyed by the
-passes it declared. Heads hold no weights: the modules stay on the model (one flat module
+passes it declared. Heads hold no parameters: the modules stay on the model (one flat module
 tree for checkpoints, eval and the optimizer), and the losses (``fundus_lab.losses``) do
 any cross-process gathering.
 """
