@@ -154,6 +154,47 @@ class MethodConfig:
     coca_pool_queries: int = 16
     text_init: Literal["random", "teacher"] = "random"
 
+    # What the switches mean, answered once (the model, its heads and the trainer ask these).
+    @property
+    def uses_contrastive(self) -> bool:
+        """The contrastive term (eq. 2) trains: a joint image-text space."""
+        return self.contrastive_weight > 0
+
+    @property
+    def uses_image_decoder(self) -> bool:
+        """The image-generation term trains (eqs. 3-4, or EVA's teacher-feature regression)."""
+        return self.image_gen_weight > 0
+
+    @property
+    def uses_caption(self) -> bool:
+        """A caption term trains (eqs. 5-6, or CoCa's)."""
+        return self.caption_weight > 0
+
+    @property
+    def uses_text(self) -> bool:
+        """The method has a text branch (a contrastive or caption term); else image-only (MAE)."""
+        return self.uses_contrastive or self.uses_caption
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Image generation regresses a frozen teacher's features (EVA) instead of pixels."""
+        return self.uses_image_decoder and self.image_gen_target == "teacher"
+
+    @property
+    def uses_coca(self) -> bool:
+        """Captioning is CoCa's: one causal text stack, unimodal then multimodal layers."""
+        return self.uses_caption and self.caption_mode == "autoregressive"
+
+    @property
+    def uses_masked_caption(self) -> bool:
+        """Captioning rebuilds the text from its masked copy (eqs. 5-6)."""
+        return self.uses_caption and self.caption_mode == "masked"
+
+    @property
+    def uses_cross_attention(self) -> bool:
+        """Image and text tokens are fused before the decoders (eq. 7)."""
+        return self.cross_attention and self.uses_text
+
 
 @dataclass
 class DataConfig:

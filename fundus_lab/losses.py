@@ -99,7 +99,7 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
-def _labels_as_matrix(labels: torch.Tensor, num_labels: int | None = None) -> torch.Tensor:
+def labels_as_matrix(labels: torch.Tensor, num_labels: int | None = None) -> torch.Tensor:
     """Integer ``[N]`` or multi-hot ``[N, C]`` labels -> float ``[N, C]``."""
     if labels.ndim == 1:
         if labels.dtype.is_floating_point:
@@ -140,7 +140,7 @@ def label_aware_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     Both have rows summing to 1, also when "shares a category" is not transitive
     (multi-hot), where ``T_i2t^T`` would not.
     """
-    y = _labels_as_matrix(labels)
+    y = labels_as_matrix(labels)
     positive = (y @ y.t()) > 0
     positive |= torch.eye(len(y), dtype=torch.bool, device=y.device)
     p = positive.float()
@@ -202,7 +202,7 @@ def weighted_similarity_coupling_loss(
     """
     image_features, text_features = gather_features(image_features, text_features)
     num_labels = label_queue.shape[1] if label_queue is not None else None
-    y = _labels_as_matrix(gather_no_grad(labels.to(image_features.device)), num_labels)
+    y = labels_as_matrix(gather_no_grad(labels.to(image_features.device)), num_labels)
     n = image_features.shape[0]
     if y.shape[0] != n:
         raise ValueError(f"labels: {y.shape[0]} rows for {n} image-text pairs")

@@ -363,7 +363,7 @@ def open_training_data(cfg: Config, is_main: bool = True, wait: Callable[[], Non
         augment=cfg.data.augment, skip_bad=cfg.data.skip_bad_images,
         image_cache=cfg.data.image_cache, image_cache_dir=cfg.data.image_cache_dir,
     )
-    if cfg.method.contrastive_weight <= 0 and cfg.method.caption_weight <= 0 and cfg.method.labels_from == "ground_truth":
+    if not cfg.method.uses_text and cfg.method.labels_from == "ground_truth":
         return ds  # image-only (MAE): no text is read
     from fundus_lab.data.text_source import PairedText
 
@@ -396,7 +396,7 @@ def prepare_tokenizer(cfg: Config, dataset, run_dir: Path, is_main: bool = True,
         return load_tokenizer(cfg.model.tokenizer)
     if cfg.model.text_pretrained:  # a pretrained text encoder comes with its vocabulary
         return load_tokenizer(cfg.model.text_pretrained)
-    if cfg.method.contrastive_weight <= 0 and cfg.method.caption_weight <= 0:
+    if not cfg.method.uses_text:
         return None  # image-only (MAE): no text branch
     teacher = Path(cfg.method.teacher_checkpoint or "") / "tokenizer"
     if cfg.method.text_init == "teacher" and cfg.method.teacher_checkpoint and teacher.is_dir():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fundus_lab.models import load_model
+from fundus_lab.models.objectives import CoCaCaption, TextPass
 from test_model_methods import METHODS, TEXTS, tiny_model
 
 # texts of very different lengths, so that padding to the longest changes with the batch
@@ -99,9 +100,10 @@ def test_coca_trains_the_contrastive_term_on_the_embedding_encode_text_gives(tok
     longest text in the batch keeps its last token); only the captioner's inputs are cut."""
     model = tiny_model("coca", tokenizer).eval()
     with torch.no_grad():
-        enc = model.encode_views({"image": torch.stack(_images(0, 4)), "text": SAMPLE_TEXTS})
-        trained = torch.nn.functional.normalize(model.text_proj(model.text_embedding_input(enc[("text", "full")])), dim=-1)
+        enc = model.encode_passes({"image": torch.stack(_images(0, 4)), "text": SAMPLE_TEXTS}, model.passes())
+        trained = torch.nn.functional.normalize(model.text_proj(model.text_embedding_input(enc[TextPass()])), dim=-1)
         torch.testing.assert_close(trained, model.encode_text(SAMPLE_TEXTS), atol=TOLERANCE, rtol=0)
     ids, _ = model.tokenize(SAMPLE_TEXTS)
-    n_tokens = enc[("text", "full")]["tokens"].shape[1]
-    assert n_tokens == ids.shape[1] - 1 == enc["text_targets"].shape[1]  # teacher forcing: ids[:-1] -> ids[1:]
+    caption = next(h for h in model.objectives if isinstance(h, CoCaCaption))
+    tokens, _, targets = caption.teacher_forcing(enc)
+    assert tokens.shape[1] == ids.shape[1] - 1 == targets.shape[1]  # teacher forcing: ids[:-1] -> ids[1:]

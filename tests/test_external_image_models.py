@@ -10,7 +10,8 @@ import timm
 import torch
 
 import fundus_lab as fl
-from fundus_lab.models.external import TimmImageModel, detect_kind
+from fundus_lab.models.external import detect_kind
+from fundus_lab.models.external.timm_image import TimmImageModel
 from test_compare_external import TINY, _run
 
 IMAGENET = (torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1), torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1))

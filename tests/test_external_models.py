@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from fundus_lab.models.external import (
-    CLIPTextEncoder, ExternalModelError, detect_kind, is_external, load_external, read_state_dict,
-)
+from fundus_lab.models.external import ExternalModelError, detect_kind, is_external, load_external
+from fundus_lab.models.external.hf_clip import CLIPTextEncoder
+from fundus_lab.models.external.safety import read_state_dict
+from fundus_lab.models.external.wrapper import OPENAI_MEAN, OPENAI_STD
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip not installed (pip install 'fundus_lab[external]')")
 
@@ -154,8 +155,6 @@ def test_hf_bin_only_folder_loads_with_weights_only(hf_folder, tmp_path):
     model = load_external(tmp_path, kind="hf")
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
-        from fundus_lab.models.external import OPENAI_MEAN, OPENAI_STD
-
         img = _features(src.get_image_features(pixel_values=_normalise(x, OPENAI_MEAN, OPENAI_STD)))
         torch.testing.assert_close(model.encode_image(x), torch.nn.functional.normalize(img, dim=-1), atol=1e-5, rtol=0)
 
@@ -180,6 +179,8 @@ def test_detection_errors_name_the_problem(tmp_path):
         detect_kind(tmp_path)
     with pytest.raises(ExternalModelError, match="model_type is 'bert'"):
         load_external(tmp_path, kind="hf")
+    with pytest.raises(ExternalModelError, match="unknown outside model kind 'open-clip'; did you mean 'open_clip'"):
+        load_external(tmp_path, kind="open-clip")
 
 
 @pytest.fixture(scope="module")

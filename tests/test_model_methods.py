@@ -12,6 +12,9 @@ import yaml
 from fundus_lab.config import CONFIG_DIR, Config, from_dict
 from fundus_lab.data.tokenizer import train_tokenizer
 from fundus_lab.models import FundusVLM, MethodConfig, ModelConfig, build_model, load_model
+from fundus_lab.models.model import CAPABILITIES
+from fundus_lab.models.objectives import OBJECTIVES, ImagePass, TextPass, objectives_for
+from fundus_lab.registry import UnknownNameError
 
 METHOD_DIR = Path(__file__).resolve().parents[1] / "configs" / "methods"
 METHODS = sorted(p.stem for p in METHOD_DIR.glob("*.yaml"))
@@ -269,7 +272,8 @@ def test_each_method_runs_exactly_its_encoder_passes(name, image, text, tokenize
     model(batch())
     assert sorted(calls["image"]) == image and sorted(calls["text"]) == sorted(text)
     plan = model.passes()
-    assert sorted(r for _, r in plan["image"]) == image and sorted(plan["text"]) == sorted(text)
+    assert sorted(p.ratio for p in plan if isinstance(p, ImagePass)) == image
+    assert sorted("masked" if p.masked else "full" for p in plan if isinstance(p, TextPass)) == sorted(text)
 
 
 @pytest.mark.parametrize("name,heads", [
@@ -281,7 +285,42 @@ def test_methods_compose_objective_heads(name, heads, tokenizer):
     model = tiny_model(name, tokenizer)
     assert [type(h).__name__ for h in model.objectives] == heads
     out = model(batch())
-    assert {k for k in out if k.endswith("_loss")} == {h.key for h in model.objectives if h.active(model)}
+    assert {k for k in out if k.endswith("_loss")} == {h.key for h in model.objectives if h.active(model.stage)}
+
+
+
+def test_objective_heads_are_a_registry_and_the_config_alone_picks_them():
+    assert OBJECTIVES.names() == ["image_generation", "teacher_mim", "contrastive", "masked_caption", "coca_caption"]
+    with pytest.raises(UnknownNameError, match="did you mean 'contrastive'"):
+        OBJECTIVES.get("contrastiv")
+    heads = objectives_for(method_config("ours-flip"))
+    assert [type(h).__name__ for h in heads] == ["ImageGeneration", "Contrastive", "MaskedCaption"]
+    # each head holds its own views: FLIP's contrastive view is its masked image and the masked text
+    assert heads[0].passes() == [ImagePass(0.75), TextPass(masked=True)]
+    assert heads[1].passes() == [ImagePass(0.5), TextPass(masked=True)]
+    assert heads[2].passes() == [TextPass(masked=True), ImagePass(0.5)]
+
+
+@pytest.mark.parametrize("name,uses", [
+    ("ours", {"text", "contrastive", "image_decoder", "caption", "masked_caption", "cross_attention"}),
+    ("ours-no-xattn", {"text", "contrastive", "image_decoder", "caption", "masked_caption"}),
+    ("mae", {"image_decoder"}),
+    ("clip", {"text", "contrastive"}),
+    ("coca", {"text", "contrastive", "caption", "coca"}),
+    ("eva", {"text", "contrastive", "image_decoder", "teacher"}),
+])
+def test_method_config_answers_what_the_method_uses(name, uses):
+    m = method_config(name)
+    props = ("text", "contrastive", "image_decoder", "caption", "teacher", "coca", "masked_caption", "cross_attention")
+    assert {p for p in props if getattr(m, f"uses_{p}")} == uses
+
+
+def test_a_capability_is_asked_by_a_known_name(tokenizer):
+    model = tiny_model("clip", tokenizer)
+    assert model.has("text_embedding") and not model.has("reconstruction")
+    assert model.capabilities <= set(CAPABILITIES.names())
+    with pytest.raises(UnknownNameError, match="did you mean 'reconstruction'"):
+        model.has("reconstructon")
 
 
 def _method_lines(name):

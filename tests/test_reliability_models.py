@@ -136,7 +136,7 @@ def test_unknown_text_model_type_is_a_checkpoint_error(saved_model, tmp_path):
 
 
 def test_outside_clip_folder_with_auto_map_is_refused(tmp_path):
-    """fl.load_model of a Hugging Face CLIP folder (models/external.py) checks the same way."""
+    """fl.load_model of a Hugging Face CLIP folder (models/external/) checks the same way."""
     from transformers import CLIPConfig, CLIPModel
 
     from fundus_lab.models.external import load_external

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from fundus_lab.models.conventions import model_image_size
+
 FEATURE_KINDS = ("embed", "cls")
 _MEMORY: "OrderedDict[str, tuple[np.ndarray, np.ndarray]]" = OrderedDict()
 _MEMORY_SIZE = 16
@@ -66,16 +68,6 @@ def _image_label_collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]
     images = torch.stack([it["image"] for it in items])
     labels = torch.stack([torch.as_tensor(it["label"]) for it in items])
     return images, labels
-
-
-def model_image_size(model) -> int | None:
-    """The square side the model's image tower works at (``model.img_size``, or its
-    ``image_encoder.img_size``); None when the model does not say."""
-    for owner in (model, getattr(model, "image_encoder", None)):
-        size = getattr(owner, "img_size", None)
-        if isinstance(size, int):
-            return size
-    return None
 
 
 def fit_to_model(model, images: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,13 @@
     model.save_pretrained(out_dir); model = load_model(out_dir)
 """
 
+from fundus_lab.checkpoint import CheckpointError
 from fundus_lab.config import MethodConfig, ModelConfig
 from fundus_lab.models.image import (
     VisionTransformer, block_mask, build_image_encoder, load_image_weights, patchify, random_masking, unpatchify,
 )
-from fundus_lab.models.model import CheckpointError, FundusVLM, build_model, load_model
+from fundus_lab.models.factory import build_model, load_model
+from fundus_lab.models.model import FundusVLM
 
 __all__ = [
     "CheckpointError",

@@ -20,6 +20,15 @@ from typing import Callable, Union
 
 import numpy as np
 import torch
+from PIL import Image
+
+from fundus_lab.checkpoint import CheckpointError
+from fundus_lab.data.images import load_tensor
+from fundus_lab.data.tokenizer import load_tokenizer
+from fundus_lab.models.external import ExternalModelError, detect_kind
+from fundus_lab.models.external.open_clip_checkpoint import open_clip_tokenizer
+from fundus_lab.models.factory import load_model
+from fundus_lab.models.model import TOKENIZER_DIR
 
 ImageInput = Union[str, Path, np.ndarray, "PIL.Image.Image"]  # noqa: F821
 
@@ -32,15 +41,21 @@ def _as_rgb_array(image: ImageInput) -> np.ndarray:
     raise TypeError(f"preprocess takes a PIL image, an HxWx3 array or an image path, got {type(image).__name__}")
 
 
+def model_image_size(model) -> int | None:
+    """The square side the model's image tower works at (``model.img_size``, or its
+    ``image_encoder.img_size``); None when the model does not say."""
+    for owner in (model, getattr(model, "image_encoder", None)):
+        size = getattr(owner, "img_size", None)
+        if isinstance(size, int):
+            return size
+    return None
+
+
 def image_transform(model, fov_crop: bool = True) -> Callable[[ImageInput], torch.Tensor]:
     """``preprocess(image) -> [3, S, S]`` in [0, 1] for ``model`` (see the module docstring)."""
-    from fundus_lab.eval.features import model_image_size
-
     pixel_transform = getattr(model, "pixel_transform", None)
     if pixel_transform is not None:  # an outside model: its library's resize and crop
         def preprocess(image: ImageInput) -> torch.Tensor:
-            from PIL import Image
-
             if isinstance(image, (str, Path)):
                 with Image.open(image) as im:
                     return pixel_transform(im.convert("RGB"))
@@ -52,8 +67,6 @@ def image_transform(model, fov_crop: bool = True) -> Callable[[ImageInput], torc
         raise ValueError(f"{type(model).__name__} does not say its image size (img_size); cannot build its transform")
 
     def preprocess(image: ImageInput) -> torch.Tensor:
-        from fundus_lab.data.images import load_tensor
-
         source = image if isinstance(image, (str, Path)) else _as_rgb_array(image)
         return load_tensor(source, size, fov_crop=fov_crop)
 
@@ -63,8 +76,6 @@ def image_transform(model, fov_crop: bool = True) -> Callable[[ImageInput], torc
 def create_model_and_transforms(name_or_path: Union[str, Path], device: Union[str, torch.device] = "cpu"):
     """``(model, preprocess)`` for a checkpoint folder: ours (``save_pretrained``), a Hugging
     Face ``CLIPModel`` folder or an open_clip checkpoint; the model in eval mode on ``device``."""
-    from fundus_lab.models.model import load_model
-
     path = Path(name_or_path)
     if not path.exists():
         raise FileNotFoundError(f"{name_or_path}: no such checkpoint folder or file; expected a folder written by "
@@ -77,10 +88,6 @@ def create_model_and_transforms(name_or_path: Union[str, Path], device: Union[st
 def get_tokenizer(name_or_path: Union[str, Path]):
     """The tokenizer ``model.encode_text`` uses, read from the checkpoint without building the model:
     ours (``tokenizer/``), a Hugging Face CLIP folder's, or open_clip's for its config."""
-    from fundus_lab.data.tokenizer import load_tokenizer
-    from fundus_lab.models.external import ExternalModelError, detect_kind, open_clip_tokenizer
-    from fundus_lab.models.model import TOKENIZER_DIR, CheckpointError
-
     path = Path(name_or_path)
     if (path / TOKENIZER_DIR).is_dir():
         return load_tokenizer(path / TOKENIZER_DIR)
@@ -98,4 +105,4 @@ def get_tokenizer(name_or_path: Union[str, Path]):
                             "a Hugging Face CLIP folder or an open_clip checkpoint")
 
 
-__all__ = ["create_model_and_transforms", "get_tokenizer", "image_transform"]
+__all__ = ["create_model_and_transforms", "get_tokenizer", "image_transform", "model_image_size"]

@@ -33,6 +33,7 @@ from torch import nn
 from timm.layers import trunc_normal_
 
 from fundus_lab.checkpoint import CheckpointError
+from fundus_lab.registry import did_you_mean
 
 
 def sincos_pos_embed(width: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
@@ -430,12 +431,8 @@ def create_timm_model(name: str, img_size: int, drop_path: float = 0.0) -> nn.Mo
             return timm.create_model(name, **kwargs)  # CNNs take any size and no img_size argument
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            import difflib
-
-            from fundus_lab.config import did_you_mean
-
-            close = difflib.get_close_matches(name, timm.list_models(), n=3)
-            raise ValueError(f"model.image_encoder={name!r} is neither 'vit' nor a timm model name{did_you_mean(close)} "
+            close = did_you_mean(name, timm.list_models())
+            raise ValueError(f"model.image_encoder={name!r} is neither 'vit' nor a timm model name{close} "
                              f"(timm.list_models('{name.split('_')[0]}*') lists the names)") from None
         raise
 

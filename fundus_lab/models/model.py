@@ -5,8 +5,9 @@
 A method (``MethodConfig``) switches terms on and off and picks their variants; modules a
 method does not use are not built. The terms are objective heads
 (``fundus_lab.models.objectives``: Contrastive, ImageGeneration / TeacherMIM,
-MaskedCaption / CoCaCaption), each declaring the encoder passes it reads; ``capabilities``
-says what the model can do. ``forward`` follows the paper (``docs/fidelity.md`` maps
+MaskedCaption / CoCaCaption), each owning its whole term (the passes it reads, its targets,
+its loss call); the model holds the modules and runs the towers. ``capabilities`` says what
+the model can do. :mod:`fundus_lab.models.factory` builds and loads it. ``forward`` follows the paper (``docs/fidelity.md`` maps
 each step to its equation and declares every deviation):
 
 1. encode (eq. 1): ``E_img`` / ``E_text`` on the unmasked image and text, one pass each,
@@ -30,23 +31,27 @@ import copy
 import json
 import math
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from fundus_lab import losses as L
-from fundus_lab.models.coca import AttentionalPooler, CoCaTextEncoder, MultimodalDecoder
+from fundus_lab.checkpoint import CheckpointError
 from fundus_lab.config import MethodConfig, ModelConfig
+from fundus_lab.schema import to_dict
+from fundus_lab.models.card import write_model_card
+from fundus_lab.models.coca import AttentionalPooler, CoCaTextEncoder, MultimodalDecoder
 from fundus_lab.models.decoders import MAEDecoder, MaskedTextDecoder
 from fundus_lab.models.fusion import CrossAttention
-from fundus_lab.models.image import ImageTower, block_mask, build_image_encoder, load_image_weights, patchify, unpatchify
-from fundus_lab.models.objectives import objectives_for
-from fundus_lab.models.text import TextEncoder, config_from_dict, mask_tokens, small_bert_config
-from fundus_lab.checkpoint import CheckpointError, read_json_file, read_safetensors  # noqa: F401  (CheckpointError re-exported by fundus_lab.models)
+from fundus_lab.models.image import ImageTower, block_mask, build_image_encoder, patchify, unpatchify
+from fundus_lab.models.method import validate_method
+from fundus_lab.models.objectives import ImagePass, Pass, TextPass, context_passes, objectives_for
+from fundus_lab.models.text import TextEncoder, mask_tokens, small_bert_config
+from fundus_lab.registry import Registry
 
 FORMAT = "fundus_lab.FundusVLM"
 FORMAT_VERSION = 2
@@ -54,66 +59,27 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TOKENIZER_DIR = "tokenizer"
 
-# what a model can do, for eval / viz / widgets (no attribute probing)
-CAPABILITIES = (
-    "image_embedding",       # encode_image in a joint image-text space (else: the ViT's CLS)
-    "text_embedding",        # encode_text: zero-shot and prompt heads
-    "patch_embedding",       # encode_patches: where a prompt matches
-    "reconstruction",        # reconstruct: pixels rebuilt from a masked image
-    "text_conditioned_reconstruction",  # reconstruct(texts=...): through CA_img (eq. 7)
-    "cross_attention_maps",  # cross_attention_maps: CA_text's text -> image attention
-    "captioning",            # a caption / text-rebuilding term
-    "attention_maps",        # attention_maps: the image tower's self-attention (ViTs)
-    "image_features",        # image_features: pooled feature and patch tokens (probes)
-    "fine_tune",             # image_encoder with .blocks: layer-wise lr decay fine-tuning
-)
+# what a model can do, for eval / viz / widgets (no attribute probing): name -> what it gives
+CAPABILITIES: Registry[str] = Registry("capability")
+for _name, _gives in (
+    ("image_embedding", "encode_image in a joint image-text space (else: the ViT's CLS)"),
+    ("text_embedding", "encode_text: zero-shot and prompt heads"),
+    ("patch_embedding", "encode_patches: where a prompt matches"),
+    ("reconstruction", "reconstruct: pixels rebuilt from a masked image"),
+    ("text_conditioned_reconstruction", "reconstruct(texts=...): through CA_img (eq. 7)"),
+    ("cross_attention_maps", "cross_attention_maps: CA_text's text -> image attention"),
+    ("captioning", "a caption / text-rebuilding term"),
+    ("attention_maps", "attention_maps: the image tower's self-attention (ViTs)"),
+    ("image_features", "image_features: pooled feature and patch tokens (probes)"),
+    ("fine_tune", "image_encoder with .blocks: layer-wise lr decay fine-tuning"),
+):
+    CAPABILITIES.register(_name, _gives)
 
 
 def build_vision_transformer(cfg: ModelConfig, mask_token: bool = False) -> ImageTower:
     """The image tower ``model.image_encoder`` names (any timm ViT or CNN), without outside
     weights: :func:`build_model` loads ``model.image_weights``; a restored checkpoint has its own."""
     return build_image_encoder(cfg, mask_token=mask_token, load_weights=False)
-
-
-def validate_method(m: MethodConfig) -> None:
-    """Reject switch combinations that cannot train, naming the field."""
-    for name in ("contrastive_weight", "image_gen_weight", "caption_weight"):
-        if getattr(m, name) < 0:
-            raise ValueError(f"method.{name}={getattr(m, name)}: weights must be >= 0")
-    if m.contrastive_weight == 0 and m.image_gen_weight == 0 and m.caption_weight == 0:
-        raise ValueError(f"method {m.name!r}: every loss weight is 0, nothing would train")
-    if not 0.0 <= m.mask_ratio < 1.0:
-        raise ValueError(f"method.mask_ratio={m.mask_ratio}: expected 0 <= mask_ratio < 1")
-    if not 0.0 <= m.contrastive_mask_ratio < 1.0:
-        raise ValueError(f"method.contrastive_mask_ratio={m.contrastive_mask_ratio}: expected 0 <= ratio < 1")
-    if not 0.0 < m.text_mask_ratio < 1.0 and m.caption_weight > 0 and m.caption_mode == "masked":
-        raise ValueError(f"method.text_mask_ratio={m.text_mask_ratio}: expected 0 < ratio < 1 for masked captioning")
-    if m.image_gen_weight > 0 and m.mask_ratio == 0:
-        raise ValueError("method.mask_ratio=0 with image_gen_weight > 0: nothing would be masked to rebuild")
-    if m.contrastive_weight > 0 and m.contrastive_view == "masked" and m.contrastive_mask_ratio == 0:
-        raise ValueError("method.contrastive_view='masked' needs method.contrastive_mask_ratio > 0")
-    if not 0.0 <= m.momentum < 1.0:
-        raise ValueError(f"method.momentum={m.momentum}: expected 0 <= momentum < 1")
-    if m.contrastive_loss == "vilref" and (m.queue_size < 0 or m.num_labels < 1):
-        raise ValueError("method.contrastive_loss='vilref' needs method.queue_size >= 0 and method.num_labels >= 1")
-    if m.init_temperature <= 0 or m.max_logit_scale <= 1:
-        raise ValueError("method.init_temperature must be > 0 and method.max_logit_scale > 1")
-    if m.mim_masking == "block" and m.image_gen_target != "teacher":
-        raise ValueError("method.mim_masking='block' regresses teacher features (EVA); set method.image_gen_target='teacher'")
-    if m.image_gen_target == "teacher" and m.image_gen_weight > 0 and m.mim_masking != "block":
-        raise ValueError("method.image_gen_target='teacher' needs method.mim_masking='block' ([MASK] tokens, as EVA)")
-    if not 0.0 <= m.stage1_fraction < 1.0:
-        raise ValueError(f"method.stage1_fraction={m.stage1_fraction}: expected 0 <= fraction < 1")
-    if m.stage1_fraction > 0 and (m.image_gen_weight == 0 or m.contrastive_weight == 0 or m.caption_weight > 0):
-        raise ValueError("method.stage1_fraction > 0 (two stages) needs image_gen_weight > 0 (stage 1), "
-                         "contrastive_weight > 0 (stage 2) and caption_weight = 0")
-    if m.caption_weight > 0 and m.caption_mode == "autoregressive" and m.cross_attention:
-        raise ValueError("method.caption_mode='autoregressive' (CoCa) cross-attends inside its decoder; set method.cross_attention=false")
-    if m.caption_mode == "autoregressive" and m.caption_weight > 0 and m.coca_pool_queries < 1:
-        raise ValueError(f"method.coca_pool_queries={m.coca_pool_queries}: expected >= 1")
-    if m.text_init == "teacher" and not (m.image_gen_weight > 0 and m.image_gen_target == "teacher" and m.contrastive_weight > 0):
-        raise ValueError("method.text_init='teacher' copies the text tower of the teacher (EVA-CLIP); it needs "
-                         "image_gen_target='teacher', image_gen_weight > 0 and contrastive_weight > 0")
 
 
 def code_revision(m: MethodConfig) -> int | None:
@@ -125,7 +91,7 @@ def code_revision(m: MethodConfig) -> int | None:
     CoCa 2: the text CLS at the fixed-context position (issue 17); before, at the batch's
     padded length, a position the CLS of a new checkpoint is never trained at.
     """
-    if m.caption_weight > 0 and m.caption_mode == "autoregressive":
+    if m.uses_coca:
         return 2
     return None
 
@@ -163,14 +129,14 @@ class FundusVLM(nn.Module):
         validate_method(method_cfg)
         self.model_cfg, self.method_cfg = model_cfg, method_cfg
         m = method_cfg
-        self.use_contrastive = m.contrastive_weight > 0
-        self.use_image_gen = m.image_gen_weight > 0
-        self.use_caption = m.caption_weight > 0
-        self.masked_caption = self.use_caption and m.caption_mode == "masked"
-        self.coca = self.use_caption and m.caption_mode == "autoregressive"
-        self.has_text = self.use_contrastive or self.use_caption
+        self.use_contrastive = m.uses_contrastive
+        self.use_image_gen = m.uses_image_decoder
+        self.use_caption = m.uses_caption
+        self.masked_caption = m.uses_masked_caption
+        self.coca = m.uses_coca
+        self.has_text = m.uses_text
         self.use_momentum = self.use_contrastive and m.contrastive_loss == "vilref"
-        self.teacher_target = self.use_image_gen and m.image_gen_target == "teacher"
+        self.teacher_target = m.uses_teacher
         self.stage = 1 if m.stage1_fraction > 0 else 0  # 0: one stage (every term every step)
         self._truncation_warned = False
 
@@ -210,7 +176,7 @@ class FundusVLM(nn.Module):
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / m.init_temperature)))
 
         # cross-attention (eq. 7): each direction only where a decoder reads its output
-        use_fusion = m.cross_attention and self.has_text
+        use_fusion = m.uses_cross_attention
         self.fusion_image = (
             CrossAttention(vw, tw, model_cfg.fusion_depth, model_cfg.fusion_heads, model_cfg.mlp_ratio)
             if use_fusion and self.use_image_gen and not self.teacher_target else None
@@ -259,7 +225,7 @@ class FundusVLM(nn.Module):
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
             self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
 
-        self.objectives = objectives_for(self)  # the terms of eq. 8 this method trains
+        self.objectives = objectives_for(m)  # the terms of eq. 8 this method trains
 
     # ------------------------------------------------------------------ what it can do
     @property
@@ -282,38 +248,22 @@ class FundusVLM(nn.Module):
             caps |= {"attention_maps", "fine_tune"}
         return frozenset(caps)
 
-    def passes(self) -> dict[str, Any]:
+    def has(self, capability: str) -> bool:
+        """Whether the model can do ``capability``, a :data:`CAPABILITIES` name (an unknown
+        name is an error that suggests the close ones, never a silent False)."""
+        CAPABILITIES.get(capability)
+        return capability in self.capabilities
+
+    def passes(self) -> list[Pass]:
         """The encoder passes one training step runs: the union of what the active
-        objective heads declare (``fundus_lab.models.objectives``), each run once.
-
-        Returns dict(image: list of (kind, ratio) with kind "full" | "masked" |
-        "mask_token", text: list of "full" | "masked"). The paper's ``ours`` runs one
-        unmasked and one masked pass of each encoder.
-        """
-        views: list[tuple[str, Any]] = []
+        objective heads declare (``fundus_lab.models.objectives``), each once, in the
+        heads' order. The paper's ``ours`` runs one unmasked and one masked pass of each
+        encoder."""
+        plan: list[Pass] = []
         for head in self.objectives:
-            if head.active(self):
-                views += [v for v in head.needs(self) if v not in views]
-        image = []
-        for _, r in (v for v in views if v[0] == "image"):
-            if r == "mask_token":
-                image.append(("mask_token", self.method_cfg.mask_ratio))
-            else:
-                image.append(("masked" if r > 0 else "full", r))
-        return {"image": image, "text": [t for k, t in views if k == "text"]}
-
-    def context_image_ratio(self) -> float:
-        """Mask ratio of the image view the contrastive term and ``CA_text`` read: 0 (the
-        unmasked image, eq. 1) or FLIP's ``contrastive_mask_ratio``."""
-        m = self.method_cfg
-        return m.contrastive_mask_ratio if (self.use_contrastive and m.contrastive_view == "masked") else 0.0
-
-    def context_text_view(self) -> str:
-        """The text view the contrastive term and ``CA_img`` read: the unmasked text (eq. 1),
-        or under FLIP the masked text that captioning makes anyway (one text pass)."""
-        m = self.method_cfg
-        flip = self.use_contrastive and m.contrastive_view == "masked" and self.masked_caption
-        return "masked" if flip else "full"
+            if head.active(self.stage):
+                plan += [p for p in head.passes() if p not in plan]
+        return plan
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -440,40 +390,19 @@ class FundusVLM(nn.Module):
         Returns dict(maps: list per layer of ``[N, heads, T, 1 + L']`` (column 0 is the image
         CLS token), tokens: list of token strings per text, attention_mask ``[N, T]``).
         """
-        self._require("text->image cross-attention", "cross_attention_maps" in self.capabilities,
+        self._require("text->image cross-attention", self.has("cross_attention_maps"),
                       "method.cross_attention is false or masked captioning is off")
         ids, attn = self.tokenize(texts)
         if mask_text:
             ids, _ = mask_tokens(ids, attn, self.method_cfg.text_mask_ratio, self.tokenizer.mask_token_id, self._special_ids())
-        img = self.image_encoder(images, self.context_image_ratio())["tokens"]
+        img = self.image_encoder(images, context_passes(self.method_cfg)[0].ratio)["tokens"]
         txt = self.text_encoder(ids, attn)["tokens"]
         _, maps = self.fusion_text(txt, img, return_attention=True)
         maps = [a.float() for a in maps]
         tokens = [self.tokenizer.convert_ids_to_tokens(row[mask.bool()].tolist()) for row, mask in zip(ids.cpu(), attn.cpu())]
         return {"maps": maps, "tokens": tokens, "attention_mask": attn}
 
-    # ------------------------------------------------------------------ loss terms
-    def forward_contrastive(self, image_feature, text_cls, labels) -> torch.Tensor:
-        """Eq. 2 (or the FLAIR / ViLReF variant) on projected, normalised pooled features."""
-        m = self.method_cfg
-        z_img = F.normalize(self.image_proj(image_feature), dim=-1)
-        z_txt = F.normalize(self.text_proj(text_cls), dim=-1)
-        scale = self._scale()
-        if m.contrastive_loss == "infonce":
-            return L.contrastive_loss(z_img, z_txt, scale, directions=m.contrastive_directions)
-        try:
-            labels = None if labels is None else torch.as_tensor(labels).to(self.device)
-        except (TypeError, ValueError, RuntimeError):
-            labels = None
-        if labels is None:
-            raise ValueError(f"method {m.name!r} ({m.contrastive_loss}) needs batch['label'] (class ids or multi-hot) for every image")
-        if m.contrastive_loss == "label_aware":
-            return L.label_aware_contrastive_loss(z_img, z_txt, labels, scale)
-        k = int(self.queue_count)
-        return L.weighted_similarity_coupling_loss(
-            z_img, z_txt, labels, scale, self.image_queue[:k].clone(), self.text_queue[:k].clone(), self.label_queue[:k].clone()
-        )
-
+    # ------------------------------------------------------------------ training step
     def forward(self, batch: dict) -> dict:
         """One training step's losses: run the passes the active heads declare, then each head.
 
@@ -487,78 +416,51 @@ class FundusVLM(nn.Module):
         """
         if "image" not in batch:
             raise KeyError("batch has no 'image'")
-        m = self.method_cfg
-        enc = self.encode_views(batch)
-        terms = {head.key: head(self, enc, batch) for head in self.objectives if head.active(self)}
+        enc = self.encode_passes(batch, self.passes())
+        heads = [head for head in self.objectives if head.active(self.stage)]
+        terms = {head.key: head(self, enc, batch) for head in heads}
         logs: dict[str, Any] = {}
         if "contrastive_loss" in terms:
             logs["logit_scale"] = self._scale().detach()
         if self.stage:
             logs["stage"] = self.stage
-        total, weighted = L.total_loss(
-            terms, {"contrastive_loss": m.contrastive_weight, "image_gen_loss": m.image_gen_weight, "caption_loss": m.caption_weight}
-        )
-        if self.use_momentum and self.training and "contrastive_loss" in terms:
-            self._enqueue(enc["images"], enc["input_ids"], enc["attention_mask"], batch.get("label"))
+        total, weighted = L.total_loss(terms, {head.key: head.weight for head in heads})
+        for head in heads:
+            head.after_step(self, enc, batch)
         return {"loss": total, **weighted, **logs}
 
-    def encode_views(self, batch: dict) -> dict:
-        """Eqs. 1, 3, 5: each planned pass once. Returns ``{("image", ratio | "mask_token"):
-        encoder output, ("text", "full" | "masked"): encoder output}`` plus images,
-        input_ids, attention_mask and text_targets (the caption targets)."""
-        m = self.method_cfg
+    def encode_passes(self, batch: dict, passes: Sequence[Pass]) -> dict:
+        """Eqs. 1, 3, 5: run each pass once. Returns ``{pass: encoder output}`` plus
+        ``images`` and, where a text pass runs, the batch's ``input_ids`` and
+        ``attention_mask`` ``[N, T]``. Image passes run in the order given, then the masked
+        text pass (its output carries ``mlm_targets``), then the whole text."""
         images = batch["image"].to(self.device)
         enc: dict[Any, Any] = {"images": images}
-        plan = self.passes()
-        for kind, ratio in plan["image"]:
-            if kind == "mask_token":
-                mask = block_mask(images.shape[0], self.image_encoder.grid_size, ratio).to(images.device)
+        for p in passes:
+            if not isinstance(p, ImagePass):
+                continue
+            if p.mask_token:
+                mask = block_mask(images.shape[0], self.image_encoder.grid_size, p.ratio).to(images.device)
                 out = self.image_encoder.forward_features(images, mask=mask)
-                enc[("image", "mask_token")] = {**out, "mask": mask.to(out["tokens"].dtype)}
+                enc[p] = {**out, "mask": mask.to(out["tokens"].dtype)}
             else:
-                enc[("image", ratio)] = self.image_encoder(images, ratio)
-        if plan["text"]:
+                enc[p] = self.image_encoder(images, p.ratio)
+        text_passes = sorted((p for p in passes if isinstance(p, TextPass)), key=lambda p: not p.masked)
+        if text_passes:
             if "text" not in batch or batch["text"] is None:
-                raise KeyError(f"method {m.name!r} needs batch['text'] (one text per image)")
+                raise KeyError(f"method {self.method_cfg.name!r} needs batch['text'] (one text per image)")
             ids, attn = self.tokenize(batch["text"])
-            targets = None
-            if self.coca:  # as open_clip's CoCa.forward: the CLS reads the whole text, the
-                # captioner the unimodal tokens of ids[:-1] predicting ids[1:] (teacher forcing)
-                full = self.text_encoder(ids, attn)
-                targets = ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
-                ids, attn = ids[:, :-1], attn[:, :-1]
-                enc[("text", "full")] = {**full, "tokens": full["tokens"][:, :-1], "attention_mask": attn}
-            if "masked" in plan["text"]:
-                masked_ids, masked_targets = mask_tokens(ids, attn, m.text_mask_ratio, self.tokenizer.mask_token_id, self._special_ids())
-                # eq. 6 sums over all T tokens; "masked" scores only the masked ones (MLM)
-                targets = masked_targets if m.caption_targets == "masked" else ids.masked_fill(attn == 0, -100)
-                enc[("text", "masked")] = self.text_encoder(masked_ids, attn)
-            if "full" in plan["text"] and not self.coca:
-                enc[("text", "full")] = self.text_encoder(ids, attn)
-            enc.update(input_ids=ids, attention_mask=attn, text_targets=targets)
+            enc.update(input_ids=ids, attention_mask=attn)
+            for p in text_passes:
+                if p.masked:
+                    masked_ids, targets = mask_tokens(ids, attn, self.method_cfg.text_mask_ratio,
+                                                      self.tokenizer.mask_token_id, self._special_ids())
+                    enc[p] = {**self.text_encoder(masked_ids, attn), "mlm_targets": targets}
+                else:
+                    enc[p] = self.text_encoder(ids, attn)
         return enc
 
-    # ------------------------------------------------------------------ momentum encoders (ViLReF)
-    @torch.no_grad()
-    def _enqueue(self, images, ids, attn, labels):
-        """Push this (global) batch's momentum features and labels into the FIFO queue."""
-        k = self.method_cfg.queue_size
-        if k == 0:
-            return
-        zi = F.normalize(self.momentum_image_proj(self.momentum_image_encoder(images)["cls"]), dim=-1)
-        zt = F.normalize(self.momentum_text_proj(self.text_embedding_input(self.momentum_text_encoder(ids, attn))), dim=-1)
-        y = L._labels_as_matrix(torch.as_tensor(labels).to(self.device), self.method_cfg.num_labels)
-        zi, zt, y = L.gather_no_grad(zi), L.gather_no_grad(zt), L.gather_no_grad(y)
-        n = zi.shape[0]
-        idx = (int(self.queue_ptr) + torch.arange(n, device=zi.device)) % k
-        if n > k:  # a batch larger than the queue: keep its last k entries
-            idx, zi, zt, y = idx[-k:], zi[-k:], zt[-k:], y[-k:]
-        self.image_queue[idx] = zi.to(self.image_queue.dtype)
-        self.text_queue[idx] = zt.to(self.text_queue.dtype)
-        self.label_queue[idx] = y.to(self.label_queue.dtype)
-        self.queue_ptr.fill_((int(self.queue_ptr) + n) % k)
-        self.queue_count.fill_(min(k, int(self.queue_count) + n))
-
+    # ------------------------------------------------------------------ after the optimizer step
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Call after every optimizer step: clamp the temperature (CLIP) and move the
@@ -596,7 +498,7 @@ class FundusVLM(nn.Module):
         ``[N, 1, H, W]`` (1 = masked)). With ``norm_pix_loss`` the per-patch normalised
         prediction is mapped back with each patch's true mean and variance, for display only.
         """
-        self._require("pixel decoder", "reconstruction" in self.capabilities,
+        self._require("pixel decoder", self.has("reconstruction"),
                       "it does not rebuild pixels (image_gen_weight is 0 or the target is teacher features)")
         ratio = self.method_cfg.mask_ratio if mask_ratio is None else mask_ratio
         enc = self.image_encoder(images, ratio)
@@ -631,10 +533,6 @@ class FundusVLM(nn.Module):
         """Write ``model.safetensors``, ``config.json`` (model + method + text/teacher configs),
         ``tokenizer/`` and a model card ``README.md``. Loading needs nothing else (no original
         paths, no pickle): :meth:`from_pretrained` or ``fl.load_model``."""
-        from safetensors.torch import save_file
-
-        from fundus_lab.config import to_dict
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -652,8 +550,6 @@ class FundusVLM(nn.Module):
             "teacher_model": to_dict(self.teacher_config) if self.teacher_config is not None else None,
         }
         (out / CONFIG_NAME).write_text(json.dumps(payload, indent=2, default=str))
-        from fundus_lab.models.card import write_model_card
-
         write_model_card(out)  # README.md: method, config, data and budget of the run it sits in
         return out
 
@@ -665,175 +561,6 @@ class FundusVLM(nn.Module):
         if not (path / CONFIG_NAME).is_file():
             raise CheckpointError(f"{path}: no {CONFIG_NAME}; FundusVLM.from_pretrained reads a local folder written by "
                                   "save_pretrained (fl.load_model also reads open_clip and Hugging Face CLIP folders)")
+        from fundus_lab.models.factory import load_model  # factory builds FundusVLM: a real cycle
+
         return load_model(path, map_location=map_location)
-
-
-# ---------------------------------------------------------------------- factories
-
-
-def _resolve_tokenizer(model_cfg: ModelConfig):
-    from fundus_lab.data.tokenizer import default_corpus, load_tokenizer, train_tokenizer
-
-    if model_cfg.tokenizer:
-        return load_tokenizer(model_cfg.tokenizer)
-    if model_cfg.text_pretrained:
-        return load_tokenizer(model_cfg.text_pretrained)
-    # no tokenizer given: learn one from the knowledge base (deterministic)
-    return train_tokenizer(default_corpus(), vocab_size=model_cfg.vocab_size, model_max_length=model_cfg.text_max_length)
-
-
-def _read_checkpoint_config(path: Path) -> dict:
-    cfg_path = path / CONFIG_NAME
-    data = read_json_file(cfg_path, "; is this a directory written by save_pretrained?")
-    if data.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_path}: format is {data.get('format')!r}, expected {FORMAT!r}")
-    for key in ("model", "method"):
-        if not isinstance(data.get(key), dict):
-            raise CheckpointError(f"{cfg_path}: field {key!r} is missing or not a mapping")
-    return data
-
-
-def _load_weights(module: nn.Module, weights: Path, prefix: str = "") -> None:
-    """Copy safetensors weights into ``module``; any missing, extra or mis-shaped key is an error."""
-
-    if not weights.is_file():
-        raise CheckpointError(f"{weights} does not exist")
-    state = read_safetensors(weights)
-    if prefix:
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    if wrong:
-        problems.append(
-            "shape mismatch " + ", ".join(f"{k}: file {list(state[k].shape)} vs model {list(expected[k].shape)}" for k in wrong[:8])
-        )
-    if problems:
-        raise CheckpointError(f"{weights}{' [' + prefix + '*]' if prefix else ''} does not fit the model: " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
-
-
-def build_model(model_cfg: ModelConfig, method_cfg: MethodConfig, tokenizer=None) -> FundusVLM:
-    """Build a :class:`FundusVLM` for ``method_cfg``, loading any pretrained parts.
-
-    - tokenizer: given, else ``model.tokenizer``, else the ``text_pretrained`` checkpoint's,
-      else one trained on the knowledge base.
-    - ``model.text_pretrained``: a local HF checkpoint directory (safetensors) for ``E_text``.
-    - ``method.teacher_checkpoint``: a ``save_pretrained`` directory (a trained CLIP) whose
-      image encoder becomes EVA's frozen teacher and, with ``method.text_init: teacher``,
-      whose text tower (encoder and projection) is where EVA's text tower starts (EVA-CLIP
-      starts from a pretrained CLIP text encoder). Without one the teacher is a frozen,
-      randomly initialised copy of the student's ViT and the text tower is random: a
-      runnable stand-in, not the EVA recipe, and a loud warning says so
-      (``fundus-lab compare`` trains ``clip`` first and passes its checkpoint).
-    """
-    has_text = method_cfg.contrastive_weight > 0 or method_cfg.caption_weight > 0
-    if has_text and tokenizer is None:
-        tokenizer = _resolve_tokenizer(model_cfg)
-    text_encoder = text_config = None
-    if has_text and model_cfg.text_pretrained and method_cfg.caption_mode == "autoregressive" and method_cfg.caption_weight > 0:
-        raise ValueError(f"model.text_pretrained={model_cfg.text_pretrained!r}: CoCa's causal text stack "
-                         "(method.caption_mode='autoregressive') is built from scratch; unset model.text_pretrained")
-    if has_text and model_cfg.text_pretrained:
-        text_encoder = TextEncoder.from_pretrained(model_cfg.text_pretrained)
-        text_config = text_encoder.config
-    teacher_cfg = None
-    uses_teacher = method_cfg.image_gen_weight > 0 and method_cfg.image_gen_target == "teacher"
-    if uses_teacher and method_cfg.teacher_checkpoint:
-        from fundus_lab.config import from_dict
-
-        tpath = Path(method_cfg.teacher_checkpoint)
-        tdata = _read_checkpoint_config(tpath)
-        teacher_cfg = from_dict(ModelConfig, tdata["model"], str(tpath / CONFIG_NAME))
-    model = FundusVLM(model_cfg, method_cfg, tokenizer if has_text else None, text_config, teacher_cfg)
-    if model_cfg.image_weights:  # timm / RETFound weights for the image tower
-        load_image_weights(model.image_encoder, model_cfg.image_weights)
-    if text_encoder is not None:
-        model.text_encoder.load_state_dict(text_encoder.state_dict(), strict=True)
-    if uses_teacher and method_cfg.teacher_checkpoint:
-        _load_weights(model.teacher, Path(method_cfg.teacher_checkpoint) / WEIGHTS_NAME, prefix="image_encoder.")
-        if method_cfg.text_init == "teacher":
-            load_teacher_text_tower(model, Path(method_cfg.teacher_checkpoint))
-    elif uses_teacher:
-        warnings.warn(
-            f"method {method_cfg.name!r} has no method.teacher_checkpoint: its teacher is a FROZEN RANDOM ViT"
-            + (" and its text tower starts RANDOM instead of from the teacher's (method.text_init='teacher')"
-               if method_cfg.text_init == "teacher" else "")
-            + ". This runs, but it is not the EVA-CLIP recipe; pass a trained CLIP checkpoint as "
-            "method.teacher_checkpoint (fundus-lab compare trains clip first and does so).",
-            UserWarning, stacklevel=2)
-    if model.use_momentum:  # momentum encoders start equal to the online ones
-        model.momentum_text_encoder.load_state_dict(model.text_encoder.state_dict())
-    return model
-
-
-def load_teacher_text_tower(model: FundusVLM, teacher: Path) -> None:
-    """EVA-CLIP's text initialisation: copy the CLIP teacher checkpoint's text encoder and
-    text projection into ``model`` (the teacher must share the model's tokenizer and text sizes)."""
-    data = _read_checkpoint_config(teacher)
-    if (teacher / TOKENIZER_DIR).is_dir() and model.tokenizer is not None:
-        from fundus_lab.data.tokenizer import load_tokenizer
-
-        if load_tokenizer(teacher / TOKENIZER_DIR).get_vocab() != model.tokenizer.get_vocab():
-            raise CheckpointError(f"method.teacher_checkpoint={str(teacher)!r}: its tokenizer differs from the model's; "
-                                  "method.text_init='teacher' needs the same tokenizer (train the teacher with the same model.* settings)")
-    if data.get("method", {}).get("contrastive_weight", 0) <= 0:
-        raise CheckpointError(f"method.teacher_checkpoint={str(teacher)!r} has no contrastive text tower to start from "
-                              "(contrastive_weight is 0); method.text_init='teacher' needs a CLIP-like teacher")
-    weights = teacher / WEIGHTS_NAME
-    _load_weights(model.text_encoder, weights, prefix="text_encoder.")
-    _load_weights(model.text_proj, weights, prefix="text_proj.")
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu", external: bool = True) -> FundusVLM:
-    """Load a directory written by :meth:`FundusVLM.save_pretrained` (safetensors + JSON; no pickle),
-    or an outside model: a Hugging Face ``CLIPModel`` folder, an open_clip checkpoint, or timm /
-    RETFound ViT image weights (image-only: no zero-shot)
-    (:func:`fundus_lab.models.external.load_external`), behind the same evaluation interface.
-    ``external=False`` reads only our own format (resume)."""
-    from fundus_lab.config import ConfigError, from_dict
-    from fundus_lab.data.tokenizer import load_tokenizer
-    from fundus_lab.models.external import ExternalModelError, detect_kind, load_external
-
-    path = Path(path)
-    try:
-        kind = detect_kind(path) if external else None
-    except ExternalModelError:
-        kind = None
-    # a folder with our config.json is ours (even a broken one, to be named as such); a
-    # Hugging Face CLIP folder or an open_clip checkpoint goes to the outside loaders
-    if kind in ("hf", "timm"):  # timm / RETFound image weights: an image-only model
-        return load_external(path, map_location=map_location)
-    if kind == "open_clip" and not (path / CONFIG_NAME).is_file():
-        try:
-            return load_external(path, map_location=map_location)
-        except ExternalModelError:
-            if not (path / WEIGHTS_NAME).is_file():
-                raise  # else: our weights without their config.json, named as such below
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    data = _read_checkpoint_config(path)
-    src = str(path / CONFIG_NAME)
-    try:
-        model_cfg = from_dict(ModelConfig, data["model"], src, prefix="model.")
-        method_cfg = from_dict(MethodConfig, data["method"], src, prefix="method.")
-        teacher_cfg = from_dict(ModelConfig, data["teacher_model"], src, prefix="teacher_model.") if data.get("teacher_model") else None
-    except ConfigError as err:
-        raise CheckpointError(str(err)) from None
-    tokenizer = None
-    if (path / TOKENIZER_DIR).is_dir():
-        tokenizer = load_tokenizer(path / TOKENIZER_DIR)
-        model_cfg = replace(model_cfg, tokenizer=str(path / TOKENIZER_DIR))
-    try:
-        text_config = config_from_dict(data["text_config"]) if data.get("text_config") else None
-    except ValueError as err:
-        raise CheckpointError(f"{src}: {err}") from None
-    model = FundusVLM(model_cfg, method_cfg, tokenizer, text_config, teacher_cfg)
-    _load_weights(model, path / WEIGHTS_NAME)
-    return model.to(map_location).eval()

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel, PretrainedConfig
 
+from fundus_lab.data.tokenizer import check_no_remote_code
+
 
 def small_bert_config(
     vocab_size: int, width: int, depth: int, heads: int, max_length: int, pad_token_id: int, dropout: float = 0.1
@@ -102,8 +104,6 @@ class TextEncoder(nn.Module):
             raise FileNotFoundError(
                 f"model.text_pretrained={str(path)!r}: no *.safetensors weights (pickled checkpoints are not loaded)"
             )
-        from fundus_lab.data.tokenizer import check_no_remote_code
-
         check_no_remote_code(path)
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
         enc = cls.__new__(cls)
