@@ -14,7 +14,7 @@ these five files are what the README shows:
 
 Everything is read from the run folder through the same :class:`~fundus_lab.experiment.Run`
 the notebooks use (its preset, data and methods from ``parameters.json``). Nothing is
-trained: a missing checkpoint raises :class:`fundus_lab.reproduce.CheckpointMissing`, and the
+trained: a missing checkpoint raises :class:`fundus_lab.experiment.CheckpointMissing`, and the
 evaluations are the cached ones the notebooks made. Each PNG is drawn at a low dpi and
 stored with an adaptive palette, so five together stay at a few hundred KB.
 """
@@ -123,7 +123,7 @@ def _few_shot(ctx, methods: Sequence[str]):
     import pandas as pd
 
     from fundus_lab import viz
-    from fundus_lab.eval.compare import shot_curve_rows
+    from fundus_lab.experiment import shot_curve_rows
 
     rows = []
     for m in methods:
@@ -163,7 +163,8 @@ def export_key_figures(run_dir: str | Path, out_dir: str | Path, method: str = "
         max_items: images per method in the UMAP.
         dpi, colors: resolution and palette size of the PNGs (their size in bytes).
     """
-    from fundus_lab.reproduce import LATEST, latest_run, notebook_context, resolve_path
+    from fundus_lab.config import resolve_path
+    from fundus_lab.experiment import LATEST, Run, latest_run
 
     run_dir = Path(run_dir)
     if run_dir.name == LATEST and not run_dir.is_dir():  # the runs/latest pointer file
@@ -174,7 +175,7 @@ def export_key_figures(run_dir: str | Path, out_dir: str | Path, method: str = "
     if not (run_dir / "parameters.json").is_file():
         raise FileNotFoundError(f"{run_dir}/parameters.json does not exist: export_key_figures reads a run folder "
                                 "written by fundus-lab reproduce")
-    ctx = notebook_context("key_figures", run_dir=run_dir)
+    ctx = Run(run_dir=run_dir, notebook="key_figures")
     methods = list(ctx.methods)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", help="where the PNGs go, e.g. results/default/figures")
     parser.add_argument("--method", default="ours", help="whose attention and reconstruction are shown")
     args = parser.parse_args(argv)
-    from fundus_lab.reproduce import CheckpointMissing
+    from fundus_lab.experiment import CheckpointMissing
 
     try:
         written = export_key_figures(args.run_dir, args.out_dir, method=args.method)

@@ -21,6 +21,11 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from fundus_lab.data.images import load_tensor
+from fundus_lab.eval.features import model_device
+from fundus_lab.eval.fine_tune import FineTuneClassifier
+from fundus_lab.models import load_model
+
 FORMAT = "fundus_lab-classifier"
 FORMAT_VERSION = 1
 TASKS = ("multiclass", "multilabel", "ordinal", "binary")
@@ -73,8 +78,6 @@ def load_classifier(path: Union[str, Path], map_location: str = "cpu"):
     """(classifier in eval mode, classifier.json contents) from a :func:`save_classifier` folder."""
     from safetensors.torch import load_file
 
-    from fundus_lab.eval.fine_tune import FineTuneClassifier
-    from fundus_lab.models import load_model
 
     path = Path(path)
     meta_path = path / "classifier.json"
@@ -115,9 +118,6 @@ def load_classifier(path: Union[str, Path], map_location: str = "cpu"):
 @torch.no_grad()
 def predict_images(classifier, info: dict, images: Sequence[Union[str, Path]], batch_size: int = 16) -> np.ndarray:
     """[N, C] class probabilities for image files, preprocessed as at training time."""
-    from fundus_lab.data.images import load_tensor
-    from fundus_lab.eval.features import model_device
-
     pre = info["preprocessing"]
     device = model_device(classifier)
     out = []
