@@ -220,7 +220,7 @@ def reproduce(
         start = time.perf_counter()
         try:
             # the kernel starts where reproduce was called, so relative paths mean the same inside;
-            # headless runs are asked to make what is missing; interactive ones are not (see notebook_context)
+            # headless runs are asked to make what is missing; interactive ones are not (see experiment.Run)
             run_notebook(path, out, {**parameters, "train_if_missing": True}, run_dir / "logs" / f"{path.stem}.log",
                          Path.cwd(), kernel_name,
                          progress=f"notebook {i}/{len(paths)} {path.stem}" if progress else None)
