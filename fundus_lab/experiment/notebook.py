@@ -12,7 +12,7 @@ import re
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import yaml
 

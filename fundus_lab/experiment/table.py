@@ -102,6 +102,7 @@ def compare(
     return write_results({m: results[m] for m in rows}, run.config(), run.run_dir, protocols, budget=budget)
 
 
+class _Draws:
     """The hierarchical bootstrap draws of each column, made once per (seeds, test size) so
     every row of a column is scored on the same replicates (what makes the pairs paired)."""
 
