@@ -250,7 +250,7 @@ def test_write_summary_records_command_commit_machine_and_times(tmp_path):
     assert "| 00_a | ok | 1.5 |" in md and "## Table 1" in md and (out / "table1.csv").is_file()
 
 
-def test_notebook_context_reads_a_real_dataset_under_data_root(tmp_path):
+def test_a_notebooks_run_reads_a_real_dataset_under_data_root(tmp_path):
     """--data-root with a real layout: the notebooks' datasets come from <data_root>/<name>."""
     from test_data_layouts import build_aptos
 
