@@ -9,6 +9,10 @@ safetensors + JSON), ``head.safetensors`` (the linear head) and ``classifier.jso
 (class names in head order, the task, and the preprocessing: image size, field-of-view
 crop, square padding; the pixel normalisation lives inside the model). Nothing is
 unpickled on load.
+
+This module owns that folder format, writer and reader together: the fine_tune protocol
+(:mod:`fundus_lab.experiment.protocols`) writes it and ``fundus-lab predict`` reads it, so
+the experiment layer imports it from above (a dependency, not a leaf).
 """
 
 from __future__ import annotations
