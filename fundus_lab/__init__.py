@@ -1,7 +1,8 @@
 """fundus_lab: self-supervised vision-language learning on retinal fundus photographs.
 
 Submodules load on first use (``fl.data``, ``fl.models``, ``fl.train`` ...), so
-``import fundus_lab`` stays cheap for the command line and for notebooks.
+``import fundus_lab`` stays cheap for the command line and for notebooks. ``fl.Run`` is
+:class:`fundus_lab.experiment.Run`, the one call a notebook builds its run with.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def get_tokenizer(name_or_path):
 
 
 def __getattr__(name: str):
+    if name == "Run":
+        from fundus_lab.experiment import Run
+
+        globals()[name] = Run
+        return Run
     if name in _SUBMODULES:
         module = importlib.import_module(f"fundus_lab.{name}")
         globals()[name] = module
@@ -44,4 +50,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | _SUBMODULES)
+    return sorted(set(globals()) | _SUBMODULES | {"Run"})

@@ -3,8 +3,8 @@
 ``train.budget: steps`` (the paper's reading) trains every method ``train.steps`` steps.
 ``train.budget: flops`` gives each method the steps that make its training FLOPs equal the
 FLOPs of ``train.budget_method`` (default ``ours``) at ``train.steps``;
-:func:`fundus_lab.config.resolve_config` calls :func:`budget_steps` for that, so the resolved
-config already holds the steps.
+:func:`fundus_lab.experiment.configs.resolve_run_config` calls :func:`budget_steps` for that,
+so the resolved config already holds the steps.
 
 FLOPs are counted, not estimated: one forward + backward of the built model on an example
 batch of ``train.batch_size`` images under ``torch.utils.flop_counter.FlopCounterMode``
@@ -29,6 +29,11 @@ import numpy as np
 import torch
 
 from fundus_lab import config as C
+from fundus_lab import knowledge
+from fundus_lab.data.text_source import describe
+from fundus_lab.data.tokenizer import default_corpus, train_tokenizer
+from fundus_lab.models import build_model
+from fundus_lab.models.model import stage1_steps
 
 TEACHER_METHOD = "clip"  # EVA's teacher: a CLIP trained on the same data (experiment.Run.checkpoint)
 
@@ -37,9 +42,6 @@ def example_batch(cfg: "C.Config", n: int, seed: int = 0) -> dict:
     """A fixed training batch: random images, texts like ``data.text_source``'s (definitions of
     one or two drawn knowledge-base classes; knowledge-base sentences for ``report``),
     multi-hot labels. No disk, no decoding: only the model's cost is measured."""
-    from fundus_lab import knowledge
-    from fundus_lab.data.text_source import describe
-
     rng = random.Random(seed)
     sentences = [s for s in knowledge.corpus() if len(s.split()) > 3]
     classes = knowledge.class_keys()
@@ -89,8 +91,6 @@ def _flops_key(cfg: "C.Config") -> str:
 def _tokenizer(vocab_size: int, max_length: int):
     """The benchmark's tokenizer (trained on the knowledge base): the text length it gives is
     what the count sees (a run's own tokenizer is trained on its pretraining texts)."""
-    from fundus_lab.data.tokenizer import default_corpus, train_tokenizer
-
     return train_tokenizer(default_corpus(), vocab_size=vocab_size, model_max_length=max_length)
 
 
@@ -98,8 +98,6 @@ def _tokenizer(vocab_size: int, max_length: int):
 def _stage_flops(key: str) -> tuple[int, ...]:
     """(FLOPs per micro-batch) for each training stage of the config ``key`` describes: one
     entry for one-stage methods, (stage 1, stage 2) for two-stage ones. Cached per process."""
-    from fundus_lab.models import build_model
-
     data = json.loads(key)
     cfg = C.from_dict(C.Config, {"model": data["model"], "method": data["method"],
                                  "train": {"batch_size": data["batch_size"]},
@@ -142,8 +140,6 @@ def counts_teacher(cfg: "C.Config") -> bool:
 
 def method_flops(cfg: "C.Config", steps: int) -> int:
     """Training FLOPs of the method of ``cfg`` at ``steps`` steps, without its teacher."""
-    from fundus_lab.models.model import stage1_steps
-
     per_stage = step_flops(cfg)
     if len(per_stage) == 1:
         return steps * per_stage[0]

@@ -17,14 +17,18 @@ it drives only when it runs, so ``fundus-lab --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import importlib
 import json
+import shlex
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
+from fundus_lab import config as C
+from fundus_lab.checkpoint import CheckpointError
 from fundus_lab.data.manifest import TASKS, parse_manifest
 from fundus_lab.registry import Registry
 
@@ -40,9 +44,9 @@ class Command(NamedTuple):
 SUBCOMMANDS: Registry[Command] = Registry("command")
 SUBCOMMANDS.register("synth", Command("fundus_lab.cli", "synth_main", "write the synthetic fundus benchmark"))
 SUBCOMMANDS.register("pretrain", Command("fundus_lab.train", "main", "pretrain a method (accelerate; same code on CPU/GPUs)"))
-SUBCOMMANDS.register("eval", Command("fundus_lab.eval.compare", "evaluate_main", "evaluate a checkpoint with one protocol"))
-SUBCOMMANDS.register("compare", Command("fundus_lab.eval.compare", "main", "pretrain methods under one budget and write Table 1"))
-SUBCOMMANDS.register("reproduce", Command("fundus_lab.reproduce", "main", "run every notebook headlessly into a run folder"))
+SUBCOMMANDS.register("eval", Command("fundus_lab.cli", "evaluate_main", "evaluate a checkpoint with one protocol"))
+SUBCOMMANDS.register("compare", Command("fundus_lab.cli", "compare_main", "pretrain methods under one budget and write Table 1"))
+SUBCOMMANDS.register("reproduce", Command("fundus_lab.cli", "reproduce_main", "run every notebook headlessly into a run folder"))
 SUBCOMMANDS.register("manifest", Command("fundus_lab.cli", "manifest_main", "write a manifest for a labelled CSV or class folders"))
 SUBCOMMANDS.register("predict", Command("fundus_lab.cli", "predict_main", "class probabilities from a saved fine-tuned classifier"))
 
@@ -192,6 +196,208 @@ def synth_main(argv: list[str] | None = None) -> int:
 
 
 synth_main.__doc__ = "Write the procedural synthetic fundus benchmark as dataset folders with manifests."
+
+
+# the experiment's commands (compare, eval, reproduce): their parsers here, their work in
+# fundus_lab.experiment and fundus_lab.reproduce (imported when the command runs, so the
+# top-level help stays fast)
+
+def compare_parser(references: Sequence[str], protocols: Sequence[str]) -> argparse.ArgumentParser:
+    """``fundus-lab compare --preset P --methods clip,coca,eva,ours [--external NAME=PATH ...]
+    [--data-root DIR] [key=value ...]``"""
+    parser = argparse.ArgumentParser(prog="fundus-lab compare",
+                                     description="Pretrain methods under one budget and write Tables 1 and 2.")
+    parser.add_argument("--preset", default=None, help="smoke | default | paper")
+    parser.add_argument("--methods", nargs="+", default=["clip,coca,eva,ours"],
+                        help="method names, comma-separated (clip,coca,ours) or space-separated")
+    parser.add_argument("--references", nargs="*", default=[",".join(references)],
+                        help="reference rows, like --methods ('' or nothing for none)")
+    parser.add_argument("--config", default=None, help="a YAML file of config sections")
+    parser.add_argument("--data-root", default=None, help="root of the synthetic benchmark (default data.synth_root)")
+    parser.add_argument("--out", default=None, help="run folder (default eval.output_dir)")
+    parser.add_argument("--protocols", nargs="+", default=[",".join(protocols)], help="like --methods")
+    parser.add_argument("--force", action="store_true", help="redo cached pretraining and evaluations")
+    parser.add_argument("--external", action="append", default=[], metavar="NAME=PATH",
+                        help="an outside model as a row (Hugging Face CLIP folder, open_clip checkpoint, timm or "
+                             "RETFound image weights (image-only: zero-shot n/a), or any checkpoint fl.load_model "
+                             "reads); repeat for several")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="pretrain the (method, seed) jobs in this many processes at once, each with cores/N "
+                             "threads (train.num_threads, unless given); one per GPU on a multi-GPU machine. "
+                             "Default 1: results/benchmarks/parallel_jobs.md")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=50 eval.seeds=2")
+    return parser
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    from fundus_lab import experiment
+    from fundus_lab.models.external import ExternalModelError
+
+    parser = compare_parser(experiment.REFERENCES, experiment.DEFAULT_PROTOCOLS)
+    args = parser.parse_args(argv)
+    split = C.split_names
+    external = {}
+    for item in args.external:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"--external {item!r}: expected NAME=PATH")
+        if name in external:
+            parser.error(f"--external {name!r} is given twice")
+        external[name] = path
+    try:
+        overrides = experiment.jobs_overrides(args.jobs, args.overrides)
+        run = experiment.Run(args.preset, args.out, args.data_root, overrides, args.force, path=args.config)
+        paths = experiment.compare(run, split(args.methods), split(args.protocols), split(args.references),
+                                   external=external, jobs=args.jobs)
+    except (C.ConfigError, CheckpointError, ExternalModelError) as err:
+        print(f"fundus-lab compare: {err}", file=sys.stderr)
+        return 2
+    for kind in ("md", "table2_md"):
+        if kind in paths:
+            print(Path(paths[kind]).read_text())
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def eval_parser(protocols: Sequence[str]) -> argparse.ArgumentParser:
+    """``fundus-lab eval --checkpoint DIR --protocol P --dataset NAME [--data-root DIR] [key=value ...]``"""
+    parser = argparse.ArgumentParser(prog="fundus-lab eval", description="Evaluate a checkpoint with one protocol.")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder (uses checkpoint-last)")
+    parser.add_argument("--protocol", required=True, choices=list(protocols))
+    parser.add_argument("--dataset", required=True, help="a manifest name (e.g. synth-aptos) or a manifest path")
+    parser.add_argument("--data-root", default=None, help="dataset folder (synthetic: the benchmark root)")
+    parser.add_argument("--preset", default=None,
+                        help="preset whose eval settings apply (default: the checkpoint's run's, else default)")
+    parser.add_argument("--out", default=None, help="output folder (default <checkpoint>/../eval/<dataset>)")
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--save-classifier", default=None, metavar="DIR",
+                        help="fine_tune only: save the best fine-tuned classifier to DIR (then: fundus-lab predict DIR image.png)")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. eval.seeds=2 eval.fine_tune_epochs=3")
+    return parser
+
+
+def _image_size_of(checkpoint: Path, model) -> int | None:
+    """The input size the model was built for: its own config, else the run's config.yaml."""
+    for obj in (getattr(model, "model_cfg", None), getattr(model, "image_encoder", None)):
+        size = getattr(obj, "img_size", None)
+        if isinstance(size, int):
+            return size
+    for cand in (checkpoint / "config.yaml", checkpoint.parent / "config.yaml"):
+        if cand.is_file():
+            size = (C.read_yaml(cand).get("model") or {}).get("img_size")
+            if size:
+                return int(size)
+    return None
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    from fundus_lab import data, experiment, models
+
+    args = eval_parser(experiment.PROTOCOLS).parse_args(argv)
+    if args.save_classifier and args.protocol != "fine_tune":
+        print(f"fundus-lab eval: --save-classifier needs --protocol fine_tune (got {args.protocol})", file=sys.stderr)
+        return 2
+    checkpoint = Path(args.checkpoint)
+    if (checkpoint / "checkpoint-last").exists():
+        checkpoint = checkpoint / "checkpoint-last"
+    if not checkpoint.exists():
+        print(f"fundus-lab eval: --checkpoint {checkpoint} does not exist", file=sys.stderr)
+        return 2
+    protocol = experiment.PROTOCOLS.get(args.protocol)
+    try:  # a mistyped --dataset name is one line with its did-you-mean, before any model loads
+        if not Path(args.dataset).expanduser().exists():  # existing paths (CSV, class folders) are read later
+            data.manifest.resolve_manifest_path(args.dataset)
+    except data.ManifestError as err:
+        print(f"fundus-lab eval: --dataset {args.dataset}: {err}", file=sys.stderr)
+        return 2
+    run_cfg = checkpoint.resolve().parent / "config.yaml"
+    try:
+        cfg = experiment.checkpoint_eval_config(run_cfg, args.preset,
+                                                [*args.overrides, f"eval.{protocol.dataset_key}={args.dataset}"])
+    except C.ConfigError as err:
+        print(f"fundus-lab eval: {err}", file=sys.stderr)
+        return 2
+    experiment.apply_runtime(cfg)
+    model = models.load_model(checkpoint).to(experiment.device()).eval()
+    if args.save_classifier and not hasattr(model, "save_pretrained"):
+        print(f"fundus-lab eval: --save-classifier: {checkpoint} is an outside model ({type(model).__name__}); "
+              "only fundus_lab models are saved as classifiers", file=sys.stderr)
+        return 2
+    image_size = _image_size_of(checkpoint, model) or cfg.model.img_size
+    out_dir = Path(args.out) if args.out else checkpoint.resolve().parent / "eval" / Path(args.dataset).stem
+    pretrain_ds = None
+    if run_cfg.is_file():  # the data this model was pretrained on must not hold a test patient
+        run = copy.deepcopy(cfg)
+        run.data = C.from_dict(type(cfg.data), C.read_yaml(run_cfg).get("data") or {}, str(run_cfg))
+        try:
+            pretrain_ds = experiment.open_split(run, run.data.dataset, "train", image_size, run.data.root)
+        except (OSError, ValueError) as err:
+            print(f"fundus-lab eval: cannot reopen the pretraining data ({err}); patient overlap not checked",
+                  file=sys.stderr)
+    result = experiment.evaluate_model(
+        model, protocol, cfg, out_dir, args.data_root, None, pretrain_ds,
+        {"checkpoint": str(checkpoint), "pretrain_split": str(checkpoint.resolve().parent / "split.csv")},
+        args.force, image_size, save_classifier=args.save_classifier)
+    if not result["available"]:
+        print(f"{args.protocol} on {args.dataset}: n/a ({result['result']['reason']})")
+    else:
+        for column, cell in result["columns"].items():
+            if cell:
+                s, ci = cell["summary"], cell["ci"]
+                print(f"{args.protocol} on {args.dataset} ({column}): {result['metric']} = {s['mean']:.4f} "
+                      f"[{ci[0]:.4f}, {ci[1]:.4f}] (runs={s['n']}, test images={cell['n_test']})")
+    print(out_dir / f"{args.protocol}.json")
+    if args.save_classifier and result["available"]:
+        print(f"classifier: {args.save_classifier} (fundus-lab predict {args.save_classifier} IMAGE...)")
+    return 0
+
+
+def reproduce_parser(presets: Sequence[str]) -> argparse.ArgumentParser:
+    """``fundus-lab reproduce``: every notebook through papermill into ``runs/<name>/``."""
+    parser = argparse.ArgumentParser(prog="fundus-lab reproduce", description=reproduce_parser.__doc__)
+    parser.add_argument("--preset", choices=presets, default="default")
+    parser.add_argument("--data-root", default=None,
+                        help="folder of the datasets: the synthetic benchmark is written there, and real datasets "
+                             "named in overrides are read from <data-root>/<name> (default: the preset's synth_root)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="methods to compare, comma- or space-separated (default: the preset's)")
+    parser.add_argument("--name", default=None, help="run folder name under runs/ (default <preset>-<time>)")
+    parser.add_argument("--notebooks", nargs="+", default=None, help="run only these (names or numbers, e.g. 00 04)")
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--no-progress", action="store_true", help="no per-cell progress bars on stderr")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="pretrain the (method, seed) jobs in this many processes first, cores/N threads each "
+                             "(default 1: results/benchmarks/parallel_jobs.md)")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="config overrides for every notebook, e.g. eval.zero_shot_dataset=odir5k eval.seeds=3")
+    return parser
+
+
+def reproduce_main(argv: list[str] | None = None) -> int:
+    from fundus_lab import experiment, reproduce
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = reproduce_parser(experiment.PRESETS).parse_args(argv)
+    methods = C.split_names(args.methods) or None
+    try:  # a mistyped key or value fails here, before any notebook starts
+        C.load_config(preset=args.preset, overrides=list(args.overrides))
+    except (C.ConfigError, ValueError) as err:
+        print(f"fundus-lab reproduce: {err}", file=sys.stderr)
+        return 2
+    try:
+        command = "fundus-lab reproduce " + shlex.join(argv)
+        run_dir = reproduce.reproduce(args.preset, args.data_root, methods, args.name, args.notebooks, args.runs_dir,
+                                      overrides=args.overrides, command=command, progress=not args.no_progress,
+                                      jobs=args.jobs)
+    except reproduce.NotebookFailed as err:
+        print(f"fundus-lab reproduce: {err}", file=sys.stderr)
+        return 1
+    except C.ConfigError as err:  # a --name that is not one safe folder name
+        print(f"fundus-lab reproduce: {err}", file=sys.stderr)
+        return 2
+    print(run_dir)
+    return 0
 
 
 def help_text() -> str:

@@ -597,6 +597,8 @@ def resolve_config(
     every method sees the same number of images; ``seed`` (default the first of
     ``eval.pretrain_seeds``) becomes ``train.seed``; with ``run_dir`` the pretraining run
     lives in ``run_dir/pretrain/<method>/seed<s>``; ``synth_root`` moves the synthetic data.
+    The steps of an equal-FLOPs budget (``train.budget: flops``) need models built to count
+    them: :func:`fundus_lab.experiment.configs.resolve_run_config` adds them above this level.
     """
     cfg = load_config(path, preset=preset, method=method, overrides=overrides)
     if method is not None:
@@ -608,26 +610,9 @@ def resolve_config(
     cfg.train.seed = int(cfg.eval.pretrain_seeds[0] if seed is None else seed)
     if synth_root is not None:
         cfg.data.synth_root = str(synth_root)
-    if cfg.train.budget == "flops" and method is not None:
-        cfg.train.steps, cfg.train.teacher_steps = _equal_flops_steps(cfg, path, overrides)
     if run_dir is not None and method is not None:
         cfg.train.output_dir = str(Path(run_dir) / "pretrain" / method / f"seed{cfg.train.seed}")
     return cfg
-
-
-def _equal_flops_steps(cfg: Config, path, overrides) -> tuple[int, Optional[int]]:
-    """``train.budget: flops``: (steps, teacher steps) that give the method of ``cfg`` the
-    training FLOPs of ``train.budget_method`` at ``train.steps`` (:mod:`fundus_lab.budget`)."""
-    from fundus_lab import budget  # counting builds models: above this floor, imported on use
-
-    known = available_methods()
-    if cfg.train.budget_method not in known:
-        raise ConfigError(f"train.budget_method = {cfg.train.budget_method!r} is not a method; expected one of {known}")
-    reference = load_config(path, preset=cfg.preset, method=cfg.train.budget_method, overrides=overrides)
-    for key in BUDGET_KEYS:
-        setattr(reference.train, key, getattr(cfg.train, key))
-    reference.train.teacher_steps = None
-    return budget.budget_steps(cfg, budget.training_flops(reference)["flops"])
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -14,7 +14,7 @@ these five files are what the README shows:
 
 Everything is read from the run folder through the same :class:`~fundus_lab.experiment.Run`
 the notebooks use (its preset, data and methods from ``parameters.json``). Nothing is
-trained: a missing checkpoint raises :class:`fundus_lab.reproduce.CheckpointMissing`, and the
+trained: a missing checkpoint raises :class:`fundus_lab.experiment.CheckpointMissing`, and the
 evaluations are the cached ones the notebooks made. Each PNG is drawn at a low dpi and
 stored with an adaptive palette, so five together stay at a few hundred KB.
 """
@@ -36,9 +36,9 @@ from PIL import Image
 from fundus_lab import model_viz, viz
 from fundus_lab.data import text_source
 from fundus_lab.eval import explain
-from fundus_lab.eval.compare import shot_curve_rows
+from fundus_lab.config import resolve_path
 from fundus_lab.eval.tables import long_format
-from fundus_lab.reproduce import LATEST, CheckpointMissing, latest_run, notebook_context, resolve_path
+from fundus_lab.experiment import LATEST, CheckpointMissing, Run, latest_run, shot_curve_rows
 
 KEY_FIGURES = ("attention_lesions", "reconstruction", "umap", "few_shot", "table1")
 MASK_RATIOS = (0.25, 0.5, 0.75)
@@ -157,7 +157,7 @@ def export_key_figures(run_dir: str | Path, out_dir: str | Path, method: str = "
     if not (run_dir / "parameters.json").is_file():
         raise FileNotFoundError(f"{run_dir}/parameters.json does not exist: export_key_figures reads a run folder "
                                 "written by fundus-lab reproduce")
-    ctx = notebook_context("key_figures", run_dir=run_dir)
+    ctx = Run(run_dir=run_dir, notebook="key_figures")
     methods = list(ctx.methods)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

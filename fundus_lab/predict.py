@@ -9,6 +9,10 @@ safetensors + JSON), ``head.safetensors`` (the linear head) and ``classifier.jso
 (class names in head order, the task, and the preprocessing: image size, field-of-view
 crop, square padding; the pixel normalisation lives inside the model). Nothing is
 unpickled on load.
+
+This module owns that folder format, writer and reader together: the fine_tune protocol
+(:mod:`fundus_lab.experiment.protocols`) writes it and ``fundus-lab predict`` reads it, so
+the experiment layer imports it from above (a dependency, not a leaf).
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from fundus_lab.data.images import load_tensor
+from fundus_lab.eval.features import model_device
+from fundus_lab.eval.fine_tune import FineTuneClassifier
+from fundus_lab.models import load_model
 
 FORMAT = "fundus_lab-classifier"
 FORMAT_VERSION = 1
@@ -72,8 +81,6 @@ def load_classifier(path: Union[str, Path], map_location: str = "cpu"):
     """(classifier in eval mode, classifier.json contents) from a :func:`save_classifier` folder."""
     from safetensors.torch import load_file
 
-    from fundus_lab.eval.fine_tune import FineTuneClassifier
-    from fundus_lab.models import load_model
 
     path = Path(path)
     meta_path = path / "classifier.json"
@@ -114,9 +121,6 @@ def load_classifier(path: Union[str, Path], map_location: str = "cpu"):
 @torch.no_grad()
 def predict_images(classifier, info: dict, images: Sequence[Union[str, Path]], batch_size: int = 16) -> np.ndarray:
     """[N, C] class probabilities for image files, preprocessed as at training time."""
-    from fundus_lab.data.images import load_tensor
-    from fundus_lab.eval.features import model_device
-
     pre = info["preprocessing"]
     device = model_device(classifier)
     out = []

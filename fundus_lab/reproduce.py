@@ -1,4 +1,4 @@
-"""Run every numbered notebook headlessly into one run folder, and what the notebooks share.
+"""Run every numbered notebook headlessly into one run folder, and write its index.
 
 ``fundus-lab reproduce --preset smoke|default|paper`` (or :func:`reproduce`) executes
 ``notebooks/NN_*.ipynb`` in order through papermill, passing the same parameters to each
@@ -13,52 +13,36 @@
         logs/NN_*.log             each kernel's stdout/stderr
         status.json               per notebook: ok | failed | not run, seconds
         index.html, README.md     the tables and figures, with links to each notebook
+        results/run.md, run.json  the run's record: command, commit, machine, wall times
     runs/latest                   a one-line text file naming the last run that finished
                                   (written by reproduce; a file, not a symlink, so it works on Windows)
 
 A failing notebook stops the run; the error names the notebook and the failing cell, and
 everything that finished (and the failing notebook, executed up to the error) is kept.
 
-Notebooks stay thin by calling :func:`notebook_context` once: it returns the run's
-:class:`fundus_lab.experiment.Run` (configs from one function, checkpoints cached in the run
-folder, the evaluations Table 1 reads), with paths resolved against the project root so a
-notebook behaves the same from JupyterLab, papermill or nbval.
-
-Notebooks explore what ``reproduce`` made: opened in JupyterLab with their defaults they read
-the run ``runs/latest`` names (its preset, methods, data and overrides from its
-``parameters.json``) and never train by surprise. A missing checkpoint raises
-:class:`CheckpointMissing`, which says what would be trained and about how long; the notebook
-parameter ``train_if_missing=True`` trains it (with a progress bar). ``reproduce`` passes
-``train_if_missing=True`` to every notebook, so its papermill runs train what they need.
+Each notebook builds its run in one call, ``fl.Run(..., notebook=NAME)``
+(:class:`fundus_lab.experiment.Run`); ``reproduce`` passes ``train_if_missing=True`` to
+every notebook, so its papermill runs train what they need, while a notebook opened in
+JupyterLab on ``runs/latest`` never trains by surprise.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+from fundus_lab import config as C
+from fundus_lab.experiment import (DEFAULT_METHODS, LATEST, PRESETS, REFERENCES, Run, jobs_overrides,
+                                   normalise_overrides, write_latest)
+from fundus_lab.experiment.store import PACKAGE_DIR, project_root
+
 # the numbered notebooks ship inside the package (``notebooks/`` at the checkout root links here),
 # so ``fundus-lab reproduce`` finds them after a plain ``pip install .`` too
 NOTEBOOK_DIR = PACKAGE_DIR / "notebooks"
-PRESETS = ("smoke", "default", "paper")
-# the notebooks' default run_dir: the run folder runs/latest names (see latest_run)
-LATEST = "latest"
-LATEST_POINTER = "runs/latest"
-# where notebooks work when no reproduce run exists yet
-SCRATCH_RUN_DIR = "runs/notebooks"
-# methods each preset compares when none are given
-DEFAULT_METHODS = {
-    "smoke": ["clip", "ours"],
-    # the paper's Table 1 on a laptop; `--methods` adds mae, flair, vilref and the ablations
-    "default": ["clip", "coca", "eva", "ours"],
-    "paper": ["clip", "coca", "eva", "mae", "flair", "vilref", "ours"],
-}
 
 
 def read_status(path: Path) -> dict:
@@ -78,36 +62,6 @@ def read_status(path: Path) -> dict:
                      "run now then show as 'not run') or reproduce into a new --name")
 
 
-class CheckpointMissing(RuntimeError):
-    """A notebook asked for a checkpoint the run folder lacks, without ``train_if_missing=True``.
-
-    ``plan`` lists what would be trained (``Run.untrained`` entries, each with ``seconds``:
-    the estimate, or None where no rate was measured)."""
-
-    def __init__(self, run_dir: Path, plan: list[dict]):
-        self.run_dir, self.plan = run_dir, plan
-        lines = [f"{p['method']} (seed {p['seed']}): {p['steps']} steps of batch {p['batch_size']}"
-                 + (f", about {format_duration(p['seconds'])} ({p['rate_source']})" if p.get("seconds") is not None
-                    else " (no measured rate on this machine yet)") for p in plan]
-        known = [p["seconds"] for p in plan if p.get("seconds") is not None]
-        total = (f"about {format_duration(sum(known))} in all" + (" plus the runs without a rate" if len(known) < len(plan) else "")
-                 if known else "time unknown")
-        super().__init__(
-            f"no finished checkpoint in {run_dir} for what this cell needs; it would train ({total}):\n  "
-            + "\n  ".join(lines)
-            + "\nNotebooks do not train unless asked: set train_if_missing = True in the parameters cell and rerun, "
-              "or run `make reproduce` (fundus-lab reproduce --preset <preset>) and reopen the notebook on runs/latest.")
-
-
-def format_duration(seconds: float) -> str:
-    """``40 s``, ``12 min``, ``1.5 h``: an estimate's precision, no more."""
-    if seconds < 90:
-        return f"{max(1, round(seconds))} s"
-    if seconds < 5400:
-        return f"{round(seconds / 60)} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 class NotebookFailed(RuntimeError):
     """A notebook raised: carries the notebook, the failing cell (1-based, as in the committed file) and the error."""
 
@@ -119,83 +73,7 @@ class NotebookFailed(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------
-# paths
-
-
-def project_root() -> Path:
-    """The checkout holding ``pyproject.toml`` (editable install), else the working directory.
-
-    Only to name the code that ran (:func:`git_commit`); relative run and data folders resolve
-    against the working directory (:func:`resolve_path`), never against the checkout."""
-    root = PACKAGE_DIR.parent
-    if (root / "pyproject.toml").is_file() and (root / "fundus_lab").is_dir():
-        return root
-    return Path.cwd()
-
-
-def resolve_path(path: str | Path) -> Path:
-    """:func:`fundus_lab.config.resolve_path`: relative to the current working directory."""
-    from fundus_lab.config import resolve_path as resolve
-
-    return resolve(path)
-
-
-def write_latest(run_dir: Path, runs_dir: Path) -> Path:
-    """Point ``runs_dir/latest`` at ``run_dir``: one line, the folder name (relative to
-    ``runs_dir`` when inside it, else absolute). A text file works where symlinks do not (Windows)."""
-    run_dir, runs_dir = Path(run_dir).resolve(), Path(runs_dir).resolve()
-    pointer = runs_dir / LATEST
-    if pointer.is_dir():  # a folder (or a symlink to one) named latest is the user's: leave it
-        raise FileExistsError(f"{pointer} is a folder; reproduce writes runs/latest as a one-line file naming "
-                              "the last run: rename that folder")
-    target = run_dir.relative_to(runs_dir) if run_dir.is_relative_to(runs_dir) else run_dir
-    tmp = pointer.with_name(f".latest.{time.time_ns()}.tmp")
-    tmp.write_text(f"{target.as_posix()}\n")
-    tmp.replace(pointer)
-    return pointer
-
-
-def latest_run(pointer: str | Path = LATEST_POINTER) -> Path | None:
-    """The run folder ``runs/latest`` names (a one-line file, or a folder/symlink itself);
-    None when there is no pointer yet. A pointer naming a missing folder is an error.
-
-    The default pointer is the nearest ``runs/latest`` from the current directory upwards, as
-    git finds ``.git``: a notebook opened in JupyterLab runs in ``notebooks/``, and the run
-    folders lie beside it in the checkout's ``runs/``."""
-    if str(pointer) == LATEST_POINTER:
-        here = Path.cwd().resolve()
-        found = next((d / pointer for d in (here, *here.parents) if (d / pointer).exists()), None)
-        pointer = found if found is not None else resolve_path(pointer)
-    else:
-        pointer = resolve_path(pointer)
-    if pointer.is_dir():
-        return pointer
-    if not pointer.is_file():
-        return None
-    lines = [ln.strip() for ln in pointer.read_text().splitlines() if ln.strip()]
-    if len(lines) != 1:
-        raise ValueError(f"{pointer}: expected one line naming a run folder (written by fundus-lab reproduce), "
-                         f"found {len(lines)} lines")
-    target = Path(lines[0])
-    run = target if target.is_absolute() else pointer.parent / target
-    if not run.is_dir():
-        raise FileNotFoundError(f"{pointer} names the run folder {run}, which does not exist; "
-                                "run `make reproduce` again, or pass run_dir= a run folder")
-    return run
-
-
-def run_parameters(run_dir: Path) -> dict:
-    """What ``reproduce`` ran ``run_dir`` with (its ``parameters.json``); {} for a folder it did not make."""
-    path = Path(run_dir) / "parameters.json"
-    if not path.is_file():
-        return {}
-    try:
-        params = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); expected the parameters fundus-lab reproduce wrote") from None
-    if not isinstance(params, dict) or params.get("preset") not in PRESETS:
-        raise ValueError(f"{path}: field 'preset' must be one of {PRESETS}, got {params.get('preset') if isinstance(params, dict) else params!r}")
-    return params
+# running the notebooks
 
 
 def list_notebooks(notebook_dir: str | Path | None = None, select: Sequence[str] | None = None) -> list[Path]:
@@ -214,241 +92,6 @@ def list_notebooks(notebook_dir: str | Path | None = None, select: Sequence[str]
             raise ValueError(f"notebook {s!r} not found; available: {', '.join(p.stem for p in found)}")
         picked += [h for h in hits if h not in picked]
     return sorted(picked)
-
-
-# ---------------------------------------------------------------------------------------
-# what notebooks share: one Run (fundus_lab.experiment), plus where each notebook writes
-
-
-def make_config(preset: str, method: str | None = None, run_dir: str | Path | None = None,
-                data_root: str | Path | None = None, overrides: Mapping[str, Any] | Sequence[str] | None = None):
-    """The config of ``method`` in the run ``run_dir``: ``Run(...).config(method)``, the same
-    :func:`fundus_lab.config.resolve_config` that Table 1 uses."""
-    from fundus_lab.experiment import Run
-
-    return Run(preset, run_dir, data_root, overrides).config(method)
-
-
-def ensure_data(cfg) -> Path:
-    """Write the synthetic benchmark under ``cfg.data.synth_root`` unless it is up to date; returns that root."""
-    from fundus_lab.experiment import ensure_synthetic
-
-    return ensure_synthetic(cfg)
-
-
-def _context_class():
-    from fundus_lab.experiment import Run
-
-    class NotebookContext(Run):
-        """One notebook's view of the run: the shared :class:`~fundus_lab.experiment.Run`
-        (configs, checkpoints, cached evaluations: the numbers Table 1 shows) plus the
-        notebook's own figure and table folders and the methods it compares."""
-
-        def __init__(self, name: str, preset: str, run_dir: Path, data_root, methods: list[str], overrides,
-                     train_if_missing: bool = False):
-            super().__init__(preset, run_dir, data_root, overrides)
-            self.name, self.methods = name, list(methods)
-            self.train_if_missing = bool(train_if_missing)
-            self.figures = self.run_dir / "figures" / name
-            self.tables = self.run_dir / "tables" / name
-
-        def __repr__(self) -> str:
-            return (f"NotebookContext({self.name!r}, preset={self.preset!r}, run_dir={str(self.run_dir)!r}, "
-                    f"methods={self.methods}, overrides={self.overrides}, train_if_missing={self.train_if_missing})")
-
-        def config(self, method: str | None = None, seed: int | None = None):
-            cfg = super().config(method, seed)
-            if self.train_if_missing and method is not None:
-                cfg.train.progress = True  # training asked for from a notebook shows its bar (not part of the cache key)
-            return cfg
-
-        def checkpoint(self, method: str, seed: int | None = None, callbacks=()) -> Path:
-            """The cached checkpoint; trains it only with ``train_if_missing=True``, else raises
-            :class:`CheckpointMissing` saying what would be trained and about how long."""
-            if not self.train_if_missing:
-                plan = self.untrained(method, seed)
-                if plan:
-                    raise CheckpointMissing(self.run_dir, [{**p, **estimate_training(p, self.preset, self.run_dir)}
-                                                           for p in plan]) from None
-            return super().checkpoint(method, seed, callbacks)
-
-        def data(self) -> Path:
-            """The synthetic benchmark's root, written on first use."""
-            return ensure_data(self.config())
-
-        def dataset(self, name: str, split: str = "test", **kwargs):
-            """``fl.data.open_dataset`` with this run's data root and the preset's image size."""
-            from fundus_lab.data import open_dataset
-            from fundus_lab.experiment import dataset_root
-
-            cfg = self.config()
-            root = kwargs.pop("root", None)
-            if root is None and name.startswith("synth-"):
-                ensure_data(cfg)
-            if root is None:  # synthetic: <data_root>/<name>; real: <data_root>/<name> (or the manifest's own)
-                root = dataset_root(cfg, name, self.data_root)
-            kwargs.setdefault("image_cache", cfg.data.image_cache)
-            kwargs.setdefault("image_cache_dir", cfg.data.image_cache_dir)
-            return open_dataset(name, root=root, split=split, image_size=kwargs.pop("image_size", cfg.model.img_size),
-                                **kwargs)
-
-        def figure_dir(self) -> Path:
-            self.figures.mkdir(parents=True, exist_ok=True)
-            return self.figures
-
-        def table_dir(self) -> Path:
-            self.tables.mkdir(parents=True, exist_ok=True)
-            return self.tables
-
-    return NotebookContext
-
-
-def notebook_context(
-    name: str,
-    preset: str | None = None,
-    run_dir: str | Path | None = LATEST,
-    data_root: str | Path | None = None,
-    methods: Sequence[str] | str | None = None,
-    overrides: Sequence[str] | Mapping[str, Any] | None = None,
-    train_if_missing: bool = False,
-):
-    """The one call at the top of every notebook, from its ``parameters`` cell's values.
-
-    Args:
-        name: the notebook's name; its figures and tables go to ``figures/<name>/`` and
-            ``tables/<name>/`` in the run folder.
-        preset: ``smoke`` | ``default`` | ``paper``; None = the run's (from its
-            ``parameters.json``), else ``default``.
-        run_dir: the run folder (relative paths are from the project root); ``"latest"`` (or
-            None) = the one ``runs/latest`` names, the last finished ``make reproduce``, else
-            ``runs/notebooks`` when no run exists yet.
-        data_root: folder of the synthetic benchmark; None = the run's, else the preset's.
-        methods: the methods to compare (list, or comma-separated); None = the run's, else the
-            preset's default.
-        overrides: config overrides for every config of the run (``["eval.zero_shot_dataset=odir5k"]``
-            or a dict), applied over the run's own, e.g. to evaluate on a real dataset found under
-            ``data_root``.
-        train_if_missing: train a checkpoint the run folder lacks; False (the default) raises
-            :class:`CheckpointMissing` with what would be trained and about how long instead.
-    Returns:
-        a ``NotebookContext``: a :class:`fundus_lab.experiment.Run` with figure/table folders.
-    """
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"preset={preset!r}; expected one of {PRESETS} (or None: the run's)")
-    from fundus_lab.config import available_methods, check_name, split_names
-
-    check_name(name, "notebook name")  # it names figures/<name>/ and tables/<name>/
-
-    if run_dir is None or str(run_dir) == LATEST:
-        run = latest_run()
-        if run is None:
-            run = resolve_path(SCRATCH_RUN_DIR)
-            print(f"fundus_lab: no finished run yet ({LATEST_POINTER} is written by `make reproduce`); "
-                  f"working in {run}, where checkpoints are trained only with train_if_missing=True")
-    else:
-        run = resolve_path(run_dir)
-    made_with = run_parameters(run)
-    if preset is None:
-        preset = made_with.get("preset", "default")
-    elif made_with and preset != made_with["preset"]:
-        raise ValueError(f"preset={preset!r}, but {run / 'parameters.json'} says this run was made with preset "
-                         f"{made_with['preset']!r}; set preset = None to use the run's, or run_dir to another run")
-    if data_root is None:
-        data_root = made_with.get("data_root")
-    if not split_names(methods):
-        methods = made_with.get("methods")
-    overrides = {**parse_overrides(made_with.get("overrides")), **parse_overrides(overrides)}
-    methods = split_names(methods)
-
-    known = available_methods()
-    if methods:
-        unknown = [m for m in methods if m not in known]
-        if unknown:
-            raise ValueError(f"methods: {unknown} are not in configs/methods ({', '.join(known)})")
-        chosen = list(methods)
-    else:
-        chosen = [m for m in DEFAULT_METHODS[preset] if m in known] or known
-    run.mkdir(parents=True, exist_ok=True)
-    return _context_class()(name, preset, run, data_root, chosen, overrides, train_if_missing)
-
-
-def _recorded_rates(preset: str, run_dir: Path) -> dict[tuple[str, int], list[float]]:
-    """Seconds per step of finished pretraining runs at ``preset``: under ``runs/*/`` and
-    ``run_dir``, keyed by (method, batch size), from each run's ``cache_key.json`` and ``config.yaml``."""
-    import yaml
-
-    from fundus_lab.experiment import KEY_FILE, read_json
-
-    rates: dict[tuple[str, int], list[float]] = {}
-    folders = {p.resolve() for p in resolve_path("runs").glob("*/pretrain/*/seed*")}
-    folders |= {p.resolve() for p in Path(run_dir).glob("pretrain/*/seed*")}
-    for folder in sorted(folders):
-        saved = read_json(folder / KEY_FILE) or {}
-        if not saved.get("complete") or not saved.get("seconds") or not (folder / "config.yaml").is_file():
-            continue
-        try:
-            cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-            steps, batch = int(cfg["train"]["steps"]), int(cfg["train"]["batch_size"])
-        except (yaml.YAMLError, KeyError, TypeError, ValueError):
-            continue
-        if cfg.get("preset") == preset and steps > 0:
-            rates.setdefault((folder.parent.name, batch), []).append(float(saved["seconds"]) / steps)
-    return rates
-
-
-def _benchmark_rates(batch_size: int, img_size: int) -> dict[str, float]:
-    """Seconds per step per method from ``results/benchmarks/train_throughput.md`` tables measured
-    at this batch and image size; {} when there are none. The fastest timing of a method is kept:
-    other jobs on the machine only ever slow a timing down."""
-    import re
-
-    path = project_root() / "results" / "benchmarks" / "train_throughput.md"
-    if not path.is_file():
-        return {}
-    found: dict[str, list[float]] = {}
-    matching = False
-    for line in path.read_text().splitlines():
-        header = re.search(r"batch (\d+) x (\d+)px", line)
-        if header:
-            matching = (int(header[1]), int(header[2])) == (batch_size, img_size)
-            continue
-        row = re.match(r"^(\S+)\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+([\d.]+)\s", line)
-        if matching and row:
-            found.setdefault(row[1], []).append(float(row[2]))
-    return {m: min(v) for m, v in found.items()}
-
-
-def estimate_training(entry: Mapping[str, Any], preset: str, run_dir: Path) -> dict:
-    """``{"seconds", "rate_source"}`` for one ``Run.untrained`` entry: its steps times the
-    seconds per step measured by finished runs of the same method, preset and batch here,
-    else the rate recorded in ``results/benchmarks/train_throughput.md`` at the same batch
-    and image size; seconds None when neither has one."""
-    import statistics
-
-    measured = _recorded_rates(preset, run_dir).get((entry["method"], entry["batch_size"]))
-    if measured:
-        return {"seconds": entry["steps"] * statistics.median(measured),
-                "rate_source": f"rate of {len(measured)} finished {entry['method']} run(s) at preset {preset} here"}
-    if entry["kind"] == "pretrain":
-        from fundus_lab.config import resolve_config
-
-        cfg = resolve_config(preset, entry["method"])
-        rate = _benchmark_rates(entry["batch_size"], cfg.model.img_size).get(entry["method"])
-        if rate is not None:
-            return {"seconds": entry["steps"] * rate,
-                    "rate_source": "rate recorded in results/benchmarks/train_throughput.md, idle CPU"}
-    return {"seconds": None, "rate_source": None}
-
-
-def parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
-    """``["a.b=1", ...]`` (texts typed by the schema, as on the command line) or a mapping -> ``{"a.b": value}``."""
-    from fundus_lab.experiment import normalise_overrides
-
-    return normalise_overrides(overrides)
-
-
-# ---------------------------------------------------------------------------------------
-# running the notebooks
 
 
 # the kernel's own start-up log (not the notebook's output or errors) writes to our stderr, and
@@ -544,21 +187,17 @@ def reproduce(
     """
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}; expected one of {PRESETS}")
-    from fundus_lab.config import path_inside
-
     run_name = run_name or f"{preset}-{datetime.utcnow():%Y%m%d-%H%M%S}"
     if run_name == LATEST:
         raise ValueError(f"run name {LATEST!r} is taken by the pointer {runs_dir}/{LATEST} to the last run; pick another")
-    run_dir = path_inside(resolve_path(runs_dir), run_name, "run name")  # never "../elsewhere"
+    run_dir = C.path_inside(C.resolve_path(runs_dir), run_name, "run name")  # never "../elsewhere"
     paths = list_notebooks(notebook_dir, select=notebooks)
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    from fundus_lab.experiment import jobs_overrides
-
     overrides = jobs_overrides(jobs, list(overrides or []))
     parameters = {
         "preset": preset,
         "run_dir": str(run_dir),
-        "data_root": str(resolve_path(data_root)) if data_root is not None else None,
+        "data_root": str(C.resolve_path(data_root)) if data_root is not None else None,
         "methods": list(methods) if methods else None,
         "overrides": list(overrides or []),
     }
@@ -571,11 +210,9 @@ def reproduce(
     commit_at_start = git_commit()  # the code the notebooks run, even if HEAD moves during the run
     log(f"fundus-lab reproduce: preset={preset}, {len(paths)} notebooks -> {run_dir}")
     if jobs > 1:  # the notebooks' own Run (same preset, folder, data, overrides) then finds them cached
-        from fundus_lab.experiment import REFERENCES, Run
-
         start = time.perf_counter()
         rows = list(methods or DEFAULT_METHODS[preset]) + list(REFERENCES)
-        Run(preset, run_dir, parameters["data_root"], parse_overrides(overrides)).pretrain_parallel(rows, jobs)
+        Run(preset, run_dir, parameters["data_root"], normalise_overrides(overrides)).pretrain_parallel(rows, jobs)
         log(f"pretrained {', '.join(rows)} in {jobs} processes ({time.perf_counter() - start:.0f} s)")
     for i, path in enumerate(paths, 1):
         out = run_dir / "notebooks" / path.name
@@ -583,7 +220,7 @@ def reproduce(
         start = time.perf_counter()
         try:
             # the kernel starts where reproduce was called, so relative paths mean the same inside;
-            # headless runs are asked to make what is missing; interactive ones are not (see notebook_context)
+            # headless runs are asked to make what is missing; interactive ones are not (see experiment.Run)
             run_notebook(path, out, {**parameters, "train_if_missing": True}, run_dir / "logs" / f"{path.stem}.log",
                          Path.cwd(), kernel_name,
                          progress=f"notebook {i}/{len(paths)} {path.stem}" if progress else None)
@@ -606,7 +243,7 @@ def reproduce(
     log(f"index: {run_dir / 'index.html'}; summary: {run_dir / 'results'}")
     if failure is not None:  # runs/latest keeps naming the last run that finished
         raise failure
-    pointer = write_latest(run_dir, resolve_path(runs_dir))
+    pointer = write_latest(run_dir, C.resolve_path(runs_dir))
     log(f"{pointer} -> {run_name}: notebooks opened in JupyterLab explore this run")
     return run_dir
 
@@ -818,56 +455,3 @@ def markdown_table(df) -> str:
     rule = "|" + "---|" * len(df.columns)
     rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([head, rule, *rows])
-
-
-# ---------------------------------------------------------------------------------------
-# command line
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``fundus-lab reproduce``: every notebook through papermill into ``runs/<name>/``."""
-    parser = argparse.ArgumentParser(prog="fundus-lab reproduce", description=main.__doc__)
-    parser.add_argument("--preset", choices=PRESETS, default="default")
-    parser.add_argument("--data-root", default=None,
-                        help="folder of the datasets: the synthetic benchmark is written there, and real datasets "
-                             "named in overrides are read from <data-root>/<name> (default: the preset's synth_root)")
-    parser.add_argument("--methods", nargs="+", default=None,
-                        help="methods to compare, comma- or space-separated (default: the preset's)")
-    parser.add_argument("--name", default=None, help="run folder name under runs/ (default <preset>-<time>)")
-    parser.add_argument("--notebooks", nargs="+", default=None, help="run only these (names or numbers, e.g. 00 04)")
-    parser.add_argument("--runs-dir", default="runs")
-    parser.add_argument("--no-progress", action="store_true", help="no per-cell progress bars on stderr")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="pretrain the (method, seed) jobs in this many processes first, cores/N threads each "
-                             "(default 1: results/benchmarks/parallel_jobs.md)")
-    parser.add_argument("overrides", nargs="*", default=[],
-                        help="config overrides for every notebook, e.g. eval.zero_shot_dataset=odir5k eval.seeds=3")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    from fundus_lab.config import split_names
-
-    methods = split_names(args.methods) or None
-    try:  # a mistyped key or value fails here, before any notebook starts
-        from fundus_lab.config import ConfigError, load_config
-
-        load_config(preset=args.preset, overrides=list(args.overrides))
-    except (ConfigError, ValueError) as err:
-        print(f"fundus-lab reproduce: {err}", file=sys.stderr)
-        return 2
-    try:
-        import shlex
-
-        command = "fundus-lab reproduce " + shlex.join(list(sys.argv[1:] if argv is None else argv))
-        run_dir = reproduce(args.preset, args.data_root, methods, args.name, args.notebooks, args.runs_dir,
-                            overrides=args.overrides, command=command, progress=not args.no_progress, jobs=args.jobs)
-    except NotebookFailed as err:
-        print(f"fundus-lab reproduce: {err}", file=sys.stderr)
-        return 1
-    except ConfigError as err:  # a --name that is not one safe folder name
-        print(f"fundus-lab reproduce: {err}", file=sys.stderr)
-        return 2
-    print(run_dir)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -477,7 +477,7 @@ def _external_name(tmp_path: Path) -> None:
 
 
 def _eval_saved_data(tmp_path: Path) -> None:
-    from fundus_lab.eval.compare import checkpoint_eval_config
+    from fundus_lab.experiment import checkpoint_eval_config
 
     (tmp_path / "config.yaml").write_text("preset: smoke\ndata:\n  synth_n: .inf\n")
     checkpoint_eval_config(tmp_path / "config.yaml", None, [])

@@ -194,7 +194,7 @@ def test_vilref_trains_on_reports():
 def test_coca_code_revision_enters_its_cache_key_only():
     """The changed baselines get new pretraining keys (their configs, or CoCa's code revision);
     the methods this issue does not touch keep the keys of their cached runs."""
-    from fundus_lab.experiment import _pretrain_inputs
+    from fundus_lab.experiment.pretraining import _pretrain_inputs
 
     inputs = {m: _pretrain_inputs(C.load_config(preset="smoke", method=m)) for m in ("clip", "ours", "coca", "flair", "eva")}
     for m in ("clip", "ours"):

@@ -1,6 +1,6 @@
 """train.budget: equal steps or equal training FLOPs. Under ``flops`` each method gets the
 steps its per-step FLOPs imply (EVA: both stages and its CLIP teacher counted), computed
-inside resolve_config; the table legend states the rule and each method's steps and FLOPs."""
+inside the experiment's resolve_run_config; the table legend states the rule and each method's steps and FLOPs."""
 
 from pathlib import Path
 
@@ -9,6 +9,7 @@ import torch
 
 from fundus_lab import budget as B
 from fundus_lab import config as C
+from fundus_lab.experiment import resolve_run_config
 from fundus_lab.models.model import stage1_steps
 
 # FLOPs of one step by method (EVA: stage 1, stage 2), so the expected steps are computable by hand
@@ -21,7 +22,7 @@ def fake_flops(monkeypatch):
 
 
 def _cfg(method, *extra):
-    return C.resolve_config("smoke", method, ["train.steps=10", *extra])
+    return resolve_run_config("smoke", method, ["train.steps=10", *extra])
 
 
 def test_flops_budget_gives_each_method_the_steps_its_flops_imply(fake_flops):
@@ -78,7 +79,7 @@ def test_counting_flops_does_not_move_the_random_streams():
 
 
 def test_how_steps_were_set_is_not_part_of_the_pretraining_key():
-    from fundus_lab.experiment import _pretrain_inputs
+    from fundus_lab.experiment.pretraining import _pretrain_inputs
 
     steps = _cfg("clip")
     flops = _cfg("clip", "train.budget=flops", "train.budget_method=clip")  # same steps, other rule
@@ -89,6 +90,7 @@ def test_how_steps_were_set_is_not_part_of_the_pretraining_key():
 def test_eva_under_a_flops_budget_trains_its_own_teacher(tmp_path, fake_flops, monkeypatch):
     """The teacher trains EVA's teacher_steps in its own folder (not the clip row's), and EVA reads it."""
     from fundus_lab import experiment as ex
+    from fundus_lab.experiment import run as run_module
 
     trained = []
 
@@ -96,8 +98,8 @@ def test_eva_under_a_flops_budget_trains_its_own_teacher(tmp_path, fake_flops, m
         trained.append((mcfg.method.name, mcfg.train.steps, mcfg.train.output_dir, mcfg.method.teacher_checkpoint))
         return Path(mcfg.train.output_dir)
 
-    monkeypatch.setattr(ex, "pretrain_cached", fake_pretrain)
-    monkeypatch.setattr(ex, "ensure_synthetic", lambda *a, **k: None)
+    monkeypatch.setattr(run_module, "pretrain_cached", fake_pretrain)
+    monkeypatch.setattr(run_module, "ensure_synthetic", lambda *a, **k: None)
     run = ex.Run("smoke", tmp_path / "run", tmp_path / "data", ["train.steps=10", "train.budget=flops"])
     run.checkpoint("eva")
     (teacher, t_steps, t_dir, _), (eva, e_steps, _, e_teacher) = trained
@@ -110,7 +112,7 @@ def test_eva_under_a_flops_budget_trains_its_own_teacher(tmp_path, fake_flops, m
 
 
 def test_legend_states_the_rule_and_each_methods_steps_and_flops(fake_flops):
-    from fundus_lab.eval.compare import budget_note
+    from fundus_lab.experiment.table import budget_note
 
     cfg = _cfg(None, "train.budget=flops")
     note = budget_note(cfg, {m: B.training_flops(_cfg(m, "train.budget=flops")) for m in ("ours", "clip", "eva")})

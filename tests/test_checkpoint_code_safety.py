@@ -105,7 +105,7 @@ def test_a_clean_tokenizer_folder_inside_the_checkpoint_still_loads(tmp_path):
 
 def test_compare_external_refuses_checkpoint_code(tmp_path, marker, monkeypatch):
     import fundus_lab.train
-    from fundus_lab.experiment import Run
+    from fundus_lab.experiment import Run, compare
     from test_compare_external import TINY
 
     folder = evil_open_clip(tmp_path / "evil", marker)
@@ -116,7 +116,7 @@ def test_compare_external_refuses_checkpoint_code(tmp_path, marker, monkeypatch)
     monkeypatch.setattr(fundus_lab.train, "pretrain", refuse)
     run = Run("smoke", tmp_path / "run", tmp_path / "data", TINY)
     with pytest.raises(CheckpointError, match="trust_remote_code"):
-        run.table([], ["zero_shot"], references=[], external={"evil": folder})
+        compare(run, [], ["zero_shot"], references=[], external={"evil": folder})
 
 
 def test_predict_refuses_a_backbone_with_checkpoint_code(tmp_path, marker, capsys):

@@ -97,7 +97,7 @@ def test_compare_and_reproduce_accept_comma_and_space_lists(monkeypatch, tmp_pat
     got = {}
     md = tmp_path / "table.md"
     md.write_text("| table |")
-    monkeypatch.setattr(experiment.Run, "table", lambda self, m, p, r, **kw: got.setdefault("compare", (m, p, r)) and {"md": md})
+    monkeypatch.setattr(experiment, "compare", lambda run, m, p, r, **kw: got.setdefault("compare", (m, p, r)) and {"md": md})
     cli.main(["compare", "--preset", "smoke", "--out", str(tmp_path / "c"), "--methods", "clip,coca", "ours",
               "--references", "random-init"])
     assert got["compare"][0] == ["clip", "coca", "ours"] and got["compare"][2] == ["random-init"]

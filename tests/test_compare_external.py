@@ -32,7 +32,7 @@ def _run(out: Path, extra=()):
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
-    from fundus_lab.eval import compare
+    from fundus_lab.experiment import compare
 
     out = tmp_path_factory.mktemp("compare_external")
     folder = out / "tinyclip"
@@ -107,6 +107,7 @@ def test_names_that_collide_and_paths_that_do_not_exist_are_refused(tmp_path):
 @pytest.mark.slow  # pretrains clip and evaluates both rows (minutes on a shared CPU)
 def test_a_bad_checkpoint_fails_with_the_loader_error_before_any_pretraining(compared, monkeypatch):
     import fundus_lab.train
+    from fundus_lab.experiment import compare
     from fundus_lab.models.external import ExternalModelError
 
     out, _, _, _ = compared
@@ -120,11 +121,11 @@ def test_a_bad_checkpoint_fails_with_the_loader_error_before_any_pretraining(com
 
     monkeypatch.setattr(fundus_lab.train, "pretrain", refuse)
     with pytest.raises(ExternalModelError, match=re.escape(f"{bad / 'open_clip_model.safetensors'}: not a readable")):
-        _run(out).table(["ours"], PROTOCOLS, references=[], external={"broken": bad})
+        compare(_run(out), ["ours"], PROTOCOLS, references=[], external={"broken": bad})
 
 
 def test_cli_external_option(tmp_path, capsys):
-    from fundus_lab.eval.compare import main
+    from fundus_lab.cli import compare_main as main
 
     base = ["--preset", "smoke", "--out", str(tmp_path / "run"), "--methods", "clip", "--references", ""]
     assert main([*base, "--external", f"clip={tmp_path}"]) == 2

@@ -122,13 +122,13 @@ def test_resolve_config_layers_method_then_overrides_and_keeps_the_budget(config
 def test_an_override_reaches_every_notebook_and_table1_identically(tmp_path):
     """Each notebook's context and Table 1's Run resolve the same config for every method."""
     from fundus_lab.experiment import Run
-    from fundus_lab.reproduce import list_notebooks, notebook_context
+    from fundus_lab.reproduce import list_notebooks
 
     over = ["method.mask_ratio=0.5", "eval.seeds=2"]
     table1 = Run("smoke", tmp_path / "run", tmp_path / "data", over)
     for nb in list_notebooks():
-        ctx = notebook_context(nb.stem, preset="smoke", run_dir=tmp_path / "run", data_root=tmp_path / "data",
-                               overrides=over)
+        ctx = Run(notebook=nb.stem, preset="smoke", run_dir=tmp_path / "run", data_root=tmp_path / "data",
+                  overrides=over)
         for method in ["clip", "ours", "eva", "random-init", None]:
             cfg = ctx.config(method)
             assert cfg == table1.config(method), (nb.stem, method)

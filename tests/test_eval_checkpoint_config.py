@@ -40,7 +40,7 @@ def smoke_run(tmp_path, monkeypatch):
 
 
 def test_eval_takes_preset_and_data_from_the_checkpoints_run(smoke_run, capsys):
-    from fundus_lab.eval.compare import evaluate_main
+    from fundus_lab.cli import evaluate_main
 
     tmp_path, run_dir, rendered = smoke_run
     rc = evaluate_main(["--checkpoint", str(run_dir), "--protocol", "zero_shot", "--dataset", "synth-odir",
@@ -53,7 +53,7 @@ def test_eval_takes_preset_and_data_from_the_checkpoints_run(smoke_run, capsys):
 
 
 def test_overrides_apply_on_top_of_the_checkpoints_config(smoke_run):
-    from fundus_lab.eval.compare import checkpoint_eval_config
+    from fundus_lab.experiment import checkpoint_eval_config
 
     _, run_dir, _ = smoke_run
     cfg = checkpoint_eval_config(run_dir / "config.yaml", None, ["data.synth_root=elsewhere", "eval.seeds=2"])
@@ -63,7 +63,7 @@ def test_overrides_apply_on_top_of_the_checkpoints_config(smoke_run):
 
 
 def test_a_bad_saved_data_section_names_the_file(tmp_path):
-    from fundus_lab.eval.compare import checkpoint_eval_config
+    from fundus_lab.experiment import checkpoint_eval_config
 
     path = tmp_path / "config.yaml"
     path.write_text("preset: smoke\ndata:\n  synth_n: many\n")

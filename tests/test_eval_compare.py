@@ -61,7 +61,7 @@ def _run(out, extra=()):
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
-    from fundus_lab.eval import compare
+    from fundus_lab.experiment import compare
 
     out = tmp_path_factory.mktemp("compare")
     paths = compare(_run(out), METHODS)
@@ -143,9 +143,11 @@ def test_no_patient_in_both_training_and_test_splits(table):
 
 
 def test_rerun_is_cached_and_a_changed_setting_reruns_only_its_part(table, monkeypatch):
+    import dataclasses
+
     import fundus_lab.experiment as ex
     import fundus_lab.train
-    from fundus_lab.eval import compare
+    from fundus_lab.experiment import compare
 
     out, paths = table
     before = paths["csv"].read_text()
@@ -154,19 +156,19 @@ def test_rerun_is_cached_and_a_changed_setting_reruns_only_its_part(table, monke
         raise AssertionError("cached work was redone")
 
     monkeypatch.setattr(fundus_lab.train, "pretrain", refuse)
-    for name in ("_build_random_init", "_build_supervised"):
-        monkeypatch.setattr(ex, name, refuse)
-    protocols = dict(ex.PROTOCOLS)
+    for name in ("random-init", "supervised"):
+        monkeypatch.setitem(ex.REFERENCES._entries, name, dataclasses.replace(ex.REFERENCES.get(name), build=refuse))
+    protocols = dict(ex.PROTOCOLS.items())
     before2 = paths["table2_csv"].read_text()
     for name in ex.DEFAULT_PROTOCOLS:
-        monkeypatch.setitem(ex.PROTOCOLS, name, dataclasses.replace(protocols[name], run=refuse))
+        monkeypatch.setitem(ex.PROTOCOLS._entries, name, dataclasses.replace(protocols[name], run=refuse))
     again = compare(_run(out), METHODS)
     assert again["csv"].read_text() == before and again["table2_csv"].read_text() == before2
 
     calls = []
     for name in ("few_shot", "linear_probe"):
         real = protocols[name].run
-        monkeypatch.setitem(ex.PROTOCOLS, name, dataclasses.replace(
+        monkeypatch.setitem(ex.PROTOCOLS._entries, name, dataclasses.replace(
             protocols[name], run=lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k)))
     compare(_run(out, ["eval.seeds=3"]), ["clip"], references=())
     assert calls == ["few_shot", "linear_probe"]  # both k-shot protocols redone with the new seed count
@@ -176,7 +178,7 @@ def test_rerun_is_cached_and_a_changed_setting_reruns_only_its_part(table, monke
 
 
 def test_eval_command_on_a_checkpoint(table, capsys):
-    from fundus_lab.eval.compare import evaluate_main
+    from fundus_lab.cli import evaluate_main
 
     out, _ = table
     if not (C.CONFIG_DIR / "presets" / "smoke.yaml").is_file():
@@ -194,11 +196,11 @@ def test_eval_command_on_a_checkpoint(table, capsys):
 
 def test_an_override_reaches_table1_like_every_notebook(table):
     """`method.*` overrides used to be dropped by Table 1's own config layering."""
-    from fundus_lab.reproduce import notebook_context
+    from fundus_lab.experiment import Run
 
     out, _ = table
     over = TINY + ["method.mask_ratio=0.5"]
-    ctx = notebook_context("07_results_table", preset="smoke", run_dir=out, data_root=out / "data", overrides=over)
+    ctx = Run(notebook="07_results_table", preset="smoke", run_dir=out, data_root=out / "data", overrides=over)
     run = _run(out, ["method.mask_ratio=0.5"])
     for method in ("clip", "eva", "mae"):
         assert ctx.config(method) == run.config(method)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fundus_lab import experiment as ex
+from fundus_lab.eval import metrics as M
 from fundus_lab.eval.tables import format_cell, long_format, write_table
 
 
@@ -20,8 +21,8 @@ def test_every_protocol_names_a_dataset_and_settings_of_the_eval_section():
         assert p.name == name and p.dataset_key in fields and set(p.settings) <= fields, name
     for ref in ex.REFERENCES.values():
         assert set(ref.protocols) <= set(ex.PROTOCOLS)
-    assert "zero_shot" not in ex.REFERENCES["supervised"].protocols  # no trained text tower
-    assert set(ex.REFERENCES["pixels"].protocols) == {"linear_probe", "linear_probe_full"}  # no blocks to fine-tune
+    assert "zero_shot" not in ex.REFERENCES.get("supervised").protocols  # no trained text tower
+    assert set(ex.REFERENCES.get("pixels").protocols) == {"linear_probe", "linear_probe_full"}  # no blocks to fine-tune
     assert [c for c, _, _ in ex.COLUMNS] == ["in_domain", "held_out_camera"]
 
 
@@ -30,20 +31,20 @@ def test_bootstrap_cell_brackets_the_mean_and_is_repeatable():
     y = rng.integers(0, 4, 200)
     probs = [np.eye(4)[np.where(rng.random(200) < 0.7, y, rng.integers(0, 4, 200))] for _ in range(3)]
     acc = float(np.mean([(p.argmax(1) == y).mean() for p in probs]))
-    lo, hi = ex.bootstrap_cell("multiclass", "accuracy", 4, y, probs, n=200)
+    lo, hi = M.bootstrap_cell("multiclass", "accuracy", 4, y, probs, n=200)
     assert lo < acc < hi and hi - lo < 0.2
-    assert [lo, hi] == ex.bootstrap_cell("multiclass", "accuracy", 4, y, probs, n=200)
-    assert all(math.isnan(v) for v in ex.bootstrap_cell("multiclass", "accuracy", 4, y, [], n=10))
+    assert [lo, hi] == M.bootstrap_cell("multiclass", "accuracy", 4, y, probs, n=200)
+    assert all(math.isnan(v) for v in M.bootstrap_cell("multiclass", "accuracy", 4, y, [], n=10))
 
 
 def test_single_label_accuracy_and_chance_levels():
     y = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 1]])
     p = np.array([[0.9, 0.05, 0.05], [0.1, 0.1, 0.8], [0.6, 0.2, 0.2]])
-    assert ex.metric_fn("multilabel", "single_label_accuracy", 3)(y, p) == 0.5  # rows 0 and 2 only
-    assert ex.chance_level("accuracy", 8) == 0.125 and ex.chance_level("kappa", 5) == 0.0
-    assert ex.chance_level("auc", 2) == 0.5
+    assert M.metric_fn("multilabel", "single_label_accuracy", 3)(y, p) == 0.5  # rows 0 and 2 only
+    assert M.chance_level("accuracy", 8) == 0.125 and M.chance_level("kappa", 5) == 0.0
+    assert M.chance_level("auc", 2) == 0.5
     with pytest.raises(ValueError, match="kappa"):
-        ex.metric_fn("multiclass", "kappa", 3)
+        M.metric_fn("multiclass", "kappa", 3)
 
 
 def test_pixel_features_are_downsampled_pixels_with_a_fingerprint():
@@ -86,6 +87,6 @@ def test_fine_tune_is_na_for_an_image_tower_without_blocks():
     from test_eval_doubles import PlantedModel, ToyDataset
 
     ds = ToyDataset(np.array([0, 1, 2]), ["r", "g", "b"])
-    fit = ex._fine_tune(PlantedModel(np.eye(3), {}), {"train": ds, "val": ds, "tests": {"in_domain": ds}},
-                        C.load_config(), None)
+    fit = ex.PROTOCOLS.get("fine_tune").run(PlantedModel(np.eye(3), {}), {"train": ds, "val": ds, "tests": {"in_domain": ds}},
+                                              C.load_config(), None)
     assert not fit.available and "no transformer blocks" in fit.result["reason"]

@@ -28,7 +28,7 @@ def test_the_extended_list_is_every_method_config():
 
 
 def test_every_method_and_reference_row_runs_through_compare(tmp_path):
-    from fundus_lab.eval.compare import compare
+    from fundus_lab.experiment import compare
     from fundus_lab.experiment import REFERENCES, Run
 
     run = Run("smoke", tmp_path / "run", tmp_path / "data", TINY)

@@ -64,7 +64,7 @@ def test_a_timm_hub_folder_loads_with_its_config(tmp_path):
 
 @pytest.mark.slow  # evaluates four protocols on the tiny synthetic benchmark (a minute or two on a shared CPU)
 def test_timm_weights_are_a_row_of_table_1_at_smoke(tmp_path):
-    from fundus_lab.eval import compare
+    from fundus_lab.experiment import compare
 
     weights = tmp_path / "retfound_tiny.pth"
     save_tiny_retfound(weights, seed=1)

@@ -13,7 +13,7 @@ import torch
 
 from fundus_lab import config as C
 from fundus_lab import experiment as ex
-from fundus_lab.eval.compare import shot_curve_rows, write_results
+from fundus_lab.experiment import shot_curve_rows, write_results
 from test_eval_doubles import PlantedModel, ToyDataset, ToyViT
 
 CLASSES = ["red", "green", "blue"]
@@ -57,7 +57,7 @@ def test_table1_few_shot_fine_tunes_the_encoder_on_k_images_per_class(monkeypatc
     model = ToyViT(width=8, depth=2)
     before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
     cfg = C.load_config(overrides=OVERRIDES)
-    fit = ex.PROTOCOLS["few_shot"].run(model, _sets(), cfg, None)
+    fit = ex.PROTOCOLS.get("few_shot").run(model, _sets(), cfg, None)
 
     assert fit.available and sorted(fit.result["shots"]) == [1, 2] and fit.result["k"] == 2
     assert [n for n, _, _ in seen] == [3, 3, 6, 6]  # k=1, 2 x two seeds, 3 classes
@@ -75,7 +75,7 @@ def test_table1_few_shot_fine_tunes_the_encoder_on_k_images_per_class(monkeypatc
 
 
 def test_few_shot_fine_tuning_is_na_without_transformer_blocks():
-    fit = ex.PROTOCOLS["few_shot"].run(PlantedModel(np.eye(3), {}), _sets(), C.load_config(overrides=OVERRIDES), None)
+    fit = ex.PROTOCOLS.get("few_shot").run(PlantedModel(np.eye(3), {}), _sets(), C.load_config(overrides=OVERRIDES), None)
     assert not fit.available and "no transformer blocks" in fit.result["reason"]
 
 
@@ -83,7 +83,7 @@ def test_linear_probe_is_the_frozen_k_shot_probe_with_its_curves():
     """Table 2's linear probe: the k-shot logistic regression (and prompt head) on frozen features."""
     model = ToyViT(width=8, depth=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fit = ex.PROTOCOLS["linear_probe"].run(model, _sets(), C.load_config(overrides=OVERRIDES), None)
+    fit = ex.PROTOCOLS.get("linear_probe").run(model, _sets(), C.load_config(overrides=OVERRIDES), None)
     assert sorted(fit.result["shots"]) == [1, 2] and fit.result["shots"][2]["probe"]["n_seeds"] == 2
     assert {c: len(p) for c, p in fit.predictions.items()} == {"in_domain": 2, "held_out_camera": 2}
     for k, v in model.state_dict().items():
@@ -95,9 +95,9 @@ def test_protocols_are_split_between_the_paper_table_and_the_second_table():
     assert [p for p in ex.DEFAULT_PROTOCOLS if table_of[p] == "table1"] == ["zero_shot", "few_shot", "fine_tune"]
     assert [p for p in ex.DEFAULT_PROTOCOLS if table_of[p] == "table2"] == [
         "linear_probe", "zero_shot_disjoint", "zero_shot_unseen"]
-    assert ex.PROTOCOLS["few_shot"].header.startswith("Few-shot fine-tune")
-    assert "few_shot_epochs" in ex.PROTOCOLS["few_shot"].settings and "fine_tune_lr" in ex.PROTOCOLS["few_shot"].settings
-    assert "few_shot" not in ex.REFERENCES["pixels"].protocols  # pixels have nothing to fine-tune
+    assert ex.PROTOCOLS.get("few_shot").header.startswith("Few-shot fine-tune")
+    assert "few_shot_epochs" in ex.PROTOCOLS.get("few_shot").settings and "fine_tune_lr" in ex.PROTOCOLS.get("few_shot").settings
+    assert "few_shot" not in ex.REFERENCES.get("pixels").protocols  # pixels have nothing to fine-tune
 
 
 def _record(protocol, value, head_runs=None):

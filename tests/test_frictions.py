@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_eval_with_a_mistyped_dataset_is_one_line_with_did_you_mean(tmp_path, capsys):
-    from fundus_lab.eval.compare import evaluate_main
+    from fundus_lab.cli import evaluate_main
 
     code = evaluate_main(["--checkpoint", str(tmp_path), "--protocol", "zero_shot", "--dataset", "synth-odr"])
     err = capsys.readouterr().err.strip()

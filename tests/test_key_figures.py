@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from fundus_lab import reproduce as rp
+from fundus_lab import experiment
 from fundus_lab.key_figures import KEY_FIGURES, export_key_figures, main
 from test_eval_compare import TINY
 
@@ -30,12 +30,12 @@ def _trained_state_of(run_dir) -> dict[str, str]:
 def finished_run(tmp_path_factory):
     """A run folder as reproduce leaves it: parameters.json, clip and ours pretrained and
     evaluated, Table 1 and its results.json (tiny model and data)."""
-    from fundus_lab.experiment import Run
+    from fundus_lab.experiment import Run, compare
 
     root = tmp_path_factory.mktemp("keyfig")
     run_dir, data = root / "run", root / "data"
     run = Run("smoke", run_dir, data, TINY)
-    run.table(["clip", "ours"], references=("random-init",))
+    compare(run, ["clip", "ours"], references=("random-init",))
     (run_dir / "parameters.json").write_text(json.dumps(
         {"preset": "smoke", "run_dir": str(run_dir), "data_root": str(data), "methods": ["clip", "ours"],
          "overrides": TINY}))
@@ -67,7 +67,7 @@ def test_export_writes_the_five_key_figures_small_and_trains_nothing(finished_ru
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_export_refuses_to_train_a_missing_checkpoint(finished_run, tmp_path):
-    with pytest.raises(rp.CheckpointMissing, match="ours-no-mim"):  # a method this run never trained
+    with pytest.raises(experiment.CheckpointMissing, match="ours-no-mim"):  # a method this run never trained
         export_key_figures(finished_run, tmp_path / "figures", method="ours-no-mim")
     assert not (finished_run / "pretrain" / "ours-no-mim" / "seed0" / "checkpoint-last").exists()
 
@@ -81,11 +81,11 @@ def test_export_names_a_folder_that_is_not_a_run(tmp_path, capsys):
 
 
 def test_export_follows_the_runs_latest_pointer(tmp_path, monkeypatch):
-    monkeypatch.setattr(rp, "project_root", lambda: tmp_path)
+    monkeypatch.setattr(experiment.notebook, "project_root", lambda: tmp_path)
     monkeypatch.chdir(tmp_path)  # relative paths mean the working directory (issue 16)
     with pytest.raises(FileNotFoundError, match="runs/latest does not exist yet"):
         export_key_figures("runs/latest", tmp_path / "figures")
     (tmp_path / "runs" / "r1").mkdir(parents=True)
-    rp.write_latest(tmp_path / "runs" / "r1", tmp_path / "runs")
+    experiment.write_latest(tmp_path / "runs" / "r1", tmp_path / "runs")
     with pytest.raises(FileNotFoundError, match=r"runs/r1/parameters.json does not exist"):
         export_key_figures("runs/latest", tmp_path / "figures")

@@ -52,7 +52,7 @@ def test_from_pretrained_round_trip_and_a_card_that_says_what_the_folder_is(mode
 
 
 def test_card_in_a_run_gives_data_budget_and_its_table_1_row(model, tmp_path):
-    from fundus_lab.eval.compare import _write_model_cards
+    from fundus_lab.experiment.table import _write_model_cards
 
     run = tmp_path / "pretrain" / "clip" / "seed0"
     run.mkdir(parents=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from fundus_lab import cli
 from fundus_lab import config as C
 from fundus_lab import reproduce as rp
 from fundus_lab.data import open_dataset
@@ -71,7 +72,7 @@ def test_reproduce_run_name_cannot_leave_the_runs_folder(tmp_path, capsys):
     runs = tmp_path / "runs"
     with pytest.raises(C.ConfigError, match=r"run name '../escaped' is not a usable name"):
         rp.reproduce("smoke", run_name="../escaped", runs_dir=runs)
-    assert rp.main(["--preset", "smoke", "--name", "../escaped", "--runs-dir", str(runs)]) == 2
+    assert cli.reproduce_main(["--preset", "smoke", "--name", "../escaped", "--runs-dir", str(runs)]) == 2
     assert "run name '../escaped' is not a usable name" in capsys.readouterr().err
     assert not (tmp_path / "escaped").exists()
 
@@ -100,5 +101,5 @@ def test_external_and_notebook_names_are_checked(tmp_path, name):
     with pytest.raises(C.ConfigError, match=r"external model name .* is not a usable name"):
         run.add_external(name, tmp_path)
     with pytest.raises(C.ConfigError, match=r"notebook name .* is not a usable name"):
-        rp.notebook_context(name, preset="smoke", run_dir=tmp_path / "nb")
+        Run(notebook=name, preset="smoke", run_dir=tmp_path / "nb")
     assert not (tmp_path / "nb").exists()

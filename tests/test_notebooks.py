@@ -2,8 +2,8 @@
 
 Each numbered notebook: valid nbformat, stored without outputs, first code cell tagged
 ``parameters`` holding only plain assignments (``preset``, ``run_dir``, ``data_root``,
-``methods`` at least) that papermill can override, and one ``notebook_context`` call
-naming the notebook itself (so its figures land in ``figures/<notebook>/``).
+``methods`` at least) that papermill can override, and one ``fl.Run(..., notebook=NAME)``
+call naming the notebook itself (so its figures land in ``figures/<notebook>/``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,6 @@ def test_notebook_contract(path):
     # opened in JupyterLab: the latest reproduce run, its own preset, and no training by surprise
     assert assigned["preset"] is None and assigned["run_dir"] == "latest" and assigned["train_if_missing"] is False
     rest = "\n".join(c.source for c in code[1:])
-    assert f'notebook_context("{path.stem}"' in rest, f"{path.name}: call fl.reproduce.notebook_context({path.stem!r}, ...)"
-    assert "train_if_missing=train_if_missing" in rest, f"{path.name}: pass train_if_missing to notebook_context"
+    assert "fl.Run(" in rest and f'notebook="{path.stem}"' in rest, f"{path.name}: build the run with fl.Run(..., notebook={path.stem!r})"
+    assert "train_if_missing=train_if_missing" in rest, f"{path.name}: pass train_if_missing to fl.Run"
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), f"{path.name}: start with a heading"

@@ -109,6 +109,6 @@ def test_notebook_01_pretrains_every_method_and_reference_row():
             self.made.append(name)
             return Path("runs") / name
 
-    ctx = Context()
-    exec(compile(last, "01_pretrain.ipynb", "exec"), {"ctx": ctx, "fl": fl})
-    assert ctx.made == [*Context.methods, *REFERENCES]
+    run = Context()
+    exec(compile(last, "01_pretrain.ipynb", "exec"), {"run": run, "fl": fl})
+    assert run.made == [*Context.methods, *REFERENCES]

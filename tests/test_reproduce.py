@@ -8,7 +8,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from fundus_lab import cli, experiment
+from fundus_lab import config as C
 from fundus_lab import reproduce as rp
+from fundus_lab.experiment.store import project_root
 from doubles import write_notebook  # noqa: E402
 
 PARAMS = 'preset = "default"\nrun_dir = "runs/notebooks"\ndata_root = None\nmethods = None\n'
@@ -75,10 +78,10 @@ def test_failure_names_notebook_and_cell_and_keeps_what_finished(notebooks, tmp_
 
 def test_main_returns_nonzero_on_failure(notebooks, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(rp, "list_notebooks", lambda _dir=None, select=None: [notebooks / "02_fail.ipynb"])
-    assert rp.main(["--preset", "smoke", "--name", "r3", "--runs-dir", str(tmp_path / "runs"), "--no-progress"]) == 1
+    assert cli.reproduce_main(["--preset", "smoke", "--name", "r3", "--runs-dir", str(tmp_path / "runs"), "--no-progress"]) == 1
     assert "02_fail.ipynb failed in cell 4" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        rp.main(["--preset", "huge"])
+        cli.reproduce_main(["--preset", "huge"])
 
 
 def _two_cells(folder: Path, name: str) -> None:
@@ -116,9 +119,9 @@ def test_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
     """Issue 16 item 4: one rule for every command and notebook (the checkout is only where
     the code is: project_root() names the commit that ran)."""
     monkeypatch.chdir(tmp_path)
-    assert (rp.project_root() / "pyproject.toml").is_file()
-    assert rp.resolve_path("runs/x") == tmp_path / "runs" / "x"
-    assert rp.resolve_path(tmp_path / "abs") == tmp_path / "abs"
+    assert (project_root() / "pyproject.toml").is_file()
+    assert C.resolve_path("runs/x") == tmp_path / "runs" / "x"
+    assert C.resolve_path(tmp_path / "abs") == tmp_path / "abs"
 
 
 def test_index_html_escapes_names_and_table_cells(tmp_path):
@@ -151,7 +154,7 @@ def test_index_html_escapes_names_and_table_cells(tmp_path):
 def test_index_template_ships_as_package_data():
     import tomllib
 
-    pyproject = tomllib.loads((rp.project_root() / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((project_root() / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["fundus_lab"]
     assert (rp.PACKAGE_DIR / "templates" / "index.html.j2").is_file()
     assert any(rp.PACKAGE_DIR.joinpath("templates", "index.html.j2").match(f"fundus_lab/{p}") for p in patterns)
@@ -167,7 +170,7 @@ def test_markdown_table():
 
 def _smoke_reproduction(folder: Path, overrides=()) -> Path:
     """`fundus-lab reproduce --preset smoke` over notebooks/ into ``folder`` (its own data too)."""
-    code = rp.main(["--preset", "smoke", "--name", "e2e", "--runs-dir", str(folder / "runs"),
+    code = cli.reproduce_main(["--preset", "smoke", "--name", "e2e", "--runs-dir", str(folder / "runs"),
                     "--data-root", str(folder / "synth"), "--no-progress", *overrides])
     assert code == 0
     return folder / "runs" / "e2e"
@@ -247,13 +250,13 @@ def test_write_summary_records_command_commit_machine_and_times(tmp_path):
     assert "| 00_a | ok | 1.5 |" in md and "## Table 1" in md and (out / "table1.csv").is_file()
 
 
-def test_notebook_context_reads_a_real_dataset_under_data_root(tmp_path):
+def test_a_notebooks_run_reads_a_real_dataset_under_data_root(tmp_path):
     """--data-root with a real layout: the notebooks' datasets come from <data_root>/<name>."""
     from test_data_layouts import build_aptos
 
     truth = build_aptos(tmp_path / "data" / "aptos2019")
-    ctx = rp.notebook_context("04_zero_shot", preset="smoke", run_dir=tmp_path / "run", data_root=tmp_path / "data",
-                              overrides=["eval.zero_shot_dataset=aptos2019", "eval.seeds=1"])
+    ctx = experiment.Run(notebook="04_zero_shot", preset="smoke", run_dir=tmp_path / "run", data_root=tmp_path / "data",
+                         overrides=["eval.zero_shot_dataset=aptos2019", "eval.seeds=1"])
     cfg = ctx.config()
     assert cfg.eval.zero_shot_dataset == "aptos2019" and cfg.eval.seeds == 1
     ds = ctx.dataset(cfg.eval.zero_shot_dataset, split="all")
@@ -262,10 +265,10 @@ def test_notebook_context_reads_a_real_dataset_under_data_root(tmp_path):
 
 
 def test_reproduce_rejects_a_mistyped_override_before_running(capsys, tmp_path):
-    code = rp.main(["--preset", "smoke", "--runs-dir", str(tmp_path), "eval.zero_shot_datset=odir5k"])
+    code = cli.reproduce_main(["--preset", "smoke", "--runs-dir", str(tmp_path), "eval.zero_shot_datset=odir5k"])
     assert code == 2
     err = capsys.readouterr().err
     assert "zero_shot_datset" in err and "zero_shot_dataset" in err
     assert not any(tmp_path.iterdir())
     with pytest.raises(ValueError, match="key=value"):
-        rp.parse_overrides(["no-equals-sign"])
+        experiment.normalise_overrides(["no-equals-sign"])

@@ -9,7 +9,7 @@ import pytest
 
 from fundus_lab import config as C
 from fundus_lab.eval import seeds as S
-from fundus_lab.experiment import bootstrap_cell, metric_fn
+from fundus_lab.eval.metrics import bootstrap_cell, metric_fn
 
 ACC = metric_fn("multiclass", "accuracy", 2)
 LABELS = np.array([0, 1])
@@ -108,7 +108,7 @@ def _record(per_run_correct, seed):
 
 
 def _write(tmp_path, n_seeds):
-    from fundus_lab.eval.compare import write_results
+    from fundus_lab.experiment import write_results
 
     strong = [[1] * 18 + [0] * 2, [1] * 17 + [0] * 3, [1] * 19 + [0] * 1][:n_seeds]  # 85-95 %
     weak = [[1] * 8 + [0] * 12, [1] * 9 + [0] * 11, [1] * 7 + [0] * 13][:n_seeds]  # 35-45 %

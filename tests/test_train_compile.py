@@ -39,7 +39,7 @@ def test_compiled_encoder_keeps_its_state_dict_and_matches_eager():
 
 
 def test_compile_is_in_the_pretraining_key_only_when_on():
-    from fundus_lab.experiment import _pretrain_inputs
+    from fundus_lab.experiment.pretraining import _pretrain_inputs
 
     cfg = C.load_config(preset="smoke")
     assert "compile" not in _pretrain_inputs(cfg)["train"]  # eager: the key it always had

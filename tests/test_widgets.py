@@ -163,7 +163,7 @@ def _real_checkpoint(tmp_path, method: str):
     from fundus_lab.config import from_dict
     from fundus_lab.data.tokenizer import train_tokenizer
     from fundus_lab.models import MethodConfig, ModelConfig, build_model
-    from fundus_lab.reproduce import project_root
+    from fundus_lab.experiment.store import project_root
 
     texts = ["normal fundus", "diabetic retinopathy with haemorrhages", "glaucoma with a large cup", "drusen at the macula"]
     data = yaml.safe_load((project_root() / "configs" / "methods" / f"{method}.yaml").read_text())

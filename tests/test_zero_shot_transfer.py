@@ -126,20 +126,20 @@ def test_disjoint_protocol_prompts_with_the_held_out_prompts_only():
     keys = ["normal", "glaucoma", "cataract"]
     ds, model = _planted(keys, disjoint_prompts)
     sets = {"tests": {"in_domain": ds}, "task": "multiclass", "classes": ds.classes}
-    fit = ex.PROTOCOLS["zero_shot_disjoint"].run(model, sets, C.load_config(overrides=["eval.progress=false"]), None)
+    fit = ex.PROTOCOLS.get("zero_shot_disjoint").run(model, sets, C.load_config(overrides=["eval.progress=false"]), None)
     assert fit.available and fit.result["prompts"] == [disjoint_prompts(k) for k in keys]
     assert (np.asarray(fit.predictions["in_domain"][0]).argmax(1) == ds.labels).all()
     with pytest.raises(KeyError, match="no planted vector"):  # the seen-class column asks for the knowledge prompts
-        ex.PROTOCOLS["zero_shot"].run(model, sets, C.load_config(overrides=["eval.progress=false"]), None)
+        ex.PROTOCOLS.get("zero_shot").run(model, sets, C.load_config(overrides=["eval.progress=false"]), None)
 
 
 def test_unseen_protocol_reads_the_unseen_dataset_and_its_knowledge_prompts():
     assert C.load_config().eval.unseen_dataset == "synth-unseen"
-    assert ex.PROTOCOLS["zero_shot_unseen"].dataset_key == "unseen_dataset"
+    assert ex.PROTOCOLS.get("zero_shot_unseen").dataset_key == "unseen_dataset"
     keys = knowledge.unseen_keys()[:2] + ["normal"]
     ds, model = _planted(keys, knowledge.class_prompts)
     sets = {"tests": {"in_domain": ds}, "task": "multiclass", "classes": ds.classes}
-    fit = ex.PROTOCOLS["zero_shot_unseen"].run(model, sets, C.load_config(overrides=["eval.progress=false"]), None)
+    fit = ex.PROTOCOLS.get("zero_shot_unseen").run(model, sets, C.load_config(overrides=["eval.progress=false"]), None)
     assert (np.asarray(fit.predictions["in_domain"][0]).argmax(1) == ds.labels).all()
 
 

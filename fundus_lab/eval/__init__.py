@@ -8,10 +8,10 @@
     fl.eval.fine_tune(model, train_ds, val_ds, test_ds)
     fl.eval.metrics.quadratic_weighted_kappa(y_true, y_pred)
     fl.eval.explain.lesion_attention_summary({"ours": model}, ds)   # attention vs lesion masks
-    fl.eval.compare(fl.experiment.Run("default", "runs/x"), ["clip", "ours"])   # Table 1
 
-(``fl.eval.compare`` is the function; the module of the same name holds the CLI's
-``main`` and ``evaluate_main``.)
+The protocol functions and metrics only: it imports nothing above it. Running a protocol
+as the tables do, and the tables themselves, are the experiment layer's
+(``fl.experiment.evaluate_model``, ``fl.experiment.compare``).
 """
 
 from fundus_lab.eval import explain, metrics, prompts
@@ -24,12 +24,10 @@ from fundus_lab.eval.metrics import bootstrap_ci, compute_metrics, quadratic_wei
 from fundus_lab.eval.probe import linear_probe
 from fundus_lab.eval.tables import write_table
 from fundus_lab.eval.zero_shot import ZeroShotUnavailable, class_embeddings, zero_shot
-from fundus_lab.eval.compare import compare, shot_curve_rows  # noqa: E402  (after the protocols it runs)
-from fundus_lab.experiment import evaluate_model as evaluate  # noqa: E402
 
 __all__ = [
     "EvalConfig", "LeakageError", "ZeroShotUnavailable", "assert_disjoint", "bootstrap_ci", "class_embeddings",
-    "compare", "compute_metrics", "evaluate", "explain", "extract_features", "few_shot", "few_shot_fine_tune",
-    "fine_tune", "linear_probe", "metrics", "prompts", "quadratic_weighted_kappa", "sample_few_shot", "shot_curve_rows",
+    "compute_metrics", "explain", "extract_features", "few_shot", "few_shot_fine_tune",
+    "fine_tune", "linear_probe", "metrics", "prompts", "quadratic_weighted_kappa", "sample_few_shot",
     "write_split_file", "write_table", "zero_shot",
 ]

@@ -289,3 +289,59 @@ def compute_metrics(
 def primary_metric(task: str) -> str:
     """The number a model is selected on for ``task`` (kappa for grades, as APTOS scores)."""
     return {"multiclass": "balanced_accuracy", "ordinal": "kappa", "binary": "auc", "multilabel": "auc"}[task]
+
+
+# ---------------------------------------------------------------------------------------
+# the number a table cell shows, and its interval
+
+
+SINGLE_LABEL_PROTOCOLS = ("zero_shot", "zero_shot_disjoint", "zero_shot_unseen", "linear_probe", "linear_probe_full")
+
+
+def table_metric(task: str, protocol: str) -> str:
+    """The number a table shows: ODIR zero-shot or linear probe -> single-label accuracy; grades -> kappa."""
+    if task == "multilabel":  # the ODIR-like figure: accuracy over the single-label eyes
+        return "single_label_accuracy" if protocol in SINGLE_LABEL_PROTOCOLS else "auc"
+    return {"ordinal": "kappa", "binary": "auc"}.get(task, "accuracy")
+
+
+def metric_fn(task: str, metric: str, n_classes: int) -> Callable[[np.ndarray, np.ndarray], float]:
+    """fn(y_true, probs) of the table metric (what is bootstrapped for the CI)."""
+    if metric == "single_label_accuracy":
+        def single(y, p):
+            keep = y.sum(1) == 1
+            return accuracy(y[keep].argmax(1), p[keep].argmax(1)) if keep.any() else float("nan")
+        return single
+    fns = metric_functions(task, n_classes)
+    if metric not in fns:
+        raise ValueError(f"metric {metric!r} is not defined for task {task!r} ({sorted(fns)})")
+    return fns[metric]
+
+
+def chance_level(metric: str, n_classes: int) -> float:
+    """What a guess scores: 1/C for (balanced) accuracy, 0 for kappa, 0.5 for AUC."""
+    return {"kappa": 0.0, "auc": 0.5}.get(metric, 1.0 / max(1, n_classes))
+
+
+def bootstrap_cell(task: str, metric: str, n_classes: int, labels, probs_per_run: Sequence, n: int,
+                   seed: int = 0) -> list[float]:
+    """95 % percentile CI of the mean over runs, resampling test images (the same draw for
+    every run, so runs that share a test set are not treated as independent samples)."""
+    if not probs_per_run or n <= 0:
+        return [float("nan"), float("nan")]
+    fn = metric_fn(task, metric, n_classes)
+    y = np.asarray(labels)
+    probs = [np.asarray(p, dtype=np.float64) for p in probs_per_run]
+    rng = np.random.default_rng(seed)
+    stats = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(n):
+            idx = rng.integers(0, len(y), len(y))
+            stats.append(float(np.mean([fn(y[idx], p[idx]) for p in probs])))
+    stats = np.asarray(stats)
+    stats = stats[np.isfinite(stats)]
+    if not stats.size:
+        return [float("nan"), float("nan")]
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return [float(lo), float(hi)]

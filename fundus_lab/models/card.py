@@ -4,7 +4,7 @@ its run still says what it is (Hugging Face's convention for a model folder).
 It gives the method (its loss weights and switches), the model config, the data and the
 training budget (from the run's ``config.yaml`` beside the checkpoint, when there is one)
 and, once the run's Table 1 exists, the row of that table for this method.
-``FundusVLM.save_pretrained`` writes it; ``fundus_lab.eval.compare.write_results`` writes
+``FundusVLM.save_pretrained`` writes it; ``fundus_lab.experiment.table.write_results`` writes
 it again with the Table 1 cells.
 """
 

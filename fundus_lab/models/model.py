@@ -85,7 +85,7 @@ def build_vision_transformer(cfg: ModelConfig, mask_token: bool = False) -> Imag
 def code_revision(m: MethodConfig) -> int | None:
     """A revision of a method's code that changes what its pretraining learns where its config
     does not show it, or None. Part of the pretraining cache key
-    (``experiment._pretrain_inputs``), so runs cached before the change retrain; methods
+    (``experiment.pretraining._pretrain_inputs``), so runs cached before the change retrain; methods
     without one keep the keys they had.
 
     CoCa 2: the text CLS at the fixed-context position (issue 17); before, at the batch's

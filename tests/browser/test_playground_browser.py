@@ -71,11 +71,11 @@ def prepared(tmp_path_factory):
     require_browser()
     import papermill
 
-    from fundus_lab.reproduce import notebook_context
+    from fundus_lab.experiment import Run
 
     served = tmp_path_factory.mktemp("lab")
     run_dir = served / "run"
-    ctx = notebook_context("08_prompt_playground", preset="smoke", run_dir=run_dir, methods=METHODS, train_if_missing=True)
+    ctx = Run(notebook="08_prompt_playground", preset="smoke", run_dir=run_dir, methods=METHODS, train_if_missing=True)
     for m in METHODS:  # train up front, so the browser only waits for scoring
         ctx.checkpoint(m)
     papermill.execute_notebook(

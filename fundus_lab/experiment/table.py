@@ -6,9 +6,9 @@ with k images per class, fine-tuning); Table 2 the field's linear probe and the 
 columns that measure transfer (disjoint prompts, unseen diseases). Each protocol names its
 table (``Protocol.table``); a table none of whose protocols ran is not written.
 
-The work is done by :class:`fundus_lab.experiment.Run` (configs, checkpoints, cached
-evaluations; the protocol and reference-row registries); this module writes the tables and
-holds the ``fundus-lab compare`` and ``fundus-lab eval`` commands.
+:func:`compare` asks a :class:`fundus_lab.experiment.run.Run` (configs, checkpoints, cached
+evaluations) for every record of the table, then writes the tables from them here; the
+records go down to the run and come back, never up again.
 
 A cell: the table metric's mean over every run of the cell (pretraining seeds x evaluation
 seeds), its 95 % CI (hierarchical bootstrap: pretraining seeds, then test images within each
@@ -23,20 +23,26 @@ seed, "training noise unmeasured" and no verdicts.
 
 from __future__ import annotations
 
-import argparse
-import copy
-import sys
+import csv
+import difflib
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 
 from fundus_lab import config as C
 from fundus_lab.eval import seeds as S
-from fundus_lab.eval.tables import summarise, write_table
-from fundus_lab.experiment import (COLUMNS, DEFAULT_PROTOCOLS, METRIC_NAMES, PROTOCOLS, REFERENCES, TABLES, Run,
-                                   chance_level, evaluate_model, metric_fn, normalise_overrides, open_split,
-                                   table_metric, write_json)
+from fundus_lab.eval.metrics import chance_level, metric_fn
+from fundus_lab.eval.tables import format_cell, summarise, write_table
+from fundus_lab.experiment.protocols import COLUMNS, DEFAULT_PROTOCOLS, PROTOCOLS, TABLES
+from fundus_lab.experiment.references import REFERENCES
+from fundus_lab.experiment.run import Run
+from fundus_lab.experiment.store import write_json
+from fundus_lab.models.card import write_model_card
+
+METRIC_NAMES = {"single_label_accuracy": "single-label acc.", "accuracy": "acc.", "kappa": "QW kappa", "auc": "AUC",
+                "balanced_accuracy": "bal. acc."}
 
 
 def compare(
@@ -45,11 +51,18 @@ def compare(
     protocols: Sequence[str] = DEFAULT_PROTOCOLS,
     references: Sequence[str] = tuple(REFERENCES),
     external: Mapping[str, str | Path] | None = None,
+    jobs: int = 1,
     **run_kwargs,
 ) -> dict[str, Path]:
     """Tables 1 and 2 of ``run`` (a :class:`Run`, or a preset name with ``Run``'s keyword arguments:
     ``run_dir``, ``data_root``, ``overrides``, ``force``) for ``methods`` + ``references``,
     and the outside models ``external`` = {name: path} (:meth:`Run.add_external`).
+
+    Evaluates ``methods`` and ``references`` over every pretraining seed and every outside
+    model once (rows: methods, outside models, references; each protocol's columns in its
+    ``Protocol.table``). ``jobs`` > 1 first pretrains every row in that many processes
+    (:meth:`Run.pretrain_parallel`). Outside models are evaluated first, so a checkpoint that
+    does not load fails before any pretraining.
 
     Returns {"csv", "md", "tex" (Table 1), "table2_csv", "table2_md", "table2_tex", "json",
     "few_shot_*"} paths (a table's keys only where one of its protocols ran).
@@ -58,7 +71,35 @@ def compare(
         run = Run(run, **run_kwargs)
     elif run_kwargs:
         raise TypeError(f"compare: {sorted(run_kwargs)} are Run arguments; pass them to Run, not with a Run")
-    return run.table(methods, protocols, references, external=external)
+    for name, path in (external or {}).items():
+        run.add_external(name, path)
+    if not methods and not run.externals:
+        raise ValueError("compare: no methods given (nor outside models)")
+    known = C.available_methods()
+    unknown = [m for m in methods if m not in known]
+    if unknown:  # before anything trains: a typo must not cost the methods listed before it
+        hints = [f"{m!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(m, known, n=1))
+                 else repr(m) for m in unknown]
+        raise C.ConfigError(f"methods: unknown {', '.join(hints)}; expected some of {known}")
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad:
+        raise C.ConfigError(f"protocols: unknown {bad}; expected some of {list(PROTOCOLS)}")
+    unknown = [r for r in references if r not in REFERENCES]
+    if unknown:
+        raise C.ConfigError(f"references: unknown {unknown}; expected some of {list(REFERENCES)}")
+    rows = list(dict.fromkeys([*methods, *run.externals, *references]))
+    budget = run.budget(methods)  # before training: a config the counter cannot build fails first
+    run.pretrain_parallel(rows, jobs)
+    results: dict[str, dict[str, list]] = {}
+    for method in sorted(rows, key=lambda m: m not in run.externals):  # stable: outside models first
+        results[method] = {p: [] for p in protocols}
+        for seed in run.seeds_of(method):
+            for protocol in protocols:
+                res = run.evaluate(method, protocol, seed=seed)
+                res["json"] = str(run.run_dir / "eval" / method / f"seed{seed}" / f"{protocol}.json")
+                results[method][protocol].append(res)
+            run.forget(method)
+    return write_results({m: results[m] for m in rows}, run.config(), run.run_dir, protocols, budget=budget)
 
 
 class _Draws:
@@ -121,8 +162,6 @@ def write_pairs(pairs: list[dict], out_dir: Path, columns: Sequence[tuple[str, s
                 name: str = "pairs") -> dict[str, Path]:
     """``pairs.csv`` (one line per pair and column, differences on the 0-1 scale) and
     ``pairs.md`` (one line per pair, differences in percentage points, verdicts by name)."""
-    import csv
-
     def num(v):
         return "n/a" if v is None or not np.isfinite(v) else f"{v:.6f}"
 
@@ -228,12 +267,12 @@ def write_results(results: dict, cfg: "C.Config", out_dir: Path, protocols: Sequ
     estimator = S.ESTIMATOR if len(seeds) > 1 else "percentile bootstrap over test images (numpy; one pretraining seed)"
     all_pairs: dict[str, list[dict]] = {}
     for table in TABLES:
-        in_table = [p for p in protocols if PROTOCOLS[p].table == table]
+        in_table = [p for p in protocols if PROTOCOLS.get(p).table == table]
         if not in_table:
             continue
         columns, chance = [], []
         for p in in_table:
-            proto = PROTOCOLS[p]
+            proto = PROTOCOLS.get(p)
             metric = info.get(p, {}).get("metric")
             dataset = info.get(p, {}).get("dataset") or getattr(cfg.eval, proto.dataset_key)
             for column, _, header in COLUMNS:
@@ -292,9 +331,6 @@ def write_results(results: dict, cfg: "C.Config", out_dir: Path, protocols: Sequ
 
 def _write_model_cards(results: dict, rows: list[dict], columns: list[tuple[str, str]], table_md: Path) -> None:
     """Rewrite each pretrained checkpoint's model card with its method's Table 1 row."""
-    from fundus_lab.eval.tables import format_cell
-    from fundus_lab.models.card import write_model_card
-
     by_method = {row["method"]: row for row in rows}
     for method, per_protocol in results.items():
         cells = {header: format_cell(by_method[method].get(key)) for key, header in columns}
@@ -364,172 +400,20 @@ def write_few_shot_curves(results: dict, cfg: "C.Config", out_dir: Path) -> dict
     return write_table(rows, out_dir, columns, name="few_shot", caption=caption)
 
 
-# ---------------------------------------------------------------------------------------
-# command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``fundus-lab compare --preset P --methods clip,coca,eva,ours [--external NAME=PATH ...]
-    [--data-root DIR] [key=value ...]``"""
-    parser = argparse.ArgumentParser(prog="fundus-lab compare",
-                                     description="Pretrain methods under one budget and write Tables 1 and 2.")
-    parser.add_argument("--preset", default=None, help="smoke | default | paper")
-    parser.add_argument("--methods", nargs="+", default=["clip,coca,eva,ours"],
-                        help="method names, comma-separated (clip,coca,ours) or space-separated")
-    parser.add_argument("--references", nargs="*", default=[",".join(REFERENCES)],
-                        help="reference rows, like --methods ('' or nothing for none)")
-    parser.add_argument("--config", default=None, help="a YAML file of config sections")
-    parser.add_argument("--data-root", default=None, help="root of the synthetic benchmark (default data.synth_root)")
-    parser.add_argument("--out", default=None, help="run folder (default eval.output_dir)")
-    parser.add_argument("--protocols", nargs="+", default=[",".join(DEFAULT_PROTOCOLS)], help="like --methods")
-    parser.add_argument("--force", action="store_true", help="redo cached pretraining and evaluations")
-    parser.add_argument("--external", action="append", default=[], metavar="NAME=PATH",
-                        help="an outside model as a row (Hugging Face CLIP folder, open_clip checkpoint, timm or "
-                             "RETFound image weights (image-only: zero-shot n/a), or any checkpoint fl.load_model "
-                             "reads); repeat for several")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="pretrain the (method, seed) jobs in this many processes at once, each with cores/N "
-                             "threads (train.num_threads, unless given); one per GPU on a multi-GPU machine. "
-                             "Default 1: results/benchmarks/parallel_jobs.md")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=50 eval.seeds=2")
-    args = parser.parse_args(argv)
-    split = C.split_names
-    external = {}
-    for item in args.external:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            parser.error(f"--external {item!r}: expected NAME=PATH")
-        if name in external:
-            parser.error(f"--external {name!r} is given twice")
-        external[name] = path
-    from fundus_lab.models import CheckpointError
-    from fundus_lab.models.external import ExternalModelError
-
-    try:
-        from fundus_lab.experiment import jobs_overrides
-
-        overrides = jobs_overrides(args.jobs, args.overrides)
-        run = Run(args.preset, args.out, args.data_root, overrides, args.force, path=args.config)
-        paths = run.table(split(args.methods), split(args.protocols), split(args.references), external=external,
-                          jobs=args.jobs)
-    except (C.ConfigError, CheckpointError, ExternalModelError) as err:
-        print(f"fundus-lab compare: {err}", file=sys.stderr)
-        return 2
-    for kind in ("md", "table2_md"):
-        if kind in paths:
-            print(Path(paths[kind]).read_text())
-    for kind, path in paths.items():
-        print(f"{kind}: {path}")
-    return 0
-
-
-def _image_size_of(checkpoint: Path, model) -> int | None:
-    """The input size the model was built for: its own config, else the run's config.yaml."""
-    for obj in (getattr(model, "model_cfg", None), getattr(model, "image_encoder", None)):
-        size = getattr(obj, "img_size", None)
-        if isinstance(size, int):
-            return size
-    for cand in (checkpoint / "config.yaml", checkpoint.parent / "config.yaml"):
-        if cand.is_file():
-            size = (C.read_yaml(cand).get("model") or {}).get("img_size")
-            if size:
-                return int(size)
-    return None
-
-
-def checkpoint_eval_config(run_cfg: Path, preset: str | None, overrides: list[str]) -> "C.Config":
-    """The config ``fundus-lab eval`` evaluates a checkpoint under: the preset and the data
-    settings (synthetic benchmark sizes, root, image cache, ...) of the run that trained it
-    (``run_cfg``, the run folder's ``config.yaml``), then ``--preset`` and ``overrides`` on top.
-    Without a run config: ``--preset`` (default ``default``) and the overrides, as before."""
-    if not run_cfg.is_file():
-        return C.resolve_config(preset, overrides=overrides)
-    saved = C.read_yaml(run_cfg)
-    data = saved.get("data") or {}
-    C.from_dict(C.DataConfig, data, str(run_cfg), prefix="data.")  # a bad saved section names its file
-    saved_preset = saved.get("preset")
-    layered = {f"data.{key}": value for key, value in data.items()}
-    layered.update(normalise_overrides(overrides))  # text, typed by the schema like any override
-    return C.resolve_config(preset or (str(saved_preset) if saved_preset else None), overrides=layered)
-
-
-def evaluate_main(argv: list[str] | None = None) -> int:
-    """``fundus-lab eval --checkpoint DIR --protocol P --dataset NAME [--data-root DIR] [key=value ...]``"""
-    from fundus_lab.data.manifest import ManifestError, resolve_manifest_path
-    from fundus_lab.experiment import apply_runtime
-    from fundus_lab.models import load_model
-
-    parser = argparse.ArgumentParser(prog="fundus-lab eval", description="Evaluate a checkpoint with one protocol.")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder (uses checkpoint-last)")
-    parser.add_argument("--protocol", required=True, choices=list(PROTOCOLS))
-    parser.add_argument("--dataset", required=True, help="a manifest name (e.g. synth-aptos) or a manifest path")
-    parser.add_argument("--data-root", default=None, help="dataset folder (synthetic: the benchmark root)")
-    parser.add_argument("--preset", default=None,
-                        help="preset whose eval settings apply (default: the checkpoint's run's, else default)")
-    parser.add_argument("--out", default=None, help="output folder (default <checkpoint>/../eval/<dataset>)")
-    parser.add_argument("--force", action="store_true")
-    parser.add_argument("--save-classifier", default=None, metavar="DIR",
-                        help="fine_tune only: save the best fine-tuned classifier to DIR (then: fundus-lab predict DIR image.png)")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. eval.seeds=2 eval.fine_tune_epochs=3")
-    args = parser.parse_args(argv)
-    if args.save_classifier and args.protocol != "fine_tune":
-        print(f"fundus-lab eval: --save-classifier needs --protocol fine_tune (got {args.protocol})", file=sys.stderr)
-        return 2
-    checkpoint = Path(args.checkpoint)
-    if (checkpoint / "checkpoint-last").exists():
-        checkpoint = checkpoint / "checkpoint-last"
-    if not checkpoint.exists():
-        print(f"fundus-lab eval: --checkpoint {checkpoint} does not exist", file=sys.stderr)
-        return 2
-    protocol = PROTOCOLS[args.protocol]
-    try:  # a mistyped --dataset name is one line with its did-you-mean, before any model loads
-        if not Path(args.dataset).expanduser().exists():  # existing paths (CSV, class folders) are read later
-            resolve_manifest_path(args.dataset)
-    except ManifestError as err:
-        print(f"fundus-lab eval: --dataset {args.dataset}: {err}", file=sys.stderr)
-        return 2
-    run_cfg = checkpoint.resolve().parent / "config.yaml"
-    try:
-        cfg = checkpoint_eval_config(run_cfg, args.preset,
-                                     [*args.overrides, f"eval.{protocol.dataset_key}={args.dataset}"])
-    except C.ConfigError as err:
-        print(f"fundus-lab eval: {err}", file=sys.stderr)
-        return 2
-    apply_runtime(cfg)
-    from fundus_lab.experiment import _device
-
-    model = load_model(checkpoint).to(_device()).eval()
-    if args.save_classifier and not hasattr(model, "save_pretrained"):
-        print(f"fundus-lab eval: --save-classifier: {checkpoint} is an outside model ({type(model).__name__}); "
-              "only fundus_lab models are saved as classifiers", file=sys.stderr)
-        return 2
-    image_size = _image_size_of(checkpoint, model) or cfg.model.img_size
-    out_dir = Path(args.out) if args.out else checkpoint.resolve().parent / "eval" / Path(args.dataset).stem
-    pretrain_ds = None
-    if run_cfg.is_file():  # the data this model was pretrained on must not hold a test patient
-        run = copy.deepcopy(cfg)
-        run.data = C.from_dict(type(cfg.data), C.read_yaml(run_cfg).get("data") or {}, str(run_cfg))
-        try:
-            pretrain_ds = open_split(run, run.data.dataset, "train", image_size, run.data.root)
-        except (OSError, ValueError) as err:
-            print(f"fundus-lab eval: cannot reopen the pretraining data ({err}); patient overlap not checked",
-                  file=sys.stderr)
-    result = evaluate_model(model, protocol, cfg, out_dir, args.data_root, None, pretrain_ds,
-                            {"checkpoint": str(checkpoint), "pretrain_split": str(checkpoint.resolve().parent / "split.csv")},
-                            args.force, image_size, save_classifier=args.save_classifier)
-    if not result["available"]:
-        print(f"{args.protocol} on {args.dataset}: n/a ({result['result']['reason']})")
-    else:
-        for column, cell in result["columns"].items():
-            if cell:
-                s, ci = cell["summary"], cell["ci"]
-                print(f"{args.protocol} on {args.dataset} ({column}): {result['metric']} = {s['mean']:.4f} "
-                      f"[{ci[0]:.4f}, {ci[1]:.4f}] (runs={s['n']}, test images={cell['n_test']})")
-    print(out_dir / f"{args.protocol}.json")
-    if args.save_classifier and result["available"]:
-        print(f"classifier: {args.save_classifier} (fundus-lab predict {args.save_classifier} IMAGE...)")
-    return 0
-
-
-__all__ = ["budget_note", "compare", "evaluate_main", "format_flops", "main", "shot_curve_rows", "table_metric",
-           "write_pairs", "write_results"]
+def write_explanation_scores(summary, run_dir: str | Path, split: str = "test") -> dict[str, Path]:
+    """Notebook 02's explanation scores as ``explanation_scores.{csv,txt}`` in the run folder:
+    per method and map, the attention mass inside lesion masks against a uniform map's share
+    (the masks' area fraction) and their ratio, over every scored lesion (``lesion == all``)."""
+    run_dir = Path(run_dir)
+    df = summary.reset_index() if isinstance(summary, pd.DataFrame) else pd.DataFrame(summary)
+    df = df.sort_values(["method", "lesion"]).reset_index(drop=True)
+    df["ratio_to_uniform"] = df["mass_in_mask"] / df["area_fraction"]
+    csv_path = run_dir / "explanation_scores.csv"
+    df.to_csv(csv_path, index=False, float_format="%.6f")
+    lines = [f"Attention share inside lesion masks vs a uniform map's share ({split} split: in-domain), all lesions:"]
+    for _, r in df[df["lesion"] == "all"].iterrows():
+        lines.append(f"{r['method']}: {100 * r['mass_in_mask']:.2f} % in masks vs {100 * r['area_fraction']:.2f} % "
+                     f"uniform = {r['ratio_to_uniform']:.2f}x (n={int(r['n'])} masks)")
+    txt_path = run_dir / "explanation_scores.txt"
+    txt_path.write_text("\n".join(lines) + "\n")
+    return {"csv": csv_path, "txt": txt_path}
