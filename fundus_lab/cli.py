@@ -378,7 +378,7 @@ def reproduce_main(argv: list[str] | None = None) -> int:
     from fundus_lab import experiment, reproduce
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = reproduce_parser(experiment.PRESETS).parse_args(argv)
+    args = reproduce_parser(C.PRESETS).parse_args(argv)
     methods = C.split_names(args.methods) or None
     try:  # a mistyped key or value fails here, before any notebook starts
         C.load_config(preset=args.preset, overrides=list(args.overrides))

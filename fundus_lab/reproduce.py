@@ -36,13 +36,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from fundus_lab import config as C
-from fundus_lab.experiment import (DEFAULT_METHODS, LATEST, PRESETS, REFERENCES, Run, jobs_overrides,
+from fundus_lab.config import PACKAGE_ROOT, PRESETS
+from fundus_lab.experiment import (DEFAULT_METHODS, LATEST, REFERENCES, Run, jobs_overrides,
                                    normalise_overrides, write_latest)
-from fundus_lab.experiment.store import PACKAGE_DIR, project_root
+from fundus_lab.experiment.store import project_root
 
 # the numbered notebooks ship inside the package (``notebooks/`` at the checkout root links here),
 # so ``fundus-lab reproduce`` finds them after a plain ``pip install .`` too
-NOTEBOOK_DIR = PACKAGE_DIR / "notebooks"
+NOTEBOOK_DIR = PACKAGE_ROOT / "notebooks"
 
 
 def read_status(path: Path) -> dict:
@@ -409,7 +410,7 @@ def render_index_html(title: str, params: str, notebooks: list[dict]) -> str:
     table cell holding ``<`` shows as text and cannot inject markup into the page."""
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(PACKAGE_DIR / "templates"),
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(PACKAGE_ROOT / "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
     return env.get_template("index.html.j2").render(title=title, params=params, notebooks=notebooks)
 

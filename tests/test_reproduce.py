@@ -156,8 +156,8 @@ def test_index_template_ships_as_package_data():
 
     pyproject = tomllib.loads((project_root() / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["fundus_lab"]
-    assert (rp.PACKAGE_DIR / "templates" / "index.html.j2").is_file()
-    assert any(rp.PACKAGE_DIR.joinpath("templates", "index.html.j2").match(f"fundus_lab/{p}") for p in patterns)
+    assert (rp.PACKAGE_ROOT / "templates" / "index.html.j2").is_file()
+    assert any(rp.PACKAGE_ROOT.joinpath("templates", "index.html.j2").match(f"fundus_lab/{p}") for p in patterns)
     assert any(d.replace(" ", "").startswith("jinja2") for d in pyproject["project"]["dependencies"])
 
 

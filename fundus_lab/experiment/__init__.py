@@ -17,7 +17,7 @@ reference rows), ``pretraining`` (the cache and parallel pretraining), ``noteboo
 from fundus_lab.experiment.configs import (apply_runtime, checkpoint_eval_config, device, normalise_overrides,
                                            resolve_run_config)
 from fundus_lab.experiment.datasets import dataset_root, ensure_synthetic, open_split
-from fundus_lab.experiment.notebook import (DEFAULT_METHODS, LATEST, PRESETS, CheckpointMissing, latest_run,
+from fundus_lab.experiment.notebook import (DEFAULT_METHODS, LATEST, CheckpointMissing, latest_run,
                                             write_latest)
 from fundus_lab.experiment.pretraining import jobs_overrides, pretrain_cached, threads_per_job
 from fundus_lab.experiment.protocols import COLUMNS, DEFAULT_PROTOCOLS, PROTOCOLS, TABLES, Protocol, evaluate_model
@@ -27,7 +27,7 @@ from fundus_lab.experiment.store import KEY_FILE, external_fingerprint, read_jso
 from fundus_lab.experiment.table import compare, shot_curve_rows, write_explanation_scores, write_results
 
 __all__ = [
-    "COLUMNS", "DEFAULT_METHODS", "DEFAULT_PROTOCOLS", "KEY_FILE", "LATEST", "PRESETS", "PROTOCOLS", "REFERENCES",
+    "COLUMNS", "DEFAULT_METHODS", "DEFAULT_PROTOCOLS", "KEY_FILE", "LATEST", "PROTOCOLS", "REFERENCES",
     "TABLES", "CheckpointMissing", "PixelFeatures", "Protocol", "Reference", "Run", "apply_runtime",
     "checkpoint_eval_config", "compare", "device",
     "dataset_root", "ensure_synthetic", "evaluate_model", "external_fingerprint", "jobs_overrides", "latest_run",

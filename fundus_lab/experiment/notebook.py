@@ -20,7 +20,6 @@ from fundus_lab import config as C
 from fundus_lab.experiment.configs import normalise_overrides
 from fundus_lab.experiment.store import KEY_FILE, project_root, read_json
 
-PRESETS = ("smoke", "default", "paper")
 # the notebooks' default run_dir: the run folder runs/latest names (see latest_run)
 LATEST = "latest"
 LATEST_POINTER = "runs/latest"
@@ -118,8 +117,8 @@ def run_parameters(run_dir: Path) -> dict:
         params = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err}); expected the parameters fundus-lab reproduce wrote") from None
-    if not isinstance(params, dict) or params.get("preset") not in PRESETS:
-        raise ValueError(f"{path}: field 'preset' must be one of {PRESETS}, got {params.get('preset') if isinstance(params, dict) else params!r}")
+    if not isinstance(params, dict) or params.get("preset") not in C.PRESETS:
+        raise ValueError(f"{path}: field 'preset' must be one of {C.PRESETS}, got {params.get('preset') if isinstance(params, dict) else params!r}")
     return params
 
 
@@ -129,8 +128,8 @@ def notebook_arguments(notebook: str, preset: str | None, run_dir: str | Path | 
     ``parameters`` cell: ``run_dir`` ``"latest"`` (or None) is the run ``runs/latest`` names,
     else ``runs/notebooks`` when no run exists yet; what the cell leaves None comes from the
     run's ``parameters.json``, else the preset's defaults; ``overrides`` apply over the run's."""
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"preset={preset!r}; expected one of {PRESETS} (or None: the run's)")
+    if preset is not None and preset not in C.PRESETS:
+        raise ValueError(f"preset={preset!r}; expected one of {C.PRESETS} (or None: the run's)")
     C.check_name(notebook, "notebook name")  # it names figures/<name>/ and tables/<name>/
     if run_dir is None or str(run_dir) == LATEST:
         run = latest_run()

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fundus_lab.config import PACKAGE_ROOT
+
 KEY_FILE = "cache_key.json"  # fundus_lab.train.RUN_BOOKKEEPING names it too
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def sha256_json(obj) -> str:
@@ -70,7 +71,7 @@ def project_root() -> Path:
     Only to name the code that ran (``reproduce.git_commit``) and to find its recorded
     benchmarks; relative run and data folders resolve against the working directory
     (:func:`fundus_lab.config.resolve_path`), never against the checkout."""
-    root = PACKAGE_DIR.parent
+    root = PACKAGE_ROOT.parent
     if (root / "pyproject.toml").is_file() and (root / "fundus_lab").is_dir():
         return root
     return Path.cwd()
