@@ -16,10 +16,12 @@ import argparse
 import importlib
 import sys
 
+from fundus_lab.config import ConfigError, load_config
+
 # subcommand -> (module, function taking argv, one-line help)
 SUBCOMMANDS = {
     "synth": ("fundus_lab.cli", "synth_main", "write the synthetic fundus benchmark"),
-    "pretrain": ("fundus_lab.train", "main", "pretrain a method (accelerate; same code on CPU/GPUs)"),
+    "pretrain": ("fundus_lab.cli", "pretrain_main", "pretrain a method (accelerate; same code on CPU/GPUs)"),
     "eval": ("fundus_lab.eval.compare", "evaluate_main", "evaluate a checkpoint with one protocol"),
     "compare": ("fundus_lab.eval.compare", "main", "pretrain methods under one budget and write Table 1"),
     "reproduce": ("fundus_lab.reproduce", "main", "run every notebook headlessly into a run folder"),
@@ -81,6 +83,38 @@ def synth_main(argv: list[str] | None = None) -> int:
 
 
 synth_main.__doc__ = "Write the procedural synthetic fundus benchmark as dataset folders with manifests."
+
+
+def pretrain_main(argv: list[str] | None = None) -> int:
+    """``fundus-lab pretrain`` (also ``accelerate launch -m fundus_lab.cli pretrain ...``)."""
+    # torch and the models load only for this command: ``fundus-lab --help`` stays instant
+    from fundus_lab import checkpoint, train
+    from fundus_lab.run_folder import RESUME_OVERRIDABLE, RunFolderLockedError
+
+    parser = argparse.ArgumentParser(
+        prog="fundus-lab pretrain",
+        description="Pretrain a method on the configured data (accelerate: the same command on CPU or GPUs).",
+    )
+    parser.add_argument("--config", help="a YAML file of config sections (may name preset: and method:)")
+    parser.add_argument("--preset", help="smoke | default | paper")
+    parser.add_argument("--method", help="a method from configs/methods/")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if the run folder has checkpoints")
+    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                        help=f"on resume, let KEY differ from the run's config (one of {', '.join(RESUME_OVERRIDABLE)})")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=100 model.img_size=128")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, preset=args.preset, method=args.method, overrides=args.overrides)
+    except ConfigError as err:
+        print(f"fundus-lab pretrain: {err}", file=sys.stderr)
+        return 2
+    try:
+        run_dir = train.pretrain(cfg, resume=not args.no_resume, allow_changes=args.allow_change)
+    except (ConfigError, RunFolderLockedError, checkpoint.CheckpointError) as err:
+        print(f"fundus-lab pretrain: {err}", file=sys.stderr)
+        return 2
+    print(run_dir)
+    return 0
 
 
 def help_text() -> str:

@@ -433,7 +433,7 @@ def _yaml_config(text: str):
 
 def _start_over_in_another_run(tmp_path: Path) -> None:
     from fundus_lab import config as C
-    from fundus_lab.train import check_may_start_over
+    from fundus_lab.run_folder import check_may_start_over
 
     (tmp_path / "run").mkdir()
     C.save_config(C.load_config(preset="smoke", method="ours"), tmp_path / "run" / "config.yaml")

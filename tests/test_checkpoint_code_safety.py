@@ -21,7 +21,7 @@ from fundus_lab.checkpoint import CheckpointError
 
 pytest.importorskip("open_clip", reason="open_clip not installed (pip install 'fundus_lab[external]')")
 
-from test_external_models import save_tiny_open_clip  # noqa: E402
+from doubles import save_tiny_open_clip  # noqa: E402
 
 
 def evil_open_clip(folder: Path, marker: Path, **text_cfg) -> Path:
@@ -106,7 +106,7 @@ def test_a_clean_tokenizer_folder_inside_the_checkpoint_still_loads(tmp_path):
 def test_compare_external_refuses_checkpoint_code(tmp_path, marker, monkeypatch):
     import fundus_lab.train
     from fundus_lab.experiment import Run
-    from test_compare_external import TINY
+    from doubles import EXTERNAL_COMPARE_TINY as TINY
 
     folder = evil_open_clip(tmp_path / "evil", marker)
 

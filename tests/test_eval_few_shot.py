@@ -5,7 +5,7 @@ import pytest
 
 from fundus_lab.eval import LeakageError, features, few_shot, linear_probe, sample_few_shot
 from fundus_lab.eval.honesty import assert_disjoint, write_split_file
-from test_eval_doubles import ImageOnlyModel, PlantedModel, ToyDataset
+from doubles import ImageOnlyModel, PlantedModel, ToyDataset
 
 E = np.eye(3)
 CLASSES = ["red", "green", "blue"]

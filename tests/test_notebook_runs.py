@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fundus_lab import reproduce as rp
-from test_eval_compare import TINY
+from doubles import COMPARE_TINY as TINY
 from doubles import write_notebook  # noqa: E402
 
 PARAMS = ('preset = None\nrun_dir = "latest"\ndata_root = None\nmethods = None\noverrides = []\n'
