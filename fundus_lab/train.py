@@ -1,7 +1,7 @@
 """Pretraining: one loop for every method, on Hugging Face ``accelerate``.
 
 The same code runs on one CPU, one GPU, or several GPUs/nodes
-(``accelerate launch -m fundus_lab.train --preset paper --method ours`` or ``torchrun``).
+(``accelerate launch -m fundus_lab.cli pretrain --preset paper --method ours`` or ``torchrun``).
 Each optimizer step is
 
     for each of grad_accum_steps micro-batches:   out = model(batch); backward(out["loss"] / accum)
@@ -24,6 +24,12 @@ Nothing lost: one job at a time holds a run folder (an OS lock that dies with th
 a second job is refused, naming the holder's pid); resuming with a config that differs
 from the run's is refused, listing every difference; a NaN/Inf gradient stops the step
 before ``optimizer.step()``, and non-finite weights are never saved.
+
+The loop's parts live beside it, one purpose each: ``fundus_lab.optim`` (AdamW groups and the
+warm-up + cosine schedule, shared with fine-tuning), ``fundus_lab.sampling`` (the resumable,
+seeded data order), ``fundus_lab.run_folder`` (the lock and the resume / start-over rules) and
+``fundus_lab.train_log`` (``metrics.csv`` and the trackers). The command line is
+``fundus_lab.cli.pretrain_main``.
 """
 
 from __future__ import annotations
