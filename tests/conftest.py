@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
-
 import torch
+from PIL import Image
 
-from doubles import (CLIP, CLIP_TEXTS, CLIP_TINY, TEXTS, DoubleData, DoubleModel, double_collate, load_double,
-                     save_tiny_hf_clip, save_tiny_open_clip)
+from doubles import (CLASSIFIER_CLASSES, CLASSIFIER_TINY, CLIP, CLIP_TEXTS, CLIP_TINY, TEXTS, DoubleData, DoubleModel,
+                     double_collate, load_double, save_tiny_hf_clip, save_tiny_open_clip)
 from fundus_lab import train as T
 from fundus_lab.data.tokenizer import train_tokenizer
+from fundus_lab.eval.fine_tune import FineTuneClassifier
 from fundus_lab.models import MethodConfig, ModelConfig, build_model
+from fundus_lab.predict import save_classifier
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +53,21 @@ def hf_folder(tmp_path_factory):
     """A random transformers CLIPModel folder with a tokenizer and preprocessor config."""
     folder = tmp_path_factory.mktemp("hf_clip")
     return (*save_tiny_hf_clip(folder), folder)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A tiny fine-tuned classifier saved as ``fundus-lab predict`` reads it, and three images."""
+    torch.manual_seed(0)
+    mae = build_model(ModelConfig(**CLASSIFIER_TINY), MethodConfig(name="mae", contrastive_weight=0.0, caption_weight=0.0,
+                                                        cross_attention=False))
+    clf = FineTuneClassifier(mae, len(CLASSIFIER_CLASSES), 32).eval()
+    torch.nn.init.normal_(clf.head.weight, std=0.5)
+    images = []
+    for i in range(3):
+        rng = np.random.default_rng(i)
+        path = tmp_path / f"eye{i}.png"
+        Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(path)
+        images.append(path)
+    save_classifier(clf, tmp_path / "clf", CLASSIFIER_CLASSES, "ordinal", image_size=32)
+    return clf, images, tmp_path / "clf"

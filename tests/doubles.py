@@ -18,12 +18,14 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import nbformat
 import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -406,6 +408,183 @@ def export_normalise(x):
 
 
 # ---------------------------------------------------------------------------------------
+# a tiny two-class dataset manifest (labels.csv, img/)
+
+
+TWO_CLASS_MANIFEST = {
+    "name": "tiny",
+    "task": "multiclass",
+    "metric": "accuracy",
+    "classes": [{"name": "normal", "key": "normal"}, {"name": "glaucoma", "key": "glaucoma"}],
+    "sources": [{
+        "annotations": "labels.csv",
+        "image": {"column": "image", "template": "img/{value}"},
+        "label": {"column": "label", "codes": {"0": "normal", "1": "glaucoma"}},
+        "patient": {"column": "patient"},
+    }],
+    "split": {"fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "seed": 1},
+}
+
+
+# ---------------------------------------------------------------------------------------
+# the bad-input matrix's dataset folder, broken one way per case
+
+
+BAD_INPUT_MANIFEST = {
+    "name": "tiny",
+    "task": "multiclass",
+    "metric": "accuracy",
+    "classes": [{"name": "normal", "key": "normal"}, {"name": "glaucoma", "key": "glaucoma"}],
+    "sources": [{
+        "annotations": "labels.csv",
+        "image": {"column": "image", "template": "img/{value}"},
+        "label": {"column": "label", "codes": {"0": "normal", "1": "glaucoma"}},
+        "patient": {"column": "patient"},
+        "eye": {"column": "eye"},
+    }],
+    "split": {"fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "seed": 1},
+}
+BAD_INPUT_HEADER = "image,label,patient,eye"
+BAD_INPUT_ROWS = [f"a{i}.png,{i % 2},p{i // 2},{'left' if i % 2 else 'right'}" for i in range(8)]
+
+
+class Case:
+    """A dataset folder being broken: ``root``, the manifest dict ``m``, the CSV rows."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.m = yaml.safe_load(yaml.safe_dump(BAD_INPUT_MANIFEST))
+        self.header, self.rows = BAD_INPUT_HEADER, list(BAD_INPUT_ROWS)
+        self.csv_bytes: Optional[bytes] = None
+        self.manifest_text: Optional[str] = None
+        (root / "img").mkdir(parents=True)
+        for i in range(10):
+            arr = np.zeros((12, 12, 3), np.uint8)
+            arr[2:10, 2:10] = (150, 70, 30)
+            Image.fromarray(arr).save(root / "img" / f"a{i}.png")
+
+    @property
+    def src(self) -> dict:
+        return self.m["sources"][0]
+
+    def write(self) -> Path:
+        data = self.csv_bytes if self.csv_bytes is not None else ("\n".join([self.header, *self.rows]) + "\n").encode()
+        (self.root / "labels.csv").write_bytes(data)
+        path = self.root / "tiny.yaml"
+        path.write_text(self.manifest_text if self.manifest_text is not None else yaml.safe_dump(self.m, sort_keys=False))
+        return path
+
+
+# ---------------------------------------------------------------------------------------
+# an open_clip checkpoint that ships code
+
+
+def evil_open_clip(folder: Path, marker: Path, **text_cfg) -> Path:
+    """A loadable tiny open_clip checkpoint whose tokenizer folder ships code that writes
+    ``marker``; ``text_cfg`` entries replace the issue's defaults (None removes one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tiny_open_clip(folder)
+    tok = folder / "tok"
+    tok.mkdir()
+    (tok / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}, "tokenizer_class": "EvilTokenizer"}))
+    (tok / "evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('code ran')\n\n"
+        "class EvilTokenizer:\n    pass\n")
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    fields = {"hf_tokenizer_name": str(tok), "tokenizer_kwargs": {"trust_remote_code": True}, **text_cfg}
+    for key, value in fields.items():
+        if value is None:
+            config["model_cfg"]["text_cfg"].pop(key, None)
+        else:
+            config["model_cfg"]["text_cfg"][key] = value
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------
+# the widgets' colour model: patches and prompts by colour
+
+
+COLOURS = {"red": 0, "green": 1, "blue": 2}
+
+
+class ColourModel(torch.nn.Module):
+    img_size = 16
+    patch_size = 8
+
+    def __init__(self, scale: float = 10.0):
+        super().__init__()
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(scale)))
+
+    def encode_patches(self, images):  # [N, 3, 16, 16] -> [N, 4, 3] mean colour per 8x8 patch
+        n = images.shape[0]
+        p = images.unfold(2, 8, 8).unfold(3, 8, 8)  # [N, 3, 2, 2, 8, 8]
+        return p.mean(dim=(-1, -2)).reshape(n, 3, 4).transpose(1, 2)
+
+    def encode_image(self, images):
+        return torch.nn.functional.normalize(images.mean(dim=(2, 3)), dim=-1)
+
+    def encode_text(self, texts):
+        out = torch.full((len(texts), 3), 1e-3)
+        for i, t in enumerate(texts):
+            for word, j in COLOURS.items():
+                if word in t.lower():
+                    out[i, j] = 1.0
+        return torch.nn.functional.normalize(out, dim=-1)
+
+
+def colour_image(left, right) -> torch.Tensor:
+    img = torch.zeros(3, 16, 16)
+    img[:, :, :8] = torch.tensor(left, dtype=torch.float32)[:, None, None]
+    img[:, :, 8:] = torch.tensor(right, dtype=torch.float32)[:, None, None]
+    return img
+
+
+# ---------------------------------------------------------------------------------------
+# a tiny fine-tuned classifier (the ``saved`` fixture saves it with three images)
+
+
+CLASSIFIER_TINY = dict(img_size=32, patch_size=16, vision_width=32, vision_depth=2, vision_heads=2, embed_dim=16,
+            decoder_width=32, decoder_depth=1, decoder_heads=2)
+CLASSIFIER_CLASSES = ["no DR", "mild NPDR", "moderate NPDR"]
+
+
+# ---------------------------------------------------------------------------------------
+# real dataset layouts: tiny fundus pictures, files, the APTOS 2019 folder
+
+
+def fundus(path: Path, w: int = 30, h: int = 24, seed: int = 0) -> Path:
+    """A tiny fundus-like picture (bright disc on black), saved by its extension."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    disc = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2) < (min(h, w) / 2 - 1) ** 2
+    colour = np.array([170, 80, 40]) + rng.integers(-20, 20, 3)
+    arr = (disc[..., None] * colour).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".png": "PNG"}[path.suffix.lower()]
+    Image.fromarray(arr).save(path, format=fmt)
+    return path
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def build_aptos(root: Path) -> dict:
+    ids = [f"{i:04x}a1b2c3" for i in range(20)]
+    grades = [i % 5 for i in range(20)]
+    write(root / "train.csv", "id_code,diagnosis\n" + "".join(f"{i},{g}\n" for i, g in zip(ids, grades)))
+    for k, i in enumerate(ids):
+        fundus(root / "train_images" / f"{i}.png", seed=k)
+    write(root / "test.csv", "id_code\nffff0000\n")  # no labels: never read
+    fundus(root / "test_images" / "ffff0000.png")
+    return dict(zip(ids, grades))
+
+
+# ---------------------------------------------------------------------------------------
 # notebooks
 
 
@@ -418,3 +597,10 @@ def write_notebook(path: Path, params: str, *cells: str) -> None:
     nb.cells = [nbformat.v4.new_markdown_cell(f"# {path.stem}"), first] + [nbformat.v4.new_code_cell(c) for c in cells]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
+
+
+REPRODUCE_PARAMS = 'preset = "default"\nrun_dir = "runs/notebooks"\ndata_root = None\nmethods = None\n'
+
+
+def reproduce_notebook(path: Path, *cells: str) -> None:
+    write_notebook(path, REPRODUCE_PARAMS, *cells)

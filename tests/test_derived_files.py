@@ -27,8 +27,7 @@ from fundus_lab.eval import features
 from fundus_lab.eval.features import extract_features
 from fundus_lab.predict import ClassifierError, load_classifier, predict_main
 from doubles import ToyDataset, ToyViT
-from test_reproduce import _notebook
-from test_predict import saved  # noqa: F401  (a fixture: a tiny saved classifier and images)
+from doubles import reproduce_notebook as _notebook
 from doubles import make_cfg
 
 

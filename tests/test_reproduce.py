@@ -9,13 +9,7 @@ import nbformat
 import pytest
 
 from fundus_lab import reproduce as rp
-from doubles import write_notebook  # noqa: E402
-
-PARAMS = 'preset = "default"\nrun_dir = "runs/notebooks"\ndata_root = None\nmethods = None\n'
-
-
-def _notebook(path: Path, *cells: str) -> None:
-    write_notebook(path, PARAMS, *cells)
+from doubles import reproduce_notebook as _notebook
 
 
 @pytest.fixture
@@ -249,7 +243,7 @@ def test_write_summary_records_command_commit_machine_and_times(tmp_path):
 
 def test_notebook_context_reads_a_real_dataset_under_data_root(tmp_path):
     """--data-root with a real layout: the notebooks' datasets come from <data_root>/<name>."""
-    from test_data_layouts import build_aptos
+    from doubles import build_aptos
 
     truth = build_aptos(tmp_path / "data" / "aptos2019")
     ctx = rp.notebook_context("04_zero_shot", preset="smoke", run_dir=tmp_path / "run", data_root=tmp_path / "data",
