@@ -290,10 +290,6 @@ def weights(run_dir):
     return load_file(str(Path(run_dir) / "checkpoint-last" / "model.safetensors"))
 
 
-def weights(run_dir):
-    return load_file(str(Path(run_dir) / "checkpoint-last" / "model.safetensors"))
-
-
 # ---------------------------------------------------------------------------------------
 # the compare runs: tiny model, data and budget overrides
 
@@ -430,20 +426,8 @@ TWO_CLASS_MANIFEST = {
 # the bad-input matrix's dataset folder, broken one way per case
 
 
-BAD_INPUT_MANIFEST = {
-    "name": "tiny",
-    "task": "multiclass",
-    "metric": "accuracy",
-    "classes": [{"name": "normal", "key": "normal"}, {"name": "glaucoma", "key": "glaucoma"}],
-    "sources": [{
-        "annotations": "labels.csv",
-        "image": {"column": "image", "template": "img/{value}"},
-        "label": {"column": "label", "codes": {"0": "normal", "1": "glaucoma"}},
-        "patient": {"column": "patient"},
-        "eye": {"column": "eye"},
-    }],
-    "split": {"fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "seed": 1},
-}
+# the two-class manifest with an eye column
+BAD_INPUT_MANIFEST = {**TWO_CLASS_MANIFEST, "sources": [{**TWO_CLASS_MANIFEST["sources"][0], "eye": {"column": "eye"}}]}
 BAD_INPUT_HEADER = "image,label,patient,eye"
 BAD_INPUT_ROWS = [f"a{i}.png,{i % 2},p{i // 2},{'left' if i % 2 else 'right'}" for i in range(8)]
 
