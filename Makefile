@@ -36,9 +36,10 @@ test: install
 	$(MAKE) test-notebooks
 	$(MAKE) test-browser
 
-## the quick loop while editing: everything but the end-to-end (slow) and browser tests
+## the quick loop while editing: everything but the end-to-end (slow) and browser tests, under 5 minutes
+## on 2 cores (a test over ~20 s is marked slow; --durations shows the ones creeping up)
 test-fast: install
-	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -q -m "not slow and not browser" tests
+	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -q --durations=10 -m "not slow and not browser" tests
 
 test-unit: install
 	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -q -m "not browser" tests

@@ -37,17 +37,19 @@ def build_variants(preset: str, overrides: list[str]) -> dict:
     from accelerate import Accelerator
 
     import train_throughput as B
+    from fundus_lab import optim
     from fundus_lab import train as T
     from fundus_lab.budget import example_batch
     from fundus_lab.config import load_config
     from fundus_lab.data.tokenizer import default_corpus, train_tokenizer
     from fundus_lab.models import build_model
+    from fundus_lab.sampling import to_device
 
     cfg = load_config(preset=preset, method="clip", overrides=overrides)
     accelerator = Accelerator(mixed_precision="no", cpu=True)
     tokenizer = train_tokenizer(default_corpus(), vocab_size=cfg.model.vocab_size,
                                 model_max_length=cfg.model.text_max_length)
-    batch = T.to_device(example_batch(cfg, cfg.train.batch_size), "cpu")
+    batch = to_device(example_batch(cfg, cfg.train.batch_size), "cpu")
 
     def forever():
         while True:
@@ -59,8 +61,8 @@ def build_variants(preset: str, overrides: list[str]) -> dict:
         if text_dropout is not None:
             model_cfg.text_dropout = text_dropout
         model = build_model(model_cfg, cfg.method, tokenizer).train()
-        optimizer = T.build_optimizer(model, cfg.train, device)
-        scheduler = T.build_scheduler(optimizer, cfg.train)
+        optimizer = optim.build_optimizer(model, cfg.train, device)
+        scheduler = optim.build_scheduler(optimizer, cfg.train)
         data, step = forever(), [0]
 
         def run():

@@ -130,11 +130,13 @@ def measure(preset: str, method: str, steps: int, warmup: int, overrides: list[s
     import torch
     from accelerate import Accelerator
 
+    from fundus_lab import optim
     from fundus_lab import train as T
     from fundus_lab.budget import count_step_flops, example_batch
     from fundus_lab.config import load_config
     from fundus_lab.data.tokenizer import default_corpus, train_tokenizer
     from fundus_lab.models import build_model
+    from fundus_lab.sampling import to_device
 
     name, _, variant = method.partition("+")
     if variant not in ("", "compile"):
@@ -147,10 +149,10 @@ def measure(preset: str, method: str, steps: int, warmup: int, overrides: list[s
                                 model_max_length=cfg.model.text_max_length)
     model = T.compile_model(build_model(cfg.model, cfg.method, tokenizer).train(), cfg.train)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = T.build_optimizer(model, cfg.train, accelerator.device)
-    scheduler = T.build_scheduler(optimizer, cfg.train)
+    optimizer = optim.build_optimizer(model, cfg.train, accelerator.device)
+    scheduler = optim.build_scheduler(optimizer, cfg.train)
     model, optimizer = accelerator.prepare(model, optimizer)
-    batch = T.to_device(example_batch(cfg, cfg.train.batch_size), accelerator.device)
+    batch = to_device(example_batch(cfg, cfg.train.batch_size), accelerator.device)
 
     def forever():
         while True:

@@ -29,6 +29,7 @@ from typing import NamedTuple, Sequence
 
 from fundus_lab import config as C
 from fundus_lab.checkpoint import CheckpointError
+from fundus_lab.config import ConfigError, load_config
 from fundus_lab.data.manifest import TASKS, parse_manifest
 from fundus_lab.registry import Registry
 
@@ -43,7 +44,7 @@ class Command(NamedTuple):
 
 SUBCOMMANDS: Registry[Command] = Registry("command")
 SUBCOMMANDS.register("synth", Command("fundus_lab.cli", "synth_main", "write the synthetic fundus benchmark"))
-SUBCOMMANDS.register("pretrain", Command("fundus_lab.train", "main", "pretrain a method (accelerate; same code on CPU/GPUs)"))
+SUBCOMMANDS.register("pretrain", Command("fundus_lab.cli", "pretrain_main", "pretrain a method (accelerate; same code on CPU/GPUs)"))
 SUBCOMMANDS.register("eval", Command("fundus_lab.cli", "evaluate_main", "evaluate a checkpoint with one protocol"))
 SUBCOMMANDS.register("compare", Command("fundus_lab.cli", "compare_main", "pretrain methods under one budget and write Table 1"))
 SUBCOMMANDS.register("reproduce", Command("fundus_lab.cli", "reproduce_main", "run every notebook headlessly into a run folder"))
@@ -395,6 +396,38 @@ def reproduce_main(argv: list[str] | None = None) -> int:
         return 1
     except C.ConfigError as err:  # a --name that is not one safe folder name
         print(f"fundus-lab reproduce: {err}", file=sys.stderr)
+        return 2
+    print(run_dir)
+    return 0
+
+
+def pretrain_main(argv: list[str] | None = None) -> int:
+    """``fundus-lab pretrain`` (also ``accelerate launch -m fundus_lab.cli pretrain ...``)."""
+    # torch and the models load only for this command: ``fundus-lab --help`` stays instant
+    from fundus_lab import checkpoint, train
+    from fundus_lab.run_folder import RESUME_OVERRIDABLE, RunFolderLockedError
+
+    parser = argparse.ArgumentParser(
+        prog="fundus-lab pretrain",
+        description="Pretrain a method on the configured data (accelerate: the same command on CPU or GPUs).",
+    )
+    parser.add_argument("--config", help="a YAML file of config sections (may name preset: and method:)")
+    parser.add_argument("--preset", help="smoke | default | paper")
+    parser.add_argument("--method", help="a method from configs/methods/")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if the run folder has checkpoints")
+    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                        help=f"on resume, let KEY differ from the run's config (one of {', '.join(RESUME_OVERRIDABLE)})")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=100 model.img_size=128")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, preset=args.preset, method=args.method, overrides=args.overrides)
+    except ConfigError as err:
+        print(f"fundus-lab pretrain: {err}", file=sys.stderr)
+        return 2
+    try:
+        run_dir = train.pretrain(cfg, resume=not args.no_resume, allow_changes=args.allow_change)
+    except (ConfigError, RunFolderLockedError, checkpoint.CheckpointError) as err:
+        print(f"fundus-lab pretrain: {err}", file=sys.stderr)
         return 2
     print(run_dir)
     return 0

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fundus_lab.eval.explain import load_record_masks, to_numpy
+from fundus_lab.eval.explain import load_record_masks, to_numpy, upsample_map
 from fundus_lab.eval.zero_shot import has_text_encoder
 
 __all__ = [

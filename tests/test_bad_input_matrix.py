@@ -28,53 +28,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from doubles import BAD_INPUT_HEADER as HEADER, BAD_INPUT_ROWS as ROWS, Case
 from fundus_lab.data import open_dataset
 from fundus_lab.data.images import DataError, ImageError
 from fundus_lab.data.manifest import ManifestError
-
-BASE = {
-    "name": "tiny",
-    "task": "multiclass",
-    "metric": "accuracy",
-    "classes": [{"name": "normal", "key": "normal"}, {"name": "glaucoma", "key": "glaucoma"}],
-    "sources": [{
-        "annotations": "labels.csv",
-        "image": {"column": "image", "template": "img/{value}"},
-        "label": {"column": "label", "codes": {"0": "normal", "1": "glaucoma"}},
-        "patient": {"column": "patient"},
-        "eye": {"column": "eye"},
-    }],
-    "split": {"fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "seed": 1},
-}
-HEADER = "image,label,patient,eye"
-ROWS = [f"a{i}.png,{i % 2},p{i // 2},{'left' if i % 2 else 'right'}" for i in range(8)]
-
-
-class Case:
-    """A dataset folder being broken: ``root``, the manifest dict ``m``, the CSV rows."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.m = yaml.safe_load(yaml.safe_dump(BASE))
-        self.header, self.rows = HEADER, list(ROWS)
-        self.csv_bytes: Optional[bytes] = None
-        self.manifest_text: Optional[str] = None
-        (root / "img").mkdir(parents=True)
-        for i in range(10):
-            arr = np.zeros((12, 12, 3), np.uint8)
-            arr[2:10, 2:10] = (150, 70, 30)
-            Image.fromarray(arr).save(root / "img" / f"a{i}.png")
-
-    @property
-    def src(self) -> dict:
-        return self.m["sources"][0]
-
-    def write(self) -> Path:
-        data = self.csv_bytes if self.csv_bytes is not None else ("\n".join([self.header, *self.rows]) + "\n").encode()
-        (self.root / "labels.csv").write_bytes(data)
-        path = self.root / "tiny.yaml"
-        path.write_text(self.manifest_text if self.manifest_text is not None else yaml.safe_dump(self.m, sort_keys=False))
-        return path
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -301,7 +258,6 @@ DERIVED = [
 ]
 
 
-
 @pytest.mark.parametrize("kind", MATRIX, ids=[k.name for k in MATRIX])
 def test_bad_input(kind: Kind, tmp_path):
     c = Case(tmp_path / "ds")
@@ -365,7 +321,7 @@ class Refusal:
 
 def _evil(tmp_path: Path, **text_cfg) -> Path:
     pytest.importorskip("open_clip")
-    from test_checkpoint_code_safety import evil_open_clip
+    from doubles import evil_open_clip
 
     return evil_open_clip(tmp_path / "evil", tmp_path / "MARKER", **text_cfg)
 
@@ -405,7 +361,7 @@ def _resume_from_outside_model(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     C.save_config(cfg, tmp_path / "run" / "config.yaml")
     pytest.importorskip("open_clip")
-    from test_checkpoint_code_safety import evil_open_clip
+    from doubles import evil_open_clip
 
     last = evil_open_clip(tmp_path / "run" / "checkpoint-1", tmp_path / "MARKER")
     (last / "trainer_state.json").write_text(json.dumps({"format_version": 1, "step": 1, "trainer": {}}))
@@ -433,7 +389,7 @@ def _yaml_config(text: str):
 
 def _start_over_in_another_run(tmp_path: Path) -> None:
     from fundus_lab import config as C
-    from fundus_lab.train import check_may_start_over
+    from fundus_lab.run_folder import check_may_start_over
 
     (tmp_path / "run").mkdir()
     C.save_config(C.load_config(preset="smoke", method="ours"), tmp_path / "run" / "config.yaml")

@@ -14,8 +14,8 @@ from fundus_lab.data.tokenizer import train_tokenizer
 from fundus_lab.eval.features import extract_features
 from fundus_lab.eval.fine_tune import FineTuneClassifier, _width, param_groups
 from fundus_lab.models import CheckpointError, ModelConfig, build_model
-from test_eval_doubles import ToyDataset
-from test_model_methods import TEXTS, TINY, batch, method_config, tiny_model
+from doubles import ToyDataset
+from doubles import TEXTS, TINY, batch, method_config, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 
 from fundus_lab.models import load_model
 from fundus_lab.models.objectives import CoCaCaption, TextPass
-from test_model_methods import METHODS, TEXTS, tiny_model
+from doubles import METHODS, TEXTS, tiny_model
 
 # texts of very different lengths, so that padding to the longest changes with the batch
 SAMPLE_TEXTS = ["glaucoma", TEXTS[1], TEXTS[0] + ", hard exudates near the macula and a few cotton wool spots", TEXTS[3]]
@@ -64,7 +64,7 @@ def outside_models(tmp_path_factory):
     """The two outside-model kinds, saved by test_external_models' helpers and loaded as
     evaluation loads them."""
     pytest.importorskip("open_clip", reason="open_clip not installed (pip install 'fundus_lab[external]')")
-    from test_external_models import save_tiny_hf_clip, save_tiny_open_clip
+    from doubles import save_tiny_hf_clip, save_tiny_open_clip
 
     open_clip_dir, hf_dir = tmp_path_factory.mktemp("open_clip"), tmp_path_factory.mktemp("hf_clip")
     save_tiny_open_clip(open_clip_dir)

@@ -11,7 +11,6 @@ a :class:`CheckpointError` and leave no marker.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -21,30 +20,7 @@ from fundus_lab.checkpoint import CheckpointError
 
 pytest.importorskip("open_clip", reason="open_clip not installed (pip install 'fundus_lab[external]')")
 
-from test_external_models import save_tiny_open_clip  # noqa: E402
-
-
-def evil_open_clip(folder: Path, marker: Path, **text_cfg) -> Path:
-    """A loadable tiny open_clip checkpoint whose tokenizer folder ships code that writes
-    ``marker``; ``text_cfg`` entries replace the issue's defaults (None removes one)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_tiny_open_clip(folder)
-    tok = folder / "tok"
-    tok.mkdir()
-    (tok / "tokenizer_config.json").write_text(json.dumps(
-        {"auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}, "tokenizer_class": "EvilTokenizer"}))
-    (tok / "evil.py").write_text(
-        f"from pathlib import Path\nPath({str(marker)!r}).write_text('code ran')\n\n"
-        "class EvilTokenizer:\n    pass\n")
-    config = json.loads((folder / "open_clip_config.json").read_text())
-    fields = {"hf_tokenizer_name": str(tok), "tokenizer_kwargs": {"trust_remote_code": True}, **text_cfg}
-    for key, value in fields.items():
-        if value is None:
-            config["model_cfg"]["text_cfg"].pop(key, None)
-        else:
-            config["model_cfg"]["text_cfg"][key] = value
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
-    return folder
+from doubles import evil_open_clip, save_tiny_open_clip  # noqa: E402
 
 
 @pytest.fixture
@@ -106,7 +82,7 @@ def test_a_clean_tokenizer_folder_inside_the_checkpoint_still_loads(tmp_path):
 def test_compare_external_refuses_checkpoint_code(tmp_path, marker, monkeypatch):
     import fundus_lab.train
     from fundus_lab.experiment import Run, compare
-    from test_compare_external import TINY
+    from doubles import EXTERNAL_COMPARE_TINY as TINY
 
     folder = evil_open_clip(tmp_path / "evil", marker)
 

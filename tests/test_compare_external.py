@@ -6,28 +6,15 @@ import csv
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 
 from fundus_lab import config as C
-from test_eval_compare import MODEL_TINY
-from test_external_models import save_tiny_open_clip
+from doubles import external_compare_run as _run, save_tiny_open_clip
 
 pytestmark = pytest.mark.filterwarnings("ignore:fewer than k")  # tiny data: validation draws fall short
 
-TINY = MODEL_TINY + [
-    "eval.shots=[1,2]", "eval.seeds=2", "eval.bootstrap=20", "eval.batch_size=16", "eval.progress=false",
-]
 PROTOCOLS = ["zero_shot", "few_shot"]
-
-
-def _run(out: Path, extra=()):
-    from fundus_lab.experiment import Run
-
-    if not (C.CONFIG_DIR / "presets" / "smoke.yaml").is_file():
-        pytest.skip("configs/presets/smoke.yaml not written yet")
-    return Run("smoke", out / "run", out / "data", TINY + list(extra))
 
 
 @pytest.fixture(scope="module")

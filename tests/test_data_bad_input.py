@@ -12,22 +12,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from doubles import TWO_CLASS_MANIFEST as MANIFEST
 from fundus_lab.data import collate, open_dataset
 from fundus_lab.data.images import DataError, ImageError
-
-MANIFEST = {
-    "name": "tiny",
-    "task": "multiclass",
-    "metric": "accuracy",
-    "classes": [{"name": "normal", "key": "normal"}, {"name": "glaucoma", "key": "glaucoma"}],
-    "sources": [{
-        "annotations": "labels.csv",
-        "image": {"column": "image", "template": "img/{value}"},
-        "label": {"column": "label", "codes": {"0": "normal", "1": "glaucoma"}},
-        "patient": {"column": "patient"},
-    }],
-    "split": {"fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "seed": 1},
-}
 
 
 def make(tmp_path: Path, rows: list[str], header: str = "image,label,patient", manifest: dict | None = None,

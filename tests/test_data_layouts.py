@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
+from doubles import build_aptos, fundus, write
 from fundus_lab.data import collate, load_manifest, open_dataset
 from fundus_lab.data.images import DataError
 from fundus_lab.data.manifest import available_manifests
@@ -26,38 +26,8 @@ from fundus_lab.data.splits import check_patient_disjoint
 SIZE = 16  # image_size of every dataset opened here: fast
 
 
-def fundus(path: Path, w: int = 30, h: int = 24, seed: int = 0) -> Path:
-    """A tiny fundus-like picture (bright disc on black), saved by its extension."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    disc = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2) < (min(h, w) / 2 - 1) ** 2
-    colour = np.array([170, 80, 40]) + rng.integers(-20, 20, 3)
-    arr = (disc[..., None] * colour).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".png": "PNG"}[path.suffix.lower()]
-    Image.fromarray(arr).save(path, format=fmt)
-    return path
-
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 # ---------------------------------------------------------------------------------------
 # layout builders (one per dataset of shared/datasets.md)
-
-
-def build_aptos(root: Path) -> dict:
-    ids = [f"{i:04x}a1b2c3" for i in range(20)]
-    grades = [i % 5 for i in range(20)]
-    write(root / "train.csv", "id_code,diagnosis\n" + "".join(f"{i},{g}\n" for i, g in zip(ids, grades)))
-    for k, i in enumerate(ids):
-        fundus(root / "train_images" / f"{i}.png", seed=k)
-    write(root / "test.csv", "id_code\nffff0000\n")  # no labels: never read
-    fundus(root / "test_images" / "ffff0000.png")
-    return dict(zip(ids, grades))
 
 
 def build_eyepacs(root: Path, with_test: bool = True) -> None:

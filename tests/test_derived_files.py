@@ -27,10 +27,9 @@ from fundus_lab.data.tokenizer import load_tokenizer, train_tokenizer
 from fundus_lab.eval import features
 from fundus_lab.eval.features import extract_features
 from fundus_lab.predict import ClassifierError, load_classifier
-from test_eval_doubles import ToyDataset, ToyViT
-from test_reproduce import _notebook
-from test_predict import saved  # noqa: F401  (a fixture: a tiny saved classifier and images)
-from test_train_loop import doubles, make_cfg  # noqa: F401  (doubles is a fixture)
+from doubles import ToyDataset, ToyViT
+from doubles import reproduce_notebook as _notebook
+from doubles import make_cfg
 
 
 def stop_at(step_to_stop):

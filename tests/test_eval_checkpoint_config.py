@@ -11,7 +11,7 @@ import pytest
 
 from fundus_lab import config as C
 from fundus_lab.data import synth
-from test_eval_compare import MODEL_TINY
+from doubles import COMPARE_MODEL_TINY as MODEL_TINY
 
 TINY_EVAL = ["eval.bootstrap=20", "eval.batch_size=16", "eval.progress=false"]
 

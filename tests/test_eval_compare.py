@@ -22,6 +22,7 @@ try:  # the parts written by TRAIN / MODEL / DATA / SYNTH
 except ImportError as err:  # pragma: no cover - only while those parts are being written
     MISSING = str(err)
 
+from doubles import COMPARE_TINY as TINY
 from fundus_lab import config as C
 
 pytestmark = [
@@ -30,19 +31,6 @@ pytestmark = [
     pytest.mark.skipif(MISSING is not None, reason=f"pretraining/data code not importable yet: {MISSING}"),
 ]
 
-MODEL_TINY = [  # model, data and budget of the compare tests (test_compare_external reuses them)
-    "model.img_size=32", "model.patch_size=16", "model.vision_width=32", "model.vision_depth=2",
-    "model.vision_heads=2", "model.text_width=32", "model.text_depth=1", "model.text_heads=2",
-    "model.embed_dim=32", "model.fusion_heads=2", "model.decoder_width=32", "model.decoder_depth=1",
-    "model.decoder_heads=2", "model.caption_depth=1", "model.vocab_size=500",
-    "data.image_size=32", "data.synth_n=64", "data.synth_eval_n=60", "data.synth_image_size=32",
-    "data.augment=false", "train.steps=2", "train.batch_size=8", "train.warmup_steps=1", "train.log_every=1",
-    "train.tensorboard=false", "train.progress=false",
-]
-TINY = MODEL_TINY + [
-    "eval.shots=[1,2]", "eval.seeds=2", "eval.fine_tune_seeds=1", "eval.fine_tune_epochs=1",
-    "eval.bootstrap=20", "eval.batch_size=16", "eval.fine_tune_batch_size=8",
-]
 METHODS = ["clip", "eva", "mae"]
 
 

@@ -10,7 +10,7 @@ import torch
 
 from fundus_lab.eval import features
 from fundus_lab.eval.features import extract_features, shard_bounds
-from test_eval_doubles import ToyDataset, ToyViT
+from doubles import ToyDataset, ToyViT
 
 CLASSES = ["red", "green", "blue"]
 

@@ -5,7 +5,7 @@ import pytest
 
 from fundus_lab.eval import LeakageError, features, few_shot, linear_probe, sample_few_shot
 from fundus_lab.eval.honesty import assert_disjoint, write_split_file
-from test_eval_doubles import ImageOnlyModel, PlantedModel, ToyDataset
+from doubles import ImageOnlyModel, PlantedModel, ToyDataset
 
 E = np.eye(3)
 CLASSES = ["red", "green", "blue"]
@@ -50,6 +50,7 @@ def _splits(n_train=60, n_val=30, n_test=45, noise=0.15):
     return make(n_train, "train", 1), make(n_val, "val", 2), make(n_test, "test", 3)
 
 
+@pytest.mark.slow  # 38 s in a full unit run on the 2-core CPU
 def test_few_shot_probe_and_prompt_head_learn_the_colours():
     train, val, test = _splits()
     model = PlantedModel(E, VECTORS)
@@ -75,6 +76,7 @@ def test_few_shot_validation_comes_from_train_when_no_val_set():
         assert not set(run["shots"]) & set(run["val"])
 
 
+@pytest.mark.slow  # 37 s in a full unit run on the 2-core CPU
 def test_choices_never_look_at_test_labels():
     """C and lambda are chosen on validation data: scrambling the test labels changes the
     scores but not a single choice."""

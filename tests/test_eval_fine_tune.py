@@ -6,7 +6,7 @@ import torch
 
 from fundus_lab.eval import fine_tune
 from fundus_lab.eval.fine_tune import FineTuneClassifier, class_balanced_weights, param_groups
-from test_eval_doubles import ToyDataset, ToyViT
+from doubles import ToyDataset, ToyViT
 
 CLASSES = ["red", "green", "blue"]
 

@@ -6,7 +6,7 @@ import torch
 
 from fundus_lab.eval import features, zero_shot
 from fundus_lab.eval.zero_shot import ZeroShotUnavailable, class_embeddings, resolve_prompts
-from test_eval_doubles import ImageOnlyModel, PlantedModel, ToyDataset
+from doubles import ImageOnlyModel, PlantedModel, ToyDataset
 
 E = np.eye(3)
 CLASSES = ["red", "green", "blue"]

@@ -84,7 +84,7 @@ def test_fine_tune_is_na_for_an_image_tower_without_blocks():
     """An outside model whose tower has no transformer blocks (a ResNet open_clip) gets n/a,
     not a crash in the layer-wise lr decay."""
     from fundus_lab import config as C
-    from test_eval_doubles import PlantedModel, ToyDataset
+    from doubles import PlantedModel, ToyDataset
 
     ds = ToyDataset(np.array([0, 1, 2]), ["r", "g", "b"])
     fit = ex.PROTOCOLS.get("fine_tune").run(PlantedModel(np.eye(3), {}), {"train": ds, "val": ds, "tests": {"in_domain": ds}},

@@ -9,29 +9,9 @@ import timm
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from fundus_lab.data.tokenizer import train_tokenizer
+from doubles import CLIP_TEXTS as TEXTS, CLIP_TINY as TINY, export_normalise as _normalise
 from fundus_lab.export import ExportError, export, export_text_hf
 from fundus_lab.models import MethodConfig, ModelConfig, build_model
-
-TEXTS = ["hard exudates around the macula", "normal fundus", "enlarged cup and thin rim in glaucoma", "drusen"]
-TINY = dict(img_size=32, patch_size=16, vision_width=32, vision_depth=2, vision_heads=2, text_width=32, text_depth=2,
-            text_heads=2, text_max_length=32, embed_dim=16, fusion_heads=2, decoder_width=32, decoder_depth=1,
-            decoder_heads=2, image_mean=(0.5, 0.4, 0.3), image_std=(0.2, 0.25, 0.3))
-CLIP = dict(name="clip", image_gen_weight=0.0, caption_weight=0.0, cross_attention=False)
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = build_model(ModelConfig(**TINY), MethodConfig(**CLIP), train_tokenizer(TEXTS * 2, vocab_size=150)).eval()
-    with torch.no_grad():  # non-trivial biases and norms, so a dropped or misplaced tensor shows
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m
-
-
-def _normalise(x):
-    return (x - torch.tensor(TINY["image_mean"]).view(1, 3, 1, 1)) / torch.tensor(TINY["image_std"]).view(1, 3, 1, 1)
 
 
 def test_timm_export_round_trip(model, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fundus_lab.export import export, timm_architecture
-from test_export import CLIP, TEXTS, TINY, _normalise, model  # noqa: F401  (the tiny clip fixture)
+from doubles import CLIP_TEXTS as TEXTS, export_normalise as _normalise
 
 
 def _features(out):

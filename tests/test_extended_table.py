@@ -11,7 +11,7 @@ import pytest
 
 from fundus_lab import config as C
 
-from test_eval_compare import TINY
+from doubles import COMPARE_TINY as TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:fewer than k")]
 

@@ -12,7 +12,7 @@ import torch
 import fundus_lab as fl
 from fundus_lab.models.external import detect_kind
 from fundus_lab.models.external.timm_image import TimmImageModel
-from test_compare_external import TINY, _run
+from doubles import external_compare_run as _run
 
 IMAGENET = (torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1), torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1))
 
@@ -46,7 +46,7 @@ def test_a_timm_hub_folder_loads_with_its_config(tmp_path):
     import warnings
 
     from fundus_lab.export import export
-    from test_export import CLIP, TEXTS, TINY
+    from doubles import CLIP, CLIP_TEXTS as TEXTS, CLIP_TINY as TINY
     from fundus_lab.data.tokenizer import train_tokenizer
     from fundus_lab.models import MethodConfig, ModelConfig, build_model
 

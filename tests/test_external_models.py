@@ -8,80 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from doubles import OPEN_CLIP_CFG, OUTSIDE_TEXTS as TEXTS, outside_features as _features, outside_normalise as _normalise
 from fundus_lab.models.external import ExternalModelError, detect_kind, is_external, load_external
 from fundus_lab.models.external.hf_clip import CLIPTextEncoder
 from fundus_lab.models.external.safety import read_state_dict
 from fundus_lab.models.external.wrapper import OPENAI_MEAN, OPENAI_STD
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip not installed (pip install 'fundus_lab[external]')")
-
-OPEN_CLIP_CFG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
-MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-TEXTS = ["a fundus photograph of diabetic retinopathy", "normal fundus", "glaucoma"]
-
-
-def _normalise(x, mean=MEAN, std=STD):
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-
-
-def save_tiny_open_clip(folder, seed: int = 0):
-    """A random open_clip CLIP saved in ``folder`` as safetensors with its hub-style config
-    beside it (other test modules build their outside models with it). Returns the model."""
-    from open_clip.model import CLIP
-    from safetensors.torch import save_file
-
-    torch.manual_seed(seed)
-    src = CLIP(**OPEN_CLIP_CFG).eval()
-    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    (folder / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": OPEN_CLIP_CFG, "preprocess_cfg": {"mean": list(MEAN), "std": list(STD)}}))
-    return src
-
-
-@pytest.fixture(scope="module")
-def open_clip_file(tmp_path_factory):
-    """A random open_clip CLIP saved as safetensors with its hub-style config beside it."""
-    folder = tmp_path_factory.mktemp("open_clip")
-    return save_tiny_open_clip(folder), folder
-
-
-def save_tiny_hf_clip(folder):
-    """A random transformers CLIPModel saved in ``folder`` with a tokenizer and preprocessor
-    config (other test modules build their outside models with it). Returns (model, tokenizer)."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from fundus_lab.data.tokenizer import default_corpus, train_tokenizer
-
-    tok = train_tokenizer(default_corpus(), vocab_size=300, model_max_length=24)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=24, eos_token_id=tok.sep_token_id,
-                         bos_token_id=tok.cls_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    torch.manual_seed(1)
-    src = CLIPModel(cfg).eval()
-    src.save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
-    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": list(MEAN), "image_std": list(STD)}))
-    return src, tok
-
-
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
-    """A random transformers CLIPModel folder with a tokenizer and preprocessor config."""
-    folder = tmp_path_factory.mktemp("hf_clip")
-    return (*save_tiny_hf_clip(folder), folder)
-
-
-def _features(out):
-    return out if torch.is_tensor(out) else out.pooler_output
 
 
 def test_open_clip_features_equal_the_source(open_clip_file):

@@ -14,7 +14,7 @@ import torch
 from fundus_lab import config as C
 from fundus_lab import experiment as ex
 from fundus_lab.experiment import shot_curve_rows, write_results
-from test_eval_doubles import PlantedModel, ToyDataset, ToyViT
+from doubles import PlantedModel, ToyDataset, ToyViT
 
 CLASSES = ["red", "green", "blue"]
 OVERRIDES = ["eval.shots=[1,2]", "eval.seeds=2", "eval.few_shot_epochs=3", "eval.few_shot_patience=3",
@@ -45,7 +45,7 @@ def _sets():
 def test_table1_few_shot_fine_tunes_the_encoder_on_k_images_per_class(monkeypatch):
     """The weights of the image encoder move (a copy: the pretrained model stays as it was),
     on k x classes training images per (k, seed), with the fine-tune recipe's layer-wise decay."""
-    ft = importlib.import_module("fundus_lab.eval.fine_tune")  # the module (fl.eval.fine_tune is the function)
+    ft = importlib.import_module("fundus_lab.eval.few_shot")  # the protocol calls fine_tune by this name
     real, seen = ft.fine_tune, []
 
     def spy(model, train_ds, val_ds, test_ds, **kw):

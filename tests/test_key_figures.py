@@ -10,7 +10,7 @@ from PIL import Image
 
 from fundus_lab import experiment
 from fundus_lab.key_figures import KEY_FIGURES, export_key_figures, main
-from test_eval_compare import TINY
+from doubles import COMPARE_TINY as TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore:fewer than k")
 

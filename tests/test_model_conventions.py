@@ -12,8 +12,8 @@ from PIL import Image
 import fundus_lab as fl
 from fundus_lab.models import FundusVLM
 from fundus_lab.models.card import write_model_card
-from test_export import CLIP, TEXTS, TINY, model  # noqa: F401  (the tiny clip fixture)
-from test_external_models import MEAN, STD, _features, _normalise, hf_folder, open_clip_file  # noqa: F401
+from doubles import CLIP_TEXTS as TEXTS, CLIP_TINY as TINY
+from doubles import MEAN, STD, outside_features as _features
 
 RNG = np.random.default_rng(0)
 PHOTO = Image.fromarray((RNG.random((40, 52, 3)) * 255).astype("uint8"))  # not the model's size: resized by each
@@ -109,7 +109,7 @@ def test_eval_save_classifier_then_predict_end_to_end(model, saved, tmp_path, ca
     import json
 
     from fundus_lab.cli import main
-    from test_eval_compare import MODEL_TINY
+    from doubles import COMPARE_MODEL_TINY as MODEL_TINY
 
     data, classifier = tmp_path / "data", tmp_path / "classifier"
     tiny = [o for o in MODEL_TINY if o.startswith("data.")] + [

@@ -7,15 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel
 
+from doubles import CLIP, CLIP_TEXTS as TEXTS, CLIP_TINY_PLAIN as TINY
 from fundus_lab.data.tokenizer import train_tokenizer
 from fundus_lab.models import CheckpointError, MethodConfig, ModelConfig, build_model, load_model
-
-TEXTS = ["hard exudates around the macula", "normal fundus", "enlarged cup and thin rim in glaucoma", "drusen"]
-TINY = dict(
-    img_size=32, patch_size=16, vision_width=32, vision_depth=2, vision_heads=2, text_width=32, text_depth=2,
-    text_heads=2, text_max_length=32, embed_dim=16, fusion_heads=2, decoder_width=32, decoder_depth=1, decoder_heads=2,
-)
-CLIP = dict(name="clip", image_gen_weight=0.0, caption_weight=0.0, cross_attention=False)
 
 
 @pytest.fixture(scope="module")

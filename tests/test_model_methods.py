@@ -3,63 +3,15 @@
 import math
 import re
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from fundus_lab.config import CONFIG_DIR, Config, from_dict
-from fundus_lab.data.tokenizer import train_tokenizer
-from fundus_lab.models import FundusVLM, MethodConfig, ModelConfig, build_model, load_model
+from doubles import METHOD_DIR, METHODS, TEXTS, batch, method_config, tiny_model
+from fundus_lab.models import FundusVLM, load_model
 from fundus_lab.models.model import CAPABILITIES
 from fundus_lab.models.objectives import OBJECTIVES, ImagePass, TextPass, objectives_for
 from fundus_lab.registry import UnknownNameError
-
-METHOD_DIR = Path(__file__).resolve().parents[1] / "configs" / "methods"
-METHODS = sorted(p.stem for p in METHOD_DIR.glob("*.yaml"))
-TEXTS = [
-    "moderate diabetic retinopathy with dot and blot haemorrhages",
-    "normal fundus, no abnormality",
-    "glaucoma: enlarged cup with a thin rim",
-    "cataract, hazy blurred image of the retina",
-]
-TINY = dict(
-    img_size=32, patch_size=16, vision_width=32, vision_depth=2, vision_heads=2, text_width=32, text_depth=2,
-    text_heads=2, text_max_length=32, embed_dim=16, fusion_depth=1, fusion_heads=2, decoder_width=32,
-    decoder_depth=1, decoder_heads=2, text_decoder_depth=1, caption_depth=1,
-)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(TEXTS * 2, vocab_size=200)
-
-
-def method_config(name: str, **over) -> MethodConfig:
-    path = METHOD_DIR / f"{name}.yaml"
-    data = yaml.safe_load(path.read_text())
-    from_dict(Config, data, str(path))  # the whole file fits the run config schema
-    cfg = from_dict(MethodConfig, data["method"], str(path))
-    for k, v in over.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
-def tiny_model(name, tokenizer, seed=0, **over) -> FundusVLM:
-    torch.manual_seed(seed)
-    if name == "vilref":
-        over.setdefault("queue_size", 6)
-    # a method's own model keys (visionclip: model.image_encoder) on top of the tiny sizes
-    method_model = yaml.safe_load((CONFIG_DIR / "methods" / f"{name}.yaml").read_text()).get("model") or {}
-    return build_model(ModelConfig(**{**TINY, **method_model}), method_config(name, **over), tokenizer)
-
-
-def batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.zeros(4, 8)
-    labels[[0, 1, 2, 3], [1, 0, 2, 1]] = 1  # samples 0 and 3 share a category
-    return {"image": torch.rand(4, 3, 32, 32, generator=g), "text": list(TEXTS), "label": labels}
 
 
 def test_every_expected_method_has_a_config():

@@ -14,7 +14,7 @@ from fundus_lab import reproduce as rp
 from fundus_lab.data import open_dataset
 from fundus_lab.data.cache import SUFFIX
 from fundus_lab.data.manifest import ManifestError
-from test_bad_input_matrix import Case
+from doubles import Case
 
 BAD_NAMES = ["../../x/victim/rel", "..", ".", "a/b", "a b", "x*", "", "caché"]
 

@@ -16,7 +16,7 @@ import pytest
 from fundus_lab import experiment
 from fundus_lab import reproduce as rp
 from fundus_lab.experiment import notebook as nb
-from test_eval_compare import TINY
+from doubles import COMPARE_TINY as TINY
 from doubles import write_notebook  # noqa: E402
 
 PARAMS = ('preset = None\nrun_dir = "latest"\ndata_root = None\nmethods = None\noverrides = []\n'

@@ -12,8 +12,9 @@ import yaml
 
 from fundus_lab import config as C
 from fundus_lab import train as T
+from fundus_lab.cli import pretrain_main
 from fundus_lab.config import ConfigError
-from test_train_loop import doubles, make_cfg  # noqa: F401  (doubles is a fixture)
+from doubles import make_cfg
 
 
 def _cfg(*overrides):
@@ -131,7 +132,7 @@ def test_compare_bookkeeping_is_not_another_run_and_its_cache_replaces_its_own(d
 
 def test_cli_no_resume_names_the_folder_and_exits_2(doubles, tmp_path, capsys):
     T.pretrain(make_cfg(tmp_path / "exp", steps=2))
-    code = T.main(["--preset", "smoke", "--method", "clip", "--no-resume", f"train.output_dir={tmp_path / 'exp'}"])
+    code = pretrain_main(["--preset", "smoke", "--method", "clip", "--no-resume", f"train.output_dir={tmp_path / 'exp'}"])
     assert code == 2
     assert f"{tmp_path / 'exp'} holds another run" in capsys.readouterr().err
     assert (tmp_path / "exp" / "checkpoint-2").is_dir()

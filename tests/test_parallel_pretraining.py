@@ -10,7 +10,7 @@ from fundus_lab import config as C
 from fundus_lab.experiment import Run, jobs_overrides, threads_per_job
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_eval_compare import TINY  # noqa: E402  (the compare tests' tiny model, data and budget)
+from doubles import COMPARE_TINY as TINY  # noqa: E402  (the compare tests' tiny model, data and budget)
 
 ONE_THREAD = TINY + ["train.num_threads=1"]
 

@@ -15,11 +15,13 @@ from torch.overrides import TorchFunctionMode
 
 from fundus_lab import train as T
 from fundus_lab.config import TrainConfig
+from fundus_lab.optim import build_optimizer, build_scheduler
 from fundus_lab.models import ModelConfig
 from fundus_lab.models.image import ConvNetTower, build_image_encoder
+from fundus_lab.sampling import loader_options
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_model_methods import batch, tiny_model, tokenizer  # noqa: E402,F401  (the shared tiny model and fixture)
+from doubles import batch, tiny_model  # noqa: E402
 
 
 def _throughput_module():
@@ -37,7 +39,7 @@ def _throughput_module():
                                            (None, False), ("meta", False)])
 def test_adamw_is_fused_where_torch_has_the_kernel(tokenizer, device, fused):
     model = tiny_model("clip", tokenizer)
-    optimizer = T.build_optimizer(model, TrainConfig(), device)
+    optimizer = build_optimizer(model, TrainConfig(), device)
     assert all(bool(g.get("fused")) is fused for g in optimizer.param_groups)
 
 
@@ -47,7 +49,7 @@ def test_fused_adamw_takes_the_same_steps_as_the_for_loop_one(tokenizer):
     weights = {}
     for device in (None, "cpu"):  # None: the for-loop implementation the trainer used before
         model = tiny_model("clip", tokenizer, seed=3)
-        optimizer = T.build_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.05), device)
+        optimizer = build_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.05), device)
         g = torch.Generator().manual_seed(0)
         for _ in range(5):
             for p in model.parameters():
@@ -71,8 +73,8 @@ def test_train_step_reports_the_same_loss_with_the_fused_optimizer(tokenizer):
     logs = {}
     for device in (None, "cpu"):
         model = tiny_model("ours", tokenizer, seed=1).train()
-        optimizer = T.build_optimizer(model, train, device)
-        scheduler = T.build_scheduler(optimizer, train)
+        optimizer = build_optimizer(model, train, device)
+        scheduler = build_scheduler(optimizer, train)
         batches = iter([batch(0), batch(1), batch(2)])
         torch.manual_seed(0)
         logs[device] = [T.train_step(Accelerator(cpu=True), model, optimizer, scheduler, batches, train, s + 1)[0][0]
@@ -138,7 +140,7 @@ def test_cross_attention_maps_still_return_weights_when_asked(tokenizer):
     ("cuda", 0, {"num_workers": 0, "pin_memory": True, "persistent_workers": False}),
 ])
 def test_loader_pins_memory_and_keeps_workers_on_a_gpu(device, workers, expected):
-    assert T.loader_options(workers, device) == expected
+    assert loader_options(workers, device) == expected
 
 
 def test_channels_last_cnn_tower_on_a_gpu_gives_the_same_features():

@@ -3,37 +3,13 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from doubles import CLASSIFIER_CLASSES as CLASSES
 from fundus_lab.cli import predict_main
 from fundus_lab.data.images import load_tensor
-from fundus_lab.eval.fine_tune import FineTuneClassifier
-from fundus_lab.models import MethodConfig, ModelConfig, build_model
 from fundus_lab.predict import ClassifierError, load_classifier, save_classifier
-
-TINY = dict(img_size=32, patch_size=16, vision_width=32, vision_depth=2, vision_heads=2, embed_dim=16,
-            decoder_width=32, decoder_depth=1, decoder_heads=2)
-CLASSES = ["no DR", "mild NPDR", "moderate NPDR"]
-
-
-@pytest.fixture
-def saved(tmp_path):
-    torch.manual_seed(0)
-    mae = build_model(ModelConfig(**TINY), MethodConfig(name="mae", contrastive_weight=0.0, caption_weight=0.0,
-                                                        cross_attention=False))
-    clf = FineTuneClassifier(mae, len(CLASSES), 32).eval()
-    torch.nn.init.normal_(clf.head.weight, std=0.5)
-    images = []
-    for i in range(3):
-        rng = np.random.default_rng(i)
-        path = tmp_path / f"eye{i}.png"
-        Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(path)
-        images.append(path)
-    save_classifier(clf, tmp_path / "clf", CLASSES, "ordinal", image_size=32)
-    return clf, images, tmp_path / "clf"
 
 
 def test_saved_classifier_predicts_like_the_original(saved, capsys):

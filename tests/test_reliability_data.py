@@ -16,7 +16,7 @@ from fundus_lab.data import open_dataset
 from fundus_lab.data.images import DataError
 from fundus_lab.data.manifest import ManifestError, load_manifest
 
-from test_data_bad_input import MANIFEST  # the same tiny two-class layout
+from doubles import TWO_CLASS_MANIFEST as MANIFEST  # the same tiny two-class layout
 
 
 def image(path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 from fundus_lab.checkpoint import CheckpointError
 from fundus_lab.data.tokenizer import load_tokenizer, train_tokenizer
 from fundus_lab.models import MethodConfig, ModelConfig, build_model, load_model
-from test_model_io import CLIP, TEXTS, TINY
+from doubles import CLIP, CLIP_TEXTS as TEXTS, CLIP_TINY_PLAIN as TINY
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,8 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from fundus_lab import checkpoint as ckpt
 from fundus_lab import train as T
+from fundus_lab.cli import pretrain_main
 from fundus_lab.config import ConfigError
-from test_train_loop import DoubleModel, doubles, make_cfg, weights  # noqa: F401  (doubles is a fixture)
+from fundus_lab.run_folder import RunFolderLockedError, lock_run_dir, unlock_run_dir
+from doubles import DoubleModel, make_cfg, weights
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,8 +47,8 @@ def test_a_second_process_cannot_write_a_locked_run_folder(doubles, tmp_path):
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
             from pathlib import Path
-            from fundus_lab import train as T
-            handle = T.lock_run_dir(Path({str(run)!r}))
+            from fundus_lab.run_folder import lock_run_dir
+            handle = lock_run_dir(Path({str(run)!r}))
             print("locked", flush=True)
             sys.stdin.read()  # hold the lock until the test closes stdin (or kills us)
         """)],
@@ -55,7 +57,7 @@ def test_a_second_process_cannot_write_a_locked_run_folder(doubles, tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(T.RunFolderLockedError, match=rf"run folder {run} is in use by another job \(pid {holder.pid}"):
+        with pytest.raises(RunFolderLockedError, match=rf"run folder {run} is in use by another job \(pid {holder.pid}"):
             T.pretrain(make_cfg(run, steps=2))
         assert not (run / "metrics.csv").exists() and not (run / "config.yaml").exists()
     finally:
@@ -69,8 +71,8 @@ def test_the_lock_is_released_when_a_run_fails(doubles, tmp_path):
     cfg = make_cfg(tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
         T.pretrain(cfg, callbacks=[stop_at(3)])
-    handle = T.lock_run_dir(tmp_path / "run")  # free again in this process too
-    T.unlock_run_dir(handle)
+    handle = lock_run_dir(tmp_path / "run")  # free again in this process too
+    unlock_run_dir(handle)
 
 
 def test_leftover_tmp_checkpoints_are_cleaned_on_the_next_start(doubles, tmp_path):
@@ -233,10 +235,10 @@ def test_optimizer_shape_mismatch_is_found_at_load(broken_run):
 
 def test_cli_reports_a_locked_run_folder_and_exits_2(tmp_path, capsys):
     run = tmp_path / "run"
-    handle = T.lock_run_dir(run)  # a second open file description conflicts even in one process
+    handle = lock_run_dir(run)  # a second open file description conflicts even in one process
     try:
-        code = T.main(["--preset", "smoke", "--method", "clip", f"train.output_dir={run}"])
+        code = pretrain_main(["--preset", "smoke", "--method", "clip", f"train.output_dir={run}"])
     finally:
-        T.unlock_run_dir(handle)
+        unlock_run_dir(handle)
     assert code == 2
     assert f"run folder {run} is in use by another job (pid {os.getpid()}" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from PIL import Image
 
 from fundus_lab import widgets
 from fundus_lab.data.images import read_image
-from test_widgets import ColourModel, _image
+from doubles import ColourModel, colour_image as _image
 
 REPO = Path(__file__).resolve().parent.parent
 

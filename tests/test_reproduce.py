@@ -12,13 +12,7 @@ from fundus_lab import cli, experiment
 from fundus_lab import config as C
 from fundus_lab import reproduce as rp
 from fundus_lab.experiment.store import project_root
-from doubles import write_notebook  # noqa: E402
-
-PARAMS = 'preset = "default"\nrun_dir = "runs/notebooks"\ndata_root = None\nmethods = None\n'
-
-
-def _notebook(path: Path, *cells: str) -> None:
-    write_notebook(path, PARAMS, *cells)
+from doubles import reproduce_notebook as _notebook
 
 
 @pytest.fixture
@@ -252,7 +246,7 @@ def test_write_summary_records_command_commit_machine_and_times(tmp_path):
 
 def test_a_notebooks_run_reads_a_real_dataset_under_data_root(tmp_path):
     """--data-root with a real layout: the notebooks' datasets come from <data_root>/<name>."""
-    from test_data_layouts import build_aptos
+    from doubles import build_aptos
 
     truth = build_aptos(tmp_path / "data" / "aptos2019")
     ctx = experiment.Run(notebook="04_zero_shot", preset="smoke", run_dir=tmp_path / "run", data_root=tmp_path / "data",

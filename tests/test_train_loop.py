@@ -1,122 +1,29 @@
 """The training loop's bookkeeping: schedule, sampler, exact resume, NaN stop, logs, callbacks.
 
-These tests swap the library's model and data for a tiny test double (defined here, used
-nowhere else) so each run takes a fraction of a second; tests/test_train_smoke.py runs the
+These tests swap the library's model and data for a tiny test double (tests/doubles.py, the
+``doubles`` fixture of tests/conftest.py) so each run takes a fraction of a second; tests/test_train_smoke.py runs the
 real model on the synthetic benchmark.
 """
 
 import csv
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
 
+from doubles import DoubleModel, load_double, make_cfg, weights
 from fundus_lab import checkpoint as ckpt
+from fundus_lab import optim
 from fundus_lab import train as T
-from fundus_lab.config import Config, ConfigError, TrainConfig
-
-
-# ---------------------------------------------------------------------------------------
-# test doubles: a 2-term model that draws random masks, a dataset with random augmentation
-
-
-class DoubleModel(nn.Module):
-    """Two named loss terms, a random mask each forward (exercises the RNG), a no-decay scalar."""
-
-    def __init__(self, size=4):
-        super().__init__()
-        self.size = size
-        self.enc = nn.Linear(3 * size * size, 8)
-        self.norm = nn.LayerNorm(8)
-        self.dec = nn.Linear(8, 3 * size * size)
-        self.head = nn.Linear(8, 2)
-        self.logit_scale = nn.Parameter(torch.tensor(1.0))
-        self.steps_done = 0
-
-    def forward(self, batch):
-        x = batch["image"].flatten(1)
-        keep = (torch.rand_like(x) > 0.5).float()
-        z = self.norm(self.enc(x * keep))
-        recon_loss = ((self.dec(z) - x) ** 2).mean()
-        cls_loss = nn.functional.cross_entropy(self.head(z) * self.logit_scale, batch["label"])
-        return {"loss": recon_loss + 0.5 * cls_loss, "image_gen_loss": recon_loss, "class_loss": cls_loss,
-                "logit_scale": self.logit_scale.detach()}
-
-    def after_optimizer_step(self):
-        self.steps_done += 1
-
-    def save_pretrained(self, folder):
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(Path(folder) / "model.safetensors"))
-        (Path(folder) / "config.json").write_text(json.dumps({"size": self.size}))
-
-
-def load_double(folder):
-    model = DoubleModel(**json.loads((Path(folder) / "config.json").read_text()))
-    model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
-    return model
-
-
-@dataclass
-class Rec:
-    path: str
-    text: str
-    patient_id: str = "p"
-    eye: str = "left"
-    split: str = "train"
-
-
-class DoubleData(torch.utils.data.Dataset):
-    def __init__(self, n=12, size=4):
-        g = torch.Generator().manual_seed(1)
-        self.images = torch.rand(n, 3, size, size, generator=g)
-        self.labels = torch.randint(0, 2, (n,), generator=g)
-        self.records = [Rec(f"img{i}.png", f"report {i}") for i in range(n)]
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        image = self.images[i]
-        if torch.rand(()) < 0.5:  # augmentation from the global RNG, as real datasets do
-            image = image.flip(-1)
-        return {"image": image, "label": self.labels[i], "text": self.records[i].text, "index": i}
-
-
-def double_collate(items):
-    return {"image": torch.stack([it["image"] for it in items]), "label": torch.stack([it["label"] for it in items]),
-            "text": [it["text"] for it in items]}
-
-
-@pytest.fixture()
-def doubles(monkeypatch):
-    monkeypatch.setattr(T, "open_training_data", lambda cfg, *a, **k: DoubleData())
-    monkeypatch.setattr(T, "prepare_tokenizer", lambda *a, **k: None)
-    monkeypatch.setattr(T, "build_run_model", lambda cfg, tok: DoubleModel())
-    monkeypatch.setattr(T, "load_run_model", load_double)
-    monkeypatch.setattr(T, "collate", double_collate)
-
-
-def make_cfg(run_dir, **train):
-    base = dict(steps=8, batch_size=4, lr=0.05, min_lr=0.0, warmup_steps=2, log_every=1, save_every=2,
-                keep_checkpoints=2, output_dir=str(run_dir), log_with="none", progress=False, mixed_precision="no")
-    base.update(train)
-    return Config(train=TrainConfig(**base))
-
-
-def weights(run_dir):
-    return load_file(str(Path(run_dir) / "checkpoint-last" / "model.safetensors"))
-
-
-# ---------------------------------------------------------------------------------------
+from fundus_lab.config import ConfigError
+from fundus_lab.run_folder import check_resumable
+from fundus_lab.sampling import ResumableBatchSampler
+from fundus_lab.train_log import TRACKER_PROJECT
 
 
 def test_lr_schedule_warmup_then_cosine():
-    f = lambda s: T.lr_factor(s, warmup_steps=4, total_steps=12, min_ratio=0.1)  # noqa: E731
+    f = lambda s: optim.lr_factor(s, warmup_steps=4, total_steps=12, min_ratio=0.1)  # noqa: E731
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(8) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert f(12) == pytest.approx(0.1) and f(20) == pytest.approx(0.1)
@@ -124,7 +31,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_no_weight_decay_on_norms_biases_and_temperature():
     model = DoubleModel()
-    groups = T.param_groups(model, 0.05)
+    groups = optim.param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = sorted(names[id(p)] for p in groups[0]["params"])
     assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
@@ -132,14 +39,14 @@ def test_no_weight_decay_on_norms_biases_and_temperature():
 
 
 def test_sampler_shards_and_restarts_mid_epoch():
-    full = list(T.ResumableBatchSampler(10, 2, seed=3))
+    full = list(ResumableBatchSampler(10, 2, seed=3))
     assert len(full) == 5 and sorted(i for b in full for i, _ in b) == list(range(10))
-    s = T.ResumableBatchSampler(10, 2, seed=3)
+    s = ResumableBatchSampler(10, 2, seed=3)
     s.set_position(0, 3)
     assert list(s) == full[3:]
     s.set_position(1, 0)
     assert [i for b in s for i, _ in b] != [i for b in full for i, _ in b]  # a new order each epoch
-    ranks = [list(T.ResumableBatchSampler(10, 2, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    ranks = [list(ResumableBatchSampler(10, 2, seed=3, rank=r, world_size=2)) for r in (0, 1)]
     seen = [i for r in ranks for b in r for i, _ in b]
     assert len(ranks[0]) == len(ranks[1]) == 2 and len(set(seen)) == 8  # disjoint, equal shares
 
@@ -239,7 +146,7 @@ def tensorboard_scalars(run_dir, tag):
     """(step, value) of one scalar as TensorBoard shows it (restart purges applied)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(Path(run_dir) / "tensorboard" / T.TRACKER_PROJECT))
+    acc = EventAccumulator(str(Path(run_dir) / "tensorboard" / TRACKER_PROJECT))
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
@@ -295,7 +202,7 @@ def test_old_runs_without_log_with_resume(doubles, tmp_path):
     del saved["train"]["log_with"]
     saved["train"]["tensorboard"] = False
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
-    T.check_resumable(run / "config.yaml", make_cfg(tmp_path / "run", steps=2, log_with="tensorboard"))
+    check_resumable(run / "config.yaml", make_cfg(tmp_path / "run", steps=2, log_with="tensorboard"))
     resumed = make_cfg(tmp_path / "run", steps=2)
     resumed.train.log_with = "tensorboard"
     assert T.pretrain(resumed, resume=True) == run

@@ -11,8 +11,10 @@ from safetensors.torch import load_file
 import fundus_lab as fl
 from fundus_lab import checkpoint as ckpt
 from fundus_lab import train as T
+from fundus_lab.cli import pretrain_main
 from fundus_lab.config import available_methods, load_config
 from fundus_lab.schema import to_dict
+from fundus_lab.train_log import TRACKER_PROJECT
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def test_smoke_run_logs_its_losses_to_tensorboard_through_accelerate(synth_root,
     assert [s for s, _ in logged] == [1, 2, 3]
     assert logged[-1][1]["train/loss"] == pytest.approx(float(rows[-1]["loss"]))
 
-    events = EventAccumulator(str(run / "tensorboard" / T.TRACKER_PROJECT))
+    events = EventAccumulator(str(run / "tensorboard" / TRACKER_PROJECT))
     events.Reload()
     for key in ("loss", "contrastive_loss", "image_gen_loss", "caption_loss"):
         scalars = events.Scalars(f"train/{key}")
@@ -174,8 +176,8 @@ def test_every_method_takes_steps(synth_root, tmp_path, method):
 def test_command_line(synth_root, tmp_path, capsys):
     argv = ["--preset", "smoke", "--method", "clip", f"data.synth_root={synth_root}",
             f"train.output_dir={tmp_path}/{{method}}", "train.steps=2"]
-    assert T.main(argv) == 0
+    assert pretrain_main(argv) == 0
     assert capsys.readouterr().out.strip().endswith(str(tmp_path / "clip"))
     assert (tmp_path / "clip" / "checkpoint-last" / "config.json").is_file()
-    assert T.main(["--preset", "smoke", "train.stpes=2"]) == 2
+    assert pretrain_main(["--preset", "smoke", "train.stpes=2"]) == 2
     assert "train.steps" in capsys.readouterr().err

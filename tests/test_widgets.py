@@ -8,54 +8,20 @@ words it contains. A red image must then prefer "red" with p = softmax(s * [1, 0
 from __future__ import annotations
 
 import io
-import math
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from doubles import ColourModel, colour_image as _image
 from fundus_lab import widgets
-
-COLOURS = {"red": 0, "green": 1, "blue": 2}
-
-
-class ColourModel(torch.nn.Module):
-    img_size = 16
-    patch_size = 8
-
-    def __init__(self, scale: float = 10.0):
-        super().__init__()
-        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(scale)))
-
-    def encode_patches(self, images):  # [N, 3, 16, 16] -> [N, 4, 3] mean colour per 8x8 patch
-        n = images.shape[0]
-        p = images.unfold(2, 8, 8).unfold(3, 8, 8)  # [N, 3, 2, 2, 8, 8]
-        return p.mean(dim=(-1, -2)).reshape(n, 3, 4).transpose(1, 2)
-
-    def encode_image(self, images):
-        return torch.nn.functional.normalize(images.mean(dim=(2, 3)), dim=-1)
-
-    def encode_text(self, texts):
-        out = torch.full((len(texts), 3), 1e-3)
-        for i, t in enumerate(texts):
-            for word, j in COLOURS.items():
-                if word in t.lower():
-                    out[i, j] = 1.0
-        return torch.nn.functional.normalize(out, dim=-1)
 
 
 def _png(array: np.ndarray, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array.astype(np.uint8)).save(buf, format=fmt)
     return buf.getvalue()
-
-
-def _image(left, right) -> torch.Tensor:
-    img = torch.zeros(3, 16, 16)
-    img[:, :, :8] = torch.tensor(left, dtype=torch.float32)[:, None, None]
-    img[:, :, 8:] = torch.tensor(right, dtype=torch.float32)[:, None, None]
-    return img
 
 
 def test_parse_prompts_lines_and_separators():

@@ -16,7 +16,7 @@ from fundus_lab import experiment as ex
 from fundus_lab import knowledge
 from fundus_lab.data.text_source import TEXT_SOURCES, PairedText, describe
 from fundus_lab.eval.prompts import TEMPLATES, dataset_disjoint_prompts, disjoint_prompts
-from test_eval_doubles import PlantedModel, ToyDataset
+from doubles import PlantedModel, ToyDataset
 
 N_PRETRAIN = 240  # 120 patients: every ODIR category several times over (labels._odir_patient)
 DRAWS = 4  # text draws per image and source (definitions vary per draw)

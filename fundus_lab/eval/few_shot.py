@@ -27,8 +27,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from fundus_lab.eval.features import extract_features
+from fundus_lab.eval.features import dataset_labels, extract_features, is_main_process
+from fundus_lab.eval.fine_tune import fine_tune, predict
+from fundus_lab.eval.honesty import assert_disjoint
 from fundus_lab.eval.metrics import compute_metrics, primary_metric
 from fundus_lab.eval.probe import C_GRID, fit_probe
 from fundus_lab.eval.zero_shot import class_embeddings, has_text_encoder, logit_scale, negative_prompts, resolve_prompts
@@ -172,11 +175,6 @@ def few_shot(
          "task", "classes", "features"}; each run records its seed, shot and validation
         indices into the training/validation set, and the chosen C or lambda.
     """
-    from tqdm.auto import tqdm
-
-    from fundus_lab.eval.features import is_main_process
-    from fundus_lab.eval.honesty import assert_disjoint
-
     assert_disjoint(train_ds, test_ds, "few-shot train", "test")
     if val_ds is not None:
         assert_disjoint(val_ds, test_ds, "few-shot validation", "test")
@@ -271,11 +269,6 @@ def few_shot_fine_tune(
         (predictions and labels empty unless ``score_at`` is one of ``shots``); each run
         records its seed, shot and validation indices, best epoch and validation score.
     """
-    from tqdm.auto import tqdm
-
-    from fundus_lab.eval.features import dataset_labels, is_main_process
-    from fundus_lab.eval.fine_tune import fine_tune, predict
-
     task = test_ds.task
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     train_y, val_y = dataset_labels(train_ds), dataset_labels(val_ds)

@@ -26,9 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from fundus_lab.eval.features import _image_label_collate, dataset_labels, model_device
+from fundus_lab.eval.features import _image_label_collate, dataset_labels, is_main_process, model_device
+from fundus_lab.eval.honesty import assert_disjoint
 from fundus_lab.eval.metrics import compute_metrics, primary_metric
+from fundus_lab.optim import cosine_schedule, no_weight_decay
 
 _EMBED_NAMES = ("cls_token", "pos_embed", "patch_embed", "reg_token", "mask_token", "pos_drop", "norm_pre")
 
@@ -65,8 +68,6 @@ def param_groups(classifier: FineTuneClassifier, lr: float, layer_decay: float, 
     head's lr) and the head are trained; other parts of the backbone (text branch,
     decoders) are frozen because the classifier never uses them.
     """
-    from fundus_lab.train import no_weight_decay  # train imports config, which imports eval
-
     encoder = classifier.backbone.image_encoder
     if not hasattr(encoder, "blocks"):
         raise AttributeError(f"{type(encoder).__name__} has no .blocks; layer-wise lr decay needs the ViT blocks")
@@ -164,11 +165,6 @@ def fine_tune(
          "best_epoch", "best_val": the selection metric there, "selection_metric",
          "history": [{"epoch", "train_loss", "val": {...}}], "model" if return_model}
     """
-    from tqdm.auto import tqdm
-
-    from fundus_lab.eval.features import is_main_process
-    from fundus_lab.eval.honesty import assert_disjoint
-
     assert_disjoint(train_ds, test_ds, "fine-tune train", "test")
     assert_disjoint(val_ds, test_ds, "fine-tune validation", "test")
     task, n_classes = test_ds.task, len(test_ds.classes)
@@ -185,15 +181,7 @@ def fine_tune(
     loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=len(train_ds) > batch_size,
                         num_workers=num_workers, collate_fn=_image_label_collate, generator=generator)
     total = epochs * len(loader)
-    warmup = int(round(warmup_epochs * len(loader)))
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = cosine_schedule(optimizer, int(round(warmup_epochs * len(loader))), total)  # decays to 0
     weights = class_balanced_weights(dataset_labels(train_ds), n_classes, beta).to(device) if class_balanced else None
     if task == "multilabel":
         criterion = nn.BCEWithLogitsLoss(pos_weight=weights)

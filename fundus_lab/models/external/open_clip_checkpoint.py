@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from copy import deepcopy
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
