@@ -31,6 +31,7 @@ from fundus_lab import config as C
 from fundus_lab.checkpoint import CheckpointError
 from fundus_lab.config import ConfigError, load_config
 from fundus_lab.data.manifest import TASKS, parse_manifest
+from fundus_lab.names import split_names
 from fundus_lab.registry import Registry
 
 
@@ -236,7 +237,7 @@ def compare_main(argv: list[str] | None = None) -> int:
 
     parser = compare_parser(experiment.REFERENCES, experiment.DEFAULT_PROTOCOLS)
     args = parser.parse_args(argv)
-    split = C.split_names
+    split = split_names
     external = {}
     for item in args.external:
         name, sep, path = item.partition("=")
@@ -376,11 +377,11 @@ def reproduce_parser(presets: Sequence[str]) -> argparse.ArgumentParser:
 
 
 def reproduce_main(argv: list[str] | None = None) -> int:
-    from fundus_lab import experiment, reproduce
+    from fundus_lab import reproduce
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = reproduce_parser(C.PRESETS).parse_args(argv)
-    methods = C.split_names(args.methods) or None
+    methods = split_names(args.methods) or None
     try:  # a mistyped key or value fails here, before any notebook starts
         C.load_config(preset=args.preset, overrides=list(args.overrides))
     except (C.ConfigError, ValueError) as err:

@@ -17,15 +17,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import yaml
 
-from fundus_lab.schema import OverrideText, SchemaError, build_dataclass, coerce_text, did_you_mean, to_dict
+from fundus_lab.names import check_name
+from fundus_lab.schema import (ConfigError, OverrideText, SchemaError, build_dataclass, coerce_text, did_you_mean,
+                               to_dict)
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 # shipped inside the package (``configs/`` at the checkout root is a link to it), so a plain
@@ -33,10 +34,6 @@ PACKAGE_ROOT = Path(__file__).resolve().parent
 CONFIG_DIR = Path(os.environ.get("FUNDUS_LAB_CONFIGS", PACKAGE_ROOT / "configs"))
 PRESETS = ("smoke", "default", "paper")
 DEFAULT_METHOD = "ours"  # the method a config gets when none is named
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the dataclasses."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -481,39 +478,6 @@ def resolve_path(path: str | Path) -> Path:
     path means cannot change later (a notebook kernel started in another folder gets absolute
     paths from ``reproduce``)."""
     return Path(path).expanduser().absolute()
-
-
-# names that become file or folder names (manifest name, run name, method, preset, outside
-# model, notebook): one path component, nothing a shell or glob reads specially
-SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
-
-
-def check_name(name: Any, what: str) -> str:
-    """``name`` if it is safe as one file or folder name (:data:`SAFE_NAME`, not ``.``/``..``);
-    a :class:`ConfigError` naming ``what`` otherwise (``"../x"`` would write outside its folder)."""
-    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or name in (".", ".."):
-        raise ConfigError(f"{what} {name!r} is not a usable name: use letters, digits, '.', '_' and '-' "
-                          "(it names a file or folder; '.' and '..' are not names)")
-    return name
-
-
-def path_inside(folder: str | Path, name: str, what: str) -> Path:
-    """``folder / name`` for a name checked by :func:`check_name`, and checked again after
-    resolving links to lie directly inside ``folder``: a derived path never leaves its folder."""
-    folder = Path(folder)
-    path = folder / check_name(name, what)
-    if path.resolve().parent != folder.resolve():
-        raise ConfigError(f"{what} {name!r}: {path} resolves to {path.resolve()}, outside {folder}")
-    return path
-
-
-def split_names(values: str | list[str] | tuple | None) -> list[str]:
-    """``--methods clip,coca ours`` -> ["clip", "coca", "ours"]: the one syntax every command
-    takes for lists of names (comma-separated, several arguments, or both)."""
-    if values is None:
-        return []
-    items = [values] if isinstance(values, str) else list(values)
-    return [n.strip() for item in items for n in str(item).split(",") if n.strip()]
 
 
 def available_methods() -> list[str]:

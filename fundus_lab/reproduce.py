@@ -40,6 +40,7 @@ from fundus_lab.config import PACKAGE_ROOT, PRESETS
 from fundus_lab.experiment import (DEFAULT_METHODS, LATEST, REFERENCES, Run, jobs_overrides,
                                    normalise_overrides, write_latest)
 from fundus_lab.experiment.store import project_root
+from fundus_lab.names import path_inside
 
 # the numbered notebooks ship inside the package (``notebooks/`` at the checkout root links here),
 # so ``fundus-lab reproduce`` finds them after a plain ``pip install .`` too
@@ -191,7 +192,7 @@ def reproduce(
     run_name = run_name or f"{preset}-{datetime.utcnow():%Y%m%d-%H%M%S}"
     if run_name == LATEST:
         raise ValueError(f"run name {LATEST!r} is taken by the pointer {runs_dir}/{LATEST} to the last run; pick another")
-    run_dir = C.path_inside(C.resolve_path(runs_dir), run_name, "run name")  # never "../elsewhere"
+    run_dir = path_inside(C.resolve_path(runs_dir), run_name, "run name")  # never "../elsewhere"
     paths = list_notebooks(notebook_dir, select=notebooks)
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     overrides = jobs_overrides(jobs, list(overrides or []))

@@ -22,6 +22,11 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+
+class ConfigError(ValueError):
+    """A config file, override or name that does not fit the schema (raised by :mod:`fundus_lab.config`
+    and :mod:`fundus_lab.names`; defined here, at the ground, so both can raise it)."""
+
 # metadata of a dataclass field that a file may not set (e.g. Manifest.path, filled in by the loader)
 NOT_FROM_FILE = {"from_file": False}
 

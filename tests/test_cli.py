@@ -45,7 +45,7 @@ def test_top_level_help_is_plain_text(capsys):
 
 
 def test_names_take_one_syntax_everywhere():
-    from fundus_lab.config import split_names
+    from fundus_lab.names import split_names
 
     assert split_names("clip,coca") == ["clip", "coca"]
     assert split_names(["clip,coca", "ours"]) == ["clip", "coca", "ours"]

@@ -131,8 +131,6 @@ def test_no_patient_in_both_training_and_test_splits(table):
 
 
 def test_rerun_is_cached_and_a_changed_setting_reruns_only_its_part(table, monkeypatch):
-    import dataclasses
-
     import fundus_lab.experiment as ex
     import fundus_lab.train
     from fundus_lab.experiment import compare

@@ -10,6 +10,7 @@ import yaml
 
 from fundus_lab import cli
 from fundus_lab import config as C
+from fundus_lab import names as N
 from fundus_lab import reproduce as rp
 from fundus_lab.data import open_dataset
 from fundus_lab.data.cache import SUFFIX
@@ -22,20 +23,20 @@ BAD_NAMES = ["../../x/victim/rel", "..", ".", "a/b", "a b", "x*", "", "caché"]
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_check_name_refuses_what_is_not_one_plain_component(name):
     with pytest.raises(C.ConfigError, match=r"thing .* is not a usable name: use letters, digits"):
-        C.check_name(name, "thing")
+        N.check_name(name, "thing")
 
 
 @pytest.mark.parametrize("name", ["synth-odir", "run_2026.12.07", "A-b_c.d"])
 def test_plain_names_pass(name):
-    assert C.check_name(name, "thing") == name
+    assert N.check_name(name, "thing") == name
 
 
 def test_path_inside_refuses_a_link_that_leaves_the_folder(tmp_path):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "sneaky").symlink_to(tmp_path)
-    assert C.path_inside(tmp_path / "runs", "fine", "run name") == tmp_path / "runs" / "fine"
+    assert N.path_inside(tmp_path / "runs", "fine", "run name") == tmp_path / "runs" / "fine"
     with pytest.raises(C.ConfigError, match=r"run name 'sneaky': .* outside"):
-        C.path_inside(tmp_path / "runs", "sneaky", "run name")
+        N.path_inside(tmp_path / "runs", "sneaky", "run name")
 
 
 def test_a_manifest_name_that_is_a_path_is_refused_and_writes_nothing(tmp_path):

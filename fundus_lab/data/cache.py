@@ -39,7 +39,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from fundus_lab.config import ConfigError, path_inside
+from fundus_lab.config import ConfigError
+from fundus_lab.names import path_inside
 from fundus_lab.data import images as img
 from fundus_lab.data.images import DataError, ImageError
 

@@ -25,7 +25,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from fundus_lab.config import PACKAGE_ROOT, ConfigError, check_name
+from fundus_lab.config import PACKAGE_ROOT, ConfigError
+from fundus_lab.names import check_name
 from fundus_lab.schema import NOT_FROM_FILE, SchemaError, build_dataclass, coerce, short_repr
 
 # the shipped manifests live inside the package (``data_manifests/`` at the checkout root links

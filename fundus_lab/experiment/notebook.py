@@ -19,6 +19,7 @@ import yaml
 from fundus_lab import config as C
 from fundus_lab.experiment.configs import normalise_overrides
 from fundus_lab.experiment.store import KEY_FILE, project_root, read_json
+from fundus_lab.names import check_name, split_names
 
 # the notebooks' default run_dir: the run folder runs/latest names (see latest_run)
 LATEST = "latest"
@@ -130,7 +131,7 @@ def notebook_arguments(notebook: str, preset: str | None, run_dir: str | Path | 
     run's ``parameters.json``, else the preset's defaults; ``overrides`` apply over the run's."""
     if preset is not None and preset not in C.PRESETS:
         raise ValueError(f"preset={preset!r}; expected one of {C.PRESETS} (or None: the run's)")
-    C.check_name(notebook, "notebook name")  # it names figures/<name>/ and tables/<name>/
+    check_name(notebook, "notebook name")  # it names figures/<name>/ and tables/<name>/
     if run_dir is None or str(run_dir) == LATEST:
         run = latest_run()
         if run is None:
@@ -147,10 +148,10 @@ def notebook_arguments(notebook: str, preset: str | None, run_dir: str | Path | 
                          f"{made_with['preset']!r}; set preset = None to use the run's, or run_dir to another run")
     if data_root is None:
         data_root = made_with.get("data_root")
-    if not C.split_names(methods):
+    if not split_names(methods):
         methods = made_with.get("methods")
     overrides = {**normalise_overrides(made_with.get("overrides")), **normalise_overrides(overrides)}
-    methods = C.split_names(methods)
+    methods = split_names(methods)
 
     known = C.available_methods()
     if methods:

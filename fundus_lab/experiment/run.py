@@ -50,6 +50,7 @@ from fundus_lab.experiment.protocols import COLUMNS, PROTOCOLS, Protocol, evalua
 from fundus_lab.experiment.references import REFERENCES, PixelFeatures
 from fundus_lab.experiment.store import KEY_FILE, external_fingerprint, mkdir, read_json, write_json
 from fundus_lab.models import load_model
+from fundus_lab.names import check_name, split_names
 from fundus_lab.train import run_dir_for
 
 
@@ -83,7 +84,7 @@ class Run:
         if notebook is not None:
             preset, run_dir, data_root, methods, overrides = notebook_arguments(
                 notebook, preset, run_dir, data_root, methods, overrides)
-        self.notebook, self.methods = notebook, C.split_names(methods)
+        self.notebook, self.methods = notebook, split_names(methods)
         self.train_if_missing = notebook is None if train_if_missing is None else bool(train_if_missing)
         self.path, self.force = path, force
         self.overrides = normalise_overrides(overrides)
@@ -142,7 +143,7 @@ class Run:
         (``eval/<name>/seed<first pretraining seed>/``): it is not pretrained here. The name
         must not be a method's or a reference row's; the path must exist. Returns the path.
         """
-        name = C.check_name(str(name), "external model name")  # it names the folder eval/<name>/
+        name = check_name(str(name), "external model name")  # it names the folder eval/<name>/
         taken = "method" if name in C.available_methods() else "reference row" if name in REFERENCES else None
         if taken:
             raise C.ConfigError(f"external model name {name!r} is the name of a {taken}; give the outside model "
