@@ -96,14 +96,15 @@ def test_shipped_presets_and_methods_load():
 
 
 def test_config_is_a_leaf_module():
-    """`import fundus_lab.config` loads no other part of the package but its schema coercer (and no torch)."""
+    """`import fundus_lab.config` loads no other part of the package but the ground it stands on
+    (the schema coercer and the rule for names) and no torch."""
     import subprocess
     import sys
 
     code = ("import sys, fundus_lab.config; "
             "print(sorted(m for m in sys.modules if m.startswith('fundus_lab'))); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
-    assert out[0] == "['fundus_lab', 'fundus_lab.config', 'fundus_lab.schema']"
+    assert out[0] == "['fundus_lab', 'fundus_lab.config', 'fundus_lab.names', 'fundus_lab.schema']"
     assert out[1] == "False"
 
 
