@@ -204,6 +204,24 @@ synth_main.__doc__ = "Write the procedural synthetic fundus benchmark as dataset
 # fundus_lab.experiment and fundus_lab.reproduce (imported when the command runs, so the
 # top-level help stays fast)
 
+def parse_with_overrides(parser: argparse.ArgumentParser, argv, list_options: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, with the ``key=value`` overrides that a list option took back
+    among the overrides: ``--notebooks 07 eval.pretrain_seeds=[0,1,2]`` gives argparse's
+    ``nargs="+"`` both words, and a notebook, method, protocol or reference name never holds ``=``."""
+    args = parser.parse_args(argv)
+    for option in list_options:
+        values = getattr(args, option)
+        taken = [v for v in values or [] if "=" in v]
+        if not taken:
+            continue
+        kept = [v for v in values if "=" not in v]
+        if not kept and option != "references":
+            parser.error(f"--{option} {' '.join(values)}: expected at least one name before the key=value overrides")
+        setattr(args, option, kept)
+        args.overrides = [*(args.overrides or []), *taken]
+    return args
+
+
 def compare_parser(references: Sequence[str], protocols: Sequence[str]) -> argparse.ArgumentParser:
     """``fundus-lab compare --preset P --methods clip,coca,eva,ours [--external NAME=PATH ...]
     [--data-root DIR] [key=value ...]``"""
@@ -236,7 +254,7 @@ def compare_main(argv: list[str] | None = None) -> int:
     from fundus_lab.models.external import ExternalModelError
 
     parser = compare_parser(experiment.REFERENCES, experiment.DEFAULT_PROTOCOLS)
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv, ("methods", "references", "protocols"))
     split = split_names
     external = {}
     for item in args.external:
@@ -380,7 +398,7 @@ def reproduce_main(argv: list[str] | None = None) -> int:
     from fundus_lab import reproduce
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = reproduce_parser(C.PRESETS).parse_args(argv)
+    args = parse_with_overrides(reproduce_parser(C.PRESETS), argv, ("methods", "notebooks"))
     methods = split_names(args.methods) or None
     try:  # a mistyped key or value fails here, before any notebook starts
         C.load_config(preset=args.preset, overrides=list(args.overrides))

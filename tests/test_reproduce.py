@@ -266,3 +266,40 @@ def test_reproduce_rejects_a_mistyped_override_before_running(capsys, tmp_path):
     assert not any(tmp_path.iterdir())
     with pytest.raises(ValueError, match="key=value"):
         experiment.normalise_overrides(["no-equals-sign"])
+
+
+def test_overrides_typed_after_a_list_option_are_overrides_not_names():
+    """``--notebooks 07 eval.pretrain_seeds=[0,1,2]``: argparse's nargs="+" takes both words; the
+    key=value goes back to the overrides (it once failed as "notebook ... not found")."""
+    parse = lambda argv: cli.parse_with_overrides(cli.reproduce_parser(C.PRESETS), argv, ("methods", "notebooks"))
+    args = parse(["--preset", "default", "train.steps=5", "--notebooks", "07", "eval.pretrain_seeds=[0,1,2]"])
+    assert args.notebooks == ["07"] and args.overrides == ["train.steps=5", "eval.pretrain_seeds=[0,1,2]"]
+    args = parse(["--methods", "clip,ours", "eval.seeds=2", "--notebooks", "04", "05"])
+    assert args.methods == ["clip,ours"] and args.notebooks == ["04", "05"] and args.overrides == ["eval.seeds=2"]
+    with pytest.raises(SystemExit):  # no notebook left: an error, not "every notebook"
+        parse(["--notebooks", "eval.seeds=2"])
+    compare = cli.compare_parser(experiment.REFERENCES, experiment.DEFAULT_PROTOCOLS)
+    args = cli.parse_with_overrides(compare, ["--protocols", "zero_shot", "train.budget=flops"],
+                                    ("methods", "references", "protocols"))
+    assert args.protocols == ["zero_shot"] and args.overrides == ["train.budget=flops"]
+
+
+def test_the_makefiles_record_targets_run_notebook_07_with_their_overrides():
+    """The three long recorded runs (issue 21) are Makefile lines: each must reach notebook 07
+    with its override, and the extended one with its methods."""
+    makefile = (project_root() / "Makefile").read_text()
+    variables = dict(line.split(" := ", 1) for line in makefile.splitlines() if " := " in line)
+    expected = {"record-seeds": "eval.pretrain_seeds=[0,1,2]", "record-equal-flops": "train.budget=flops",
+                "record-extended": None}
+    for target, override in expected.items():
+        recipe = makefile.split(f"\n{target}:", 1)[1].split("\n\n", 1)[0]
+        line = next(ln for ln in recipe.splitlines() if "fundus-lab reproduce" in ln)
+        words = line.split("fundus-lab reproduce", 1)[1].split()
+        words = [w.strip("'\"") for w in words]
+        words = [variables.get(w[2:-1], w) if w.startswith("$(") else w for w in words]
+        args = cli.parse_with_overrides(cli.reproduce_parser(C.PRESETS), words, ("methods", "notebooks"))
+        assert args.notebooks == ["07"], target
+        assert args.overrides == ([override] if override else []), target
+        C.load_config(preset=args.preset, overrides=args.overrides)  # the override is a real key
+        if target == "record-extended":
+            assert "ours-no-mim" in ",".join(args.methods)
