@@ -39,9 +39,11 @@ from fundus_lab.eval import explain
 from fundus_lab.config import resolve_path
 from fundus_lab.eval.tables import long_format
 from fundus_lab.experiment import LATEST, CheckpointMissing, Run, latest_run, shot_curve_rows
+from fundus_lab.experiment.table import CURVE_HEADS
 
 KEY_FIGURES = ("attention_lesions", "reconstruction", "umap", "few_shot", "table1")
 MASK_RATIOS = (0.25, 0.5, 0.75)
+DIFFUSE_SHARE = 0.25  # a lesion mask over more of the image than this is diffuse, not a place
 
 
 def save_small_png(fig, path: Path, dpi: int = 72, colors: int = 128) -> Path:
@@ -59,7 +61,7 @@ def _attention_beside_lesions(ctx, method: str, n_images: int):
     """Per image: the photograph, its lesion masks in colour, the attention rollout of ``method``."""
     model = ctx.model(method)
     ds = ctx.dataset("synth-odir", split="test")  # the task whose images carry lesion masks (as notebook 02)
-    picked = explain.lesion_images(ds)[:n_images]
+    picked = focal_lesion_images(ds)[:n_images]
     if not picked:
         raise ValueError(f"{ds.root}: no test image with a lesion mask; the attention figure needs one")
     images = torch.stack([ds[i]["image"] for i in picked])
@@ -84,6 +86,18 @@ def _attention_beside_lesions(ctx, method: str, n_images: int):
     return fig
 
 
+def focal_lesion_images(ds, max_share: float = DIFFUSE_SHARE) -> list[int]:
+    """The records of :func:`explain.lesion_images` whose lesions are focal first: a mask over
+    most of the fundus (media opacity covers it all) says nothing beside an attention map, so
+    images whose every lesion mask covers less than ``max_share`` of the image lead, the rest
+    follow in record order."""
+    focal, diffuse = [], []
+    for i in explain.lesion_images(ds):
+        masks = [m for m in explain.load_record_masks(ds, ds.records[i]).values() if m.any()]
+        (focal if all(m.mean() < max_share for m in masks) else diffuse).append(i)
+    return focal + diffuse
+
+
 def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if mask.shape == tuple(size):
         return mask
@@ -95,7 +109,7 @@ def _reconstruction(ctx, method: str):
     if "reconstruction" not in model.capabilities:
         raise ValueError(f"{method} has no pixel decoder: pick a method with reconstruction (e.g. ours) for this figure")
     ds = ctx.dataset("synth-odir", split="test")
-    picked = (explain.lesion_images(ds) or [0])[:1]
+    picked = (focal_lesion_images(ds) or [0])[:1]
     images = torch.stack([ds[i]["image"] for i in picked])
     texts = text_source.paired_texts(ds, picked, ctx.config(method).data.text_source)
     with torch.no_grad():
@@ -118,7 +132,9 @@ def _few_shot(ctx, methods: Sequence[str]):
         rows += shot_curve_rows(m, {p: [ctx.evaluate(m, p)] for p in ("few_shot", "linear_probe")})
     if not rows:
         raise ValueError(f"{ctx.run_dir}: no few-shot evaluation of {list(methods)} to plot")
-    return viz.plot_shot_curves(pd.DataFrame(rows))
+    curves = pd.DataFrame(rows)
+    curves["head"] = curves["head"].map({h: label for _, h, label in CURVE_HEADS}).fillna(curves["head"])
+    return viz.plot_shot_curves(curves, hue="model", facet="head")
 
 
 def _table1(run_dir: Path):

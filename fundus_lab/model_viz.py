@@ -145,7 +145,7 @@ def paste_visible(original: Any, prediction: Any, pixel_mask: np.ndarray) -> np.
 
 
 def plot_reconstruction(images: Any, results: Mapping[float, Mapping[str, Any]], patch_size: int, out_dir=None, name: str = "reconstruction"):
-    """For each mask ratio and image: original, masked input, reconstruction, reconstruction + visible.
+    """For each mask ratio and image: original, masked input, the raw output, and the removed patches filled in by it.
 
     Args:
         images: ``[N, 3, H, W]`` in [0, 1].
@@ -157,7 +157,8 @@ def plot_reconstruction(images: Any, results: Mapping[float, Mapping[str, Any]],
     size = imgs[0].shape[:2]
     rows = [(ratio, n) for ratio in results for n in range(len(imgs))]
     fig, axes = _new_figure(len(rows), 4)
-    titles = ["original", "masked input", "reconstruction", "reconstruction + visible"]
+    # the loss covers removed patches only (MAE), so the raw output at visible ones is untrained
+    titles = ["original", "masked input", "raw output (visible: untrained)", "removed patches filled in"]
     for r, (ratio, n) in enumerate(rows):
         res = results[ratio]
         pix = mask_to_pixels(res["mask"], patch_size, size)[n]

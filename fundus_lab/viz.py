@@ -521,26 +521,42 @@ def dataset_embeddings(model, ds, max_items: int = 300, batch_size: int = 32) ->
     return {"image": np.concatenate(image_emb), "text": np.concatenate(text_emb) if use_text else None, "meta": meta}
 
 
-def plot_shot_curves(table: Any, value: str = "mean", error: str | None = "std", x: str = "k", hue: str = "method", out_dir=None, name: str = "few_shot"):
+def plot_shot_curves(table: Any, value: str = "mean", error: str | None = "std", x: str = "k", hue: str = "method", out_dir=None, name: str = "few_shot",
+                     facet: str | None = None):
     """Few-shot score against shots per class (log-2 axis), mean +- spread over seeds, one line per method.
 
+    ``facet`` (a column, e.g. ``"head"``): one panel per value, a line per ``hue`` in each, the
+    colours the same in every panel and one legend beside them: a dozen curves stay readable.
     The y axis is named by the table's ``metric`` column when it has one value, else by ``value``."""
     import pandas as pd
 
     df = pd.read_csv(table) if isinstance(table, (str, Path)) else pd.DataFrame(table)
-    missing = [c for c in [value, x, hue] + ([error] if error else []) if c not in df.columns]
+    missing = [c for c in [value, x, hue] + ([error] if error else []) + ([facet] if facet else []) if c not in df.columns]
     if missing:
         raise ValueError(f"plot_shot_curves: no column(s) {missing} (columns: {list(df.columns)})")
-    fig, axes = _new_figure(1, 1, cell=(4.6, 3.4))
-    ax = axes[0, 0]
-    for label, d in df.groupby(hue, sort=False):
-        d = d.sort_values(x)
-        ax.errorbar(d[x], d[value], yerr=d[error] if error else None, marker="o", capsize=3, label=str(label))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("labelled images per class")
+    panels = list(df.groupby(facet, sort=False)) if facet else [(None, df)]
+    fig, axes = _new_figure(1, len(panels), cell=(3.4, 3.0) if facet else (4.6, 3.4))
+    colours = {label: f"C{i % 10}" for i, label in enumerate(df[hue].unique())}
     metrics = df["metric"].unique() if "metric" in df.columns else []
-    ax.set_ylabel(f"{metrics[0]} ({value} over seeds)" if len(metrics) == 1 else value)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for col, (title, part) in enumerate(panels):
+        ax = axes[0, col]
+        for label, d in part.groupby(hue, sort=False):
+            d = d.sort_values(x)
+            ax.errorbar(d[x], d[value], yerr=d[error] if error else None, marker="o", capsize=3, label=str(label),
+                        color=colours[label])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("labelled images per class")
+        if title is not None:
+            ax.set_title(str(title), fontsize=9)
+        if col == 0:
+            ax.set_ylabel(f"{metrics[0]} ({value} over seeds)" if len(metrics) == 1 else value)
+        ax.grid(alpha=0.3)
+    if facet:
+        handles = {}
+        for ax in axes[0]:
+            handles.update({label: h for h, label in zip(*ax.get_legend_handles_labels())})
+        fig.legend(list(handles.values()), list(handles.keys()), loc="outside right center", fontsize=8, frameon=False)
+    else:
+        axes[0, 0].legend(fontsize=8)
     save_figure(fig, out_dir, name)
     return fig

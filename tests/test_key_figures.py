@@ -89,3 +89,25 @@ def test_export_follows_the_runs_latest_pointer(tmp_path, monkeypatch):
     experiment.write_latest(tmp_path / "runs" / "r1", tmp_path / "runs")
     with pytest.raises(FileNotFoundError, match=r"runs/r1/parameters.json does not exist"):
         export_key_figures("runs/latest", tmp_path / "figures")
+
+
+def test_focal_lesions_lead_the_attention_figure(tmp_path):
+    """A mask over the whole fundus (media opacity) shows nothing beside an attention map: images
+    whose every lesion is focal come first, the diffuse ones after, the lesion-free never."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from fundus_lab.key_figures import focal_lesion_images
+
+    def masks(name, **arrays):
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        return SimpleNamespace(meta={"mask": f"{name}.npz"}, path=f"{name}.png")
+
+    small, whole = np.zeros((8, 8), bool), np.ones((8, 8), bool)
+    small[2, 3] = True
+    records = [masks("diffuse", media_opacity=whole, drusen=small), SimpleNamespace(meta={}, path="none.png"),
+               masks("focal", drusen=small, exudate=np.zeros((8, 8), bool)), masks("diffuse2", media_opacity=whole)]
+    ds = SimpleNamespace(root=tmp_path, records=records)
+    assert focal_lesion_images(ds) == [2, 0, 3]
+    assert focal_lesion_images(ds, max_share=1.1) == [0, 2, 3]  # nothing is diffuse: record order

@@ -93,3 +93,17 @@ def test_live_loss_plot_collects_history_headless():
     cb(2, {"loss": 1.0})
     assert cb.history == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]
     assert cb.figure() is not None
+
+
+def test_shot_curves_facet_one_panel_per_head_same_colour_per_method_one_legend():
+    rows = [{"model": m, "head": h, "k": k, "mean": 0.5 + 0.01 * k, "std": 0.02, "metric": "accuracy"}
+            for h in ("fine-tune", "probe") for m in ("clip", "ours") for k in (1, 2, 4)]
+    fig = viz.plot_shot_curves(pd.DataFrame(rows), hue="model", facet="head")
+    panels = [ax for ax in fig.axes if ax.has_data()]
+    assert [ax.get_title() for ax in panels] == ["fine-tune", "probe"]
+    colours = [[line.get_color() for line in ax.get_lines() if line.get_marker() == "o"] for ax in panels]
+    assert colours[0] == colours[1] and len(set(colours[0])) == 2  # clip and ours keep their colour across panels
+    assert len(fig.legends) == 1 and [t.get_text() for t in fig.legends[0].get_texts()] == ["clip", "ours"]
+    assert all(ax.get_legend() is None for ax in panels)
+    with pytest.raises(ValueError, match="head"):
+        viz.plot_shot_curves(pd.DataFrame(rows).drop(columns="head"), hue="model", facet="head")
