@@ -309,7 +309,7 @@ def write_results(results: dict, cfg: "C.Config", out_dir: Path, protocols: Sequ
                 f"a per-pair 95 % interval, no correction for the {len(rows) * (len(rows) - 1) // 2} pairs x "
                 f"{len(columns)} columns" if len(seeds) > 1 else
                 f"one pretraining seed ({seeds[0]}): {S.UNMEASURED}, no verdicts (the CI covers test images only; "
-                "run-to-run training noise exceeded it in results/default/reproducibility.md)")
+                "run-to-run training noise exceeded it in results/default/2026-12-06/reproducibility.md)")
         pairs_caption = (f"Pairs of {TABLE_TITLES[table].split(',')[0]} (preset {cfg.preset}): row A minus row B in "
                          f"percentage points [95 % CI of a paired {estimator}: the same seed and image draws for both "
                          f"rows, {cfg.eval.bootstrap} replicates]; {rule}.")
