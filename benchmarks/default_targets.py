@@ -68,7 +68,7 @@ def ranking_pairs(table, protocols) -> list[str]:
                 gap = abs(ma - mb)
                 if gap > (ha - la) / 2 and gap > (hb - lb) / 2:
                     hi_row, lo_row = (a, b) if ma > mb else (b, a)
-                    out.append(f"{protocol} {column}: {hi_row} > {lo_row} by {100 * gap:.1f}")
+                    out.append(f"{protocol} {column}: {hi_row} - {lo_row} = +{100 * gap:.1f}")
     return out
 
 
@@ -150,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"{n_met} met, {n_missed} missed.",
         f"random-init (the floor): {'; '.join(floor)}.",
-        f"Pairs of rows separated by more than both CI half-widths: {len(pairs)}"
-        + (f", e.g. {'; '.join(pairs[:6])}" if pairs else ""),
+        f"Pairs of rows whose difference exceeds both CI half-widths over test images: {len(pairs)}"
+        + (f", e.g. {'; '.join(pairs[:6])}" if pairs else "")
+        + ". Not verdicts: these CIs leave out training noise; which row beats which is pairs.md's, over pretraining seeds.",
     ]) + "\n"
     print(text)
     if args.out:
