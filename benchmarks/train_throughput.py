@@ -369,6 +369,35 @@ def with_matmul_share(results: list[dict], rates: dict[str, float]) -> None:
         r["pct_square_matmul"] = 100 * r["gflops_per_s"] / rates["2048^3"]
 
 
+def median_round(method: str, runs: list[dict]) -> dict:
+    """The round of ``method`` with the median img/s (the lower middle one for an even count),
+    with every round's img/s beside it; an error if any round failed."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda r: r["images_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "rounds_images_per_s": [r["images_per_s"] for r in runs]}
+
+
+def paired_ratios(rounds: list[dict[str, dict]], method: str, reference: str = "clip") -> list[float]:
+    """img/s of ``method`` over ``reference`` within each round (the two ran minutes apart at most)."""
+    return [r[method]["images_per_s"] / r[reference]["images_per_s"] for r in rounds
+            if "error" not in r.get(method, {"error": 1}) and "error" not in r.get(reference, {"error": 1})]
+
+
+def rounds_table(methods: list[str], rounds: list[dict[str, dict]]) -> str:
+    """Per method: img/s of every round, and its ratio to clip within each round and their median."""
+    import statistics
+
+    lines = [f"{'method':<16}{'img/s per round':>40}{'vs clip per round':>36}{'median':>8}"]
+    for m in methods:
+        speeds = " ".join(f"{r[m]['images_per_s']:.1f}" if "error" not in r[m] else "failed" for r in rounds)
+        ratios = paired_ratios(rounds, m) if "clip" in methods else []
+        median = f"{statistics.median(ratios):.2f}x" if ratios else "-"
+        lines.append(f"{m:<16}{speeds:>40}{' '.join(f'{x:.2f}' for x in ratios):>36}{median:>8}")
+    return "\n".join(lines)
+
+
 def table(results: list[dict]) -> str:
     clip = next((r for r in results if r["method"] == "clip" and "error" not in r), None)
     head = (f"{'method':<16}{'params M':>9}{'img/s':>9}{'vs clip':>9}{'step s':>9}{'warm-up s':>10}{'peak MiB':>10}"
@@ -398,6 +427,10 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocator, lazy init)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--reverse", action="store_true", help="run the methods in reverse order (clip last)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every method this many times, the order reversed every other round; the table "
+                             "shows each method's median round, and each ratio to clip is the median of the "
+                             "per-round ratios (a VM's drifting speed hits both sides of a pair alike)")
     parser.add_argument("--device", default="auto", help="auto (a GPU when visible), cpu or cuda")
     parser.add_argument("--peak", type=float, help="the GPU's dense bf16 peak in TFLOP/s (default: by device name)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -429,13 +462,19 @@ def main(argv=None) -> int:
         methods.insert(0, "clip")
     if args.reverse:  # a second run in the other order: a drift in the machine's load hits the other end
         methods.reverse()
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: expected 1 or more")
     rates_before = run_matmul_child(args)
-    results = []
-    for method in methods:
-        results.append(run_child(args, method))
-        r = results[-1]
-        print(f"  {method}: " + (f"{r['images_per_s']:.1f} img/s" if "error" not in r else f"failed ({r['error']})"),
-              file=sys.stderr, flush=True)
+    rounds: list[dict[str, dict]] = []
+    for i in range(args.rounds):
+        order = methods if i % 2 == 0 else methods[::-1]
+        rounds.append({})
+        for method in order:
+            r = rounds[-1][method] = run_child(args, method)
+            print(f"  round {i + 1}/{args.rounds} {method}: "
+                  + (f"{r['images_per_s']:.1f} img/s" if "error" not in r else f"failed ({r['error']})"),
+                  file=sys.stderr, flush=True)
+    results = [median_round(method, [r[method] for r in rounds]) for method in methods]
     rates_after = run_matmul_child(args)  # before and after: a shared machine's rate drifts
     rates = {k: (rates_before[k] + rates_after[k]) / 2 for k in rates_before}
     with_matmul_share(results, rates)
@@ -446,6 +485,8 @@ def main(argv=None) -> int:
     print(f"machine {unit} matmul GFLOP/s (before / after the methods): "
           + ", ".join(f"{k} {rates_before[k]:.1f} / {rates_after[k]:.1f}" for k in rates))
     print(table(results))
+    if args.rounds > 1:
+        print(rounds_table(methods, rounds))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"matmul_gflops": {"before": rates_before, "after": rates_after}, "results": results}, f, indent=1)

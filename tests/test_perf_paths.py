@@ -215,3 +215,18 @@ def test_matmul_rate_and_share_of_it():
     assert results[0]["pct_model_matmul"] == pytest.approx(25.0)  # of the mean of the model's shapes
     assert results[0]["pct_square_matmul"] == pytest.approx(20.0)
     assert "gflops_per_s" not in results[1]
+
+
+def test_throughput_rounds_take_the_median_round_and_pair_ratios_within_a_round():
+    bench = _throughput_module()
+    run = lambda method, speed: {"method": method, "images_per_s": speed}
+    rounds = [{"clip": run("clip", 40.0), "open_clip:clip": run("open_clip:clip", 50.0)},  # a fast moment
+              {"clip": run("clip", 20.0), "open_clip:clip": run("open_clip:clip", 20.0)},  # a slow one
+              {"clip": run("clip", 30.0), "open_clip:clip": run("open_clip:clip", 24.0)}]
+    assert bench.paired_ratios(rounds, "open_clip:clip") == [1.25, 1.0, 0.8]
+    median = bench.median_round("clip", [r["clip"] for r in rounds])
+    assert median["images_per_s"] == 30.0 and median["rounds_images_per_s"] == [40.0, 20.0, 30.0]
+    assert bench.median_round("clip", [run("clip", 1.0), run("clip", 3.0)])["images_per_s"] == 1.0  # lower middle
+    assert "error" in bench.median_round("clip", [run("clip", 1.0), {"method": "clip", "error": "boom"}])
+    text = bench.rounds_table(["clip", "open_clip:clip"], rounds)
+    assert "1.25 1.00 0.80" in text and text.splitlines()[2].endswith("1.00x")
