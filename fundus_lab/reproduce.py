@@ -149,6 +149,13 @@ def _code_cell_number(executed: Path, cell_index: int | None) -> int | None:
     return None if cell_index is None else cell_index + 1
 
 
+def default_data_root(preset: str, overrides: Sequence[str]) -> str:
+    """The preset's ``data.synth_root`` (after ``overrides``), as the run's data folder: written
+    absolute into ``parameters.json`` at launch, so a notebook or ``key_figures`` opened on the
+    run from another folder finds the run's data instead of generating a new benchmark there."""
+    return C.resolve_config(preset, overrides=normalise_overrides(list(overrides))).data.synth_root
+
+
 def reproduce(
     preset: str = "default",
     data_root: str | Path | None = None,
@@ -199,7 +206,7 @@ def reproduce(
     parameters = {
         "preset": preset,
         "run_dir": str(run_dir),
-        "data_root": str(C.resolve_path(data_root)) if data_root is not None else None,
+        "data_root": str(C.resolve_path(data_root if data_root is not None else default_data_root(preset, overrides))),
         "methods": list(methods) if methods else None,
         "overrides": list(overrides or []),
     }

@@ -12,6 +12,7 @@ import pytest
 
 import fundus_lab
 from fundus_lab import config as C
+from fundus_lab import experiment
 from fundus_lab import reproduce as rp
 from fundus_lab import train as T
 
@@ -77,7 +78,17 @@ def test_reproduce_starts_notebooks_in_the_working_directory(tmp_path, monkeypat
     (params, cwd), = calls
     assert cwd == work
     assert params["run_dir"] == str(work / "runs" / "r")
-    assert params["data_root"] is None  # the preset's, resolved by the kernel in `work`
+    # the preset's, made absolute at launch: a notebook or key_figures opened on this run from
+    # another folder reads the run's data instead of generating a benchmark where it stands
+    assert params["data_root"] == str(work / C.resolve_config("smoke").data.synth_root)
+    assert json.loads((run_dir / "parameters.json").read_text())["data_root"] == params["data_root"]
+    rp.reproduce("smoke", run_name="r3", notebook_dir=nbs, runs_dir="runs", progress=False,
+                 overrides=["data.synth_root=elsewhere"])
+    assert calls[-1][0]["data_root"] == str(work / "elsewhere")
     assert json.loads((run_dir / "parameters.json").read_text())["run_dir"] == str(work / "runs" / "r")
     rp.reproduce("smoke", data_root="d", run_name="r2", notebook_dir=nbs, runs_dir="runs", progress=False)
     assert calls[-1][0]["data_root"] == str(work / "d")
+    other = tmp_path / "other_checkout"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    assert experiment.Run(run_dir=run_dir, notebook="key_figures").data_root == params["data_root"]

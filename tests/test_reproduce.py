@@ -40,7 +40,8 @@ def test_reproduce_runs_in_order_and_writes_index(notebooks, tmp_path):
     run = rp.reproduce("smoke", methods=["clip", "ours"], run_name="r1", runs_dir=tmp_path / "runs",
                        notebooks=["00", "01_read"], notebook_dir=notebooks, log=lines.append, progress=False)
     assert run == tmp_path / "runs" / "r1"
-    assert (run / "seen.txt").read_text() == "smoke|['clip', 'ours']|None"
+    data_root = C.resolve_path(C.resolve_config("smoke").data.synth_root)  # the preset's, made absolute
+    assert (run / "seen.txt").read_text() == f"smoke|['clip', 'ours']|{data_root}"
     status = json.loads((run / "status.json").read_text())
     assert [s["state"] for s in status.values()] == ["ok", "ok"]
     assert any("[2/2] 01_read ok" in line for line in lines)
