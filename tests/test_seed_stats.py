@@ -153,3 +153,32 @@ def test_the_run_record_carries_the_pairs_table(tmp_path):
     assert (out / "pairs.md").read_text() == paths["pairs_md"].read_text()
     assert (out / "pairs.csv").is_file()
     assert "## Pairs" in (out / "run.md").read_text()
+
+
+def test_majority_rate_is_the_floor_of_accuracy_on_an_imbalanced_test_set():
+    from fundus_lab.eval.metrics import majority_rate
+
+    assert majority_rate([0, 0, 0, 1, 2]) == pytest.approx(0.6)
+    assert majority_rate([0, 1, 0, 1]) == pytest.approx(0.5)
+    assert majority_rate(np.zeros((4, 3))) is None  # multi-hot: no single majority answer
+
+
+def test_the_legend_gives_the_majority_class_beside_chance_when_labels_are_imbalanced(tmp_path):
+    from fundus_lab.experiment import write_results
+
+    def record(y, seed):
+        probs = np.eye(3)[np.zeros(len(y), dtype=int)]  # always the commonest class
+        column = {"values": [float(ACC(y, probs))], "probs": [probs], "labels": y, "n_test": len(y)}
+        return {"available": True, "task": "multiclass", "metric": "accuracy", "classes": ["n", "a", "b"],
+                "dataset": "synth-x", "columns": {"in_domain": column, "held_out_camera": None},
+                "json": f"eval/m/seed{seed}/zero_shot.json", "run_dir": f"pretrain/m/seed{seed}"}
+
+    cfg = C.load_config(preset="smoke", overrides=["eval.bootstrap=50"])
+    imbalanced = np.array([0] * 14 + [1] * 4 + [2] * 2)
+    paths = write_results({"clip": {"zero_shot": [record(imbalanced, 0)]}}, cfg, tmp_path, ["zero_shot"])
+    md = paths["md"].read_text()
+    assert "Zero-shot 33.3 (majority class of the test labels: 70.0 in-domain)" in md
+    assert "| clip | 70.0 [" in md  # the constant answer scores exactly that floor
+    balanced = np.array([0, 1, 2] * 6)
+    paths = write_results({"clip": {"zero_shot": [record(balanced, 0)]}}, cfg, tmp_path / "b", ["zero_shot"])
+    assert "majority class" not in paths["md"].read_text()

@@ -323,6 +323,17 @@ def chance_level(metric: str, n_classes: int) -> float:
     return {"kappa": 0.0, "auc": 0.5}.get(metric, 1.0 / max(1, n_classes))
 
 
+def majority_rate(labels) -> float | None:
+    """The accuracy of always answering the test set's most frequent class: the floor of
+    plain accuracy on an imbalanced test set, where 1/C (:func:`chance_level`) is too low
+    (a model that says "normal" to every image scores the share of normal images). None for
+    multi-hot labels, where exact-match accuracy has no single majority answer."""
+    y = np.asarray(labels)
+    if y.ndim != 1 or not y.size:
+        return None
+    return float(np.bincount(y.astype(np.int64)).max() / y.size)
+
+
 def bootstrap_cell(task: str, metric: str, n_classes: int, labels, probs_per_run: Sequence, n: int,
                    seed: int = 0) -> list[float]:
     """95 % percentile CI of the mean over runs, resampling test images (the same draw for
