@@ -160,7 +160,11 @@ def test_majority_rate_is_the_floor_of_accuracy_on_an_imbalanced_test_set():
 
     assert majority_rate([0, 0, 0, 1, 2]) == pytest.approx(0.6)
     assert majority_rate([0, 1, 0, 1]) == pytest.approx(0.5)
-    assert majority_rate(np.zeros((4, 3))) is None  # multi-hot: no single majority answer
+    assert majority_rate(np.eye(3)[[0, 0, 1]]) is None  # multi-hot labels: plain accuracy has no majority answer
+    # single-label accuracy scores the images with exactly one positive class: the floor is theirs
+    multi_hot = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 1], [0, 1, 1]])
+    assert majority_rate(multi_hot, "single_label_accuracy") == pytest.approx(2 / 3)
+    assert majority_rate([0, 0, 1], "kappa") is None
 
 
 def test_the_legend_gives_the_majority_class_beside_chance_when_labels_are_imbalanced(tmp_path):

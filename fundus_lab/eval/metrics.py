@@ -323,13 +323,18 @@ def chance_level(metric: str, n_classes: int) -> float:
     return {"kappa": 0.0, "auc": 0.5}.get(metric, 1.0 / max(1, n_classes))
 
 
-def majority_rate(labels) -> float | None:
-    """The accuracy of always answering the test set's most frequent class: the floor of
-    plain accuracy on an imbalanced test set, where 1/C (:func:`chance_level`) is too low
-    (a model that says "normal" to every image scores the share of normal images). None for
-    multi-hot labels, where exact-match accuracy has no single majority answer."""
+def majority_rate(labels, metric: str = "accuracy") -> float | None:
+    """The score of always answering the test set's most frequent class: the floor of plain
+    accuracy on an imbalanced test set, where 1/C (:func:`chance_level`) is too low (a model
+    that says "normal" to every image scores the share of normal images). For
+    ``single_label_accuracy`` (multi-hot labels) it is counted over the images with exactly
+    one positive class, the images that metric scores. None for other metrics."""
     y = np.asarray(labels)
-    if y.ndim != 1 or not y.size:
+    if metric == "single_label_accuracy" and y.ndim == 2:
+        y = y[y.sum(1) == 1].argmax(1)
+    elif metric != "accuracy" or y.ndim != 1:
+        return None
+    if not y.size:
         return None
     return float(np.bincount(y.astype(np.int64)).max() / y.size)
 

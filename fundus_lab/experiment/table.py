@@ -227,17 +227,16 @@ def _relative(path: str, out_dir: Path) -> str:
         return str(path)
 
 
-def _majority_note(metric: str, protocol: str, labels: Mapping[tuple[str, str], np.ndarray]) -> str:
+def _majority_note(metric: str, protocol: str, labels: Mapping[tuple[str, str], np.ndarray], chance: float) -> str:
     """`` (majority class of the test labels: 30.5 in-domain, 34.9 held-out camera)`` for an
     accuracy column whose test labels are imbalanced, so that a reader compares accuracy
-    with always answering the commonest class, not only with 1/C; empty where balanced."""
-    if metric != "accuracy":
-        return ""
+    with always answering the commonest class, not only with ``chance`` (1/C); empty where
+    the classes are balanced."""
     parts = []
     for column, _, header in COLUMNS:
         y = next((v for (_, key), v in labels.items() if key == f"{protocol}_{column}"), None)
-        rate = majority_rate(y) if y is not None else None
-        if rate is not None and y is not None and rate > 1.0 / max(1, len(np.unique(y))) + 1e-9:
+        rate = majority_rate(y, metric) if y is not None else None
+        if rate is not None and rate > chance + 1e-9:
             parts.append(f"{100 * rate:.1f} {header}")
     return f" (majority class of the test labels: {', '.join(parts)})" if parts else ""
 
@@ -294,8 +293,8 @@ def write_results(results: dict, cfg: "C.Config", out_dir: Path, protocols: Sequ
                 columns.append((f"{p}_{column}",
                                 f"{proto.header.format(k=k)} ({dataset}, {METRIC_NAMES.get(metric, metric)}), {header}"))
             if metric:
-                chance.append(f"{proto.header.format(k=k)} {100 * chance_level(metric, len(info[p]['classes'])):.1f}"
-                              + _majority_note(metric, p, labels))
+                level = chance_level(metric, len(info[p]["classes"]))
+                chance.append(f"{proto.header.format(k=k)} {100 * level:.1f}" + _majority_note(metric, p, labels, level))
         headers.update(columns)
         table_columns[table] = columns
         pairs_name = "pairs" if table == "table1" else f"{table}_pairs"
