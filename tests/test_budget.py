@@ -119,4 +119,22 @@ def test_legend_states_the_rule_and_each_methods_steps_and_flops(fake_flops):
     assert "equal training FLOPs (train.budget=flops)" in note and "those of ours at train.steps=10" in note
     assert "clip: 30 steps, 3e+03 FLOP" in note
     assert "eva: 17 steps + 17 CLIP-teacher steps, 3e+03 FLOP" in note
-    assert "equal steps (train.budget=steps)" in budget_note(_cfg(None), {"clip": B.training_flops(_cfg("clip"))})
+    assert "the supervised row trains on the images of train.steps=10 steps (80 images)" in note  # batch 8 at smoke
+    steps_note = budget_note(_cfg(None), {"clip": B.training_flops(_cfg("clip"))})
+    assert "equal steps (train.budget=steps)" in steps_note and "supervised" not in steps_note
+
+
+def test_reference_rows_keep_the_equal_steps_budget_under_flops(tmp_path, fake_flops):
+    """The supervised row's images seen are the reference budget's (train.steps x batch), not
+    those of the method whose architecture it borrows (clip: 30 steps here), so it is the same
+    row at equal steps and at equal FLOPs."""
+    from fundus_lab import experiment as ex
+    from fundus_lab.experiment.pretraining import reference_key
+
+    flops = ex.Run("smoke", tmp_path / "run", tmp_path / "data", ["train.steps=10", "train.budget=flops"])
+    steps = ex.Run("smoke", tmp_path / "run2", tmp_path / "data", ["train.steps=10"])
+    assert flops.config("clip").train.steps == 30
+    for row in ("supervised", "random-init"):
+        assert flops.config(row).train.steps == 10
+        assert flops.config(row).method.name == flops.config("clip").method.name  # clip's architecture
+        assert reference_key(row, flops.config(row)) == reference_key(row, steps.config(row))  # reuses its cache

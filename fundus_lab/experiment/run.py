@@ -170,8 +170,11 @@ class Run:
         if method in self.externals:  # evaluated under the run's settings; no pretraining config
             return self.config(None, seed)
         ref = REFERENCES.get(method) if method in REFERENCES else None
+        overrides = self.overrides
+        if ref is not None:  # the frame stays put: a reference row sees train.steps' images under any budget
+            overrides = {**overrides, "train.budget": "steps"}
         return resolve_run_config(
-            self.preset, ref.architecture if ref else method, self.overrides, path=self.path, seed=seed,
+            self.preset, ref.architecture if ref else method, overrides, path=self.path, seed=seed,
             synth_root=self.data_root, name=method if method is not None and ref is None else None,
             pretrain_dir=self.run_dir / "pretrain" / method if method is not None else None,
             # training asked for from a notebook shows its bar (not part of the cache key)

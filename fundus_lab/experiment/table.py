@@ -214,7 +214,10 @@ def budget_note(cfg: "C.Config", budget: Mapping[str, dict]) -> str:
         return (f"Budget: equal training FLOPs (train.budget=flops): each method trains the steps that make its "
                 f"training FLOPs equal those of {t.budget_method} at train.steps={t.steps} (steps = round(budget / FLOPs "
                 f"per step averaged over its stages; EVA's teacher trains as many steps as EVA), "
-                f"batch {t.batch_size} x {t.grad_accum_steps}; {counted}. " + each + ".")
+                f"batch {t.batch_size} x {t.grad_accum_steps}; {counted}. " + each + ". "
+                f"Reference rows keep the equal-steps frame: the supervised row trains on the images of "
+                f"train.steps={t.steps} steps ({t.steps * t.batch_size * t.grad_accum_steps} images), as under "
+                f"train.budget=steps.")
     return (f"Budget: equal steps (train.budget=steps): every method trains train.steps={t.steps} steps of "
             f"{t.batch_size} x {t.grad_accum_steps} images; {counted}. " + each + ".")
 
