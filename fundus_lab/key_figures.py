@@ -43,7 +43,7 @@ from fundus_lab.experiment.table import CURVE_HEADS
 
 KEY_FIGURES = ("attention_lesions", "reconstruction", "umap", "few_shot", "table1")
 MASK_RATIOS = (0.25, 0.5, 0.75)
-DIFFUSE_SHARE = 0.25  # a lesion mask over more of the image than this is diffuse, not a place
+DIFFUSE_SHARE = explain.DIFFUSE_SHARE  # a lesion mask over more of the image than this is diffuse, not a place
 
 
 def save_small_png(fig, path: Path, dpi: int = 72, colors: int = 128) -> Path:
@@ -89,12 +89,12 @@ def _attention_beside_lesions(ctx, method: str, n_images: int):
 def focal_lesion_images(ds, max_share: float = DIFFUSE_SHARE) -> list[int]:
     """The records of :func:`explain.lesion_images` whose lesions are focal first: a mask over
     most of the fundus (media opacity covers it all) says nothing beside an attention map, so
-    images whose every lesion mask covers less than ``max_share`` of the image lead, the rest
+    images whose every lesion mask covers at most ``max_share`` of the image lead, the rest
     follow in record order."""
     focal, diffuse = [], []
     for i in explain.lesion_images(ds):
         masks = [m for m in explain.load_record_masks(ds, ds.records[i]).values() if m.any()]
-        (focal if all(m.mean() < max_share for m in masks) else diffuse).append(i)
+        (focal if all(m.mean() <= max_share for m in masks) else diffuse).append(i)
     return focal + diffuse
 
 

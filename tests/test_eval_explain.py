@@ -125,6 +125,25 @@ def test_score_explanations_per_method_and_lesion():
         explain.score_explanations({"x": [on_m1]}, masks)
 
 
+def test_overall_score_leaves_out_diffuse_masks():
+    """A media-opacity mask covers the fundus: any map puts most of its mass there, so the
+    ``all`` row averages focal masks only, and the diffuse type keeps its own row."""
+    focal = np.zeros((16, 16), dtype=bool)
+    focal[:4, :4] = True  # 1/16 of the image
+    opacity = np.ones((16, 16), dtype=bool)
+    masks = [{"haemorrhage": focal, "media_opacity": opacity}]
+    off_lesion = np.zeros((16, 16))
+    off_lesion[12, 12] = 1.0  # attends away from the haemorrhage
+    summary = explain.summarize_explanations(explain.score_explanations({"m": [off_lesion]}, masks))
+    assert summary.loc[("m", "media_opacity"), "mass_in_mask"] == 1.0
+    assert summary.loc[("m", "haemorrhage"), "mass_in_mask"] == 0.0
+    overall = summary.loc[("m", "all")]
+    assert (overall["mass_in_mask"], overall["n"], overall["area_fraction"]) == (0.0, 1, 1 / 16)
+    # a threshold above the opacity's share counts it again: the mean of 0 and 1
+    assert explain.summarize_explanations(explain.score_explanations({"m": [off_lesion]}, masks),
+                                          max_share=1.0).loc[("m", "all"), "mass_in_mask"] == 0.5
+
+
 def test_bad_attention_names_the_expected_shape():
     with pytest.raises(ValueError, match=r"\[N, heads, T, T\]"):
         explain.attention_rollout([np.ones((2, 3, 4))[None, None]])

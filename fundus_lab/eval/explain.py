@@ -22,7 +22,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+# a lesion mask over more of the image than this is diffuse (media opacity covers the whole
+# fundus), not a place an explanation could point at
+DIFFUSE_SHARE = 0.25
+
 __all__ = [
+    "DIFFUSE_SHARE",
     "to_numpy",
     "attention_rollout",
     "cls_attention",
@@ -284,16 +289,22 @@ def score_explanations(maps: Mapping[str, Sequence[Any]], masks: Sequence[Mappin
     return pd.DataFrame(rows, columns=["method", "image", "lesion", "mass_in_mask", "pointing_hit", "area_fraction", "mask_pixels"])
 
 
-def summarize_explanations(scores):
-    """Mean scores per method and lesion type (and ``all``), with the number of scored masks."""
+def summarize_explanations(scores, max_share: float = DIFFUSE_SHARE):
+    """Mean scores per method and lesion type, and ``all``, with the number of scored masks.
+
+    ``all`` averages the focal masks only (covering at most ``max_share`` of the image): a
+    diffuse mask (media opacity: the whole fundus) holds nearly all of any map's mass, which
+    would lift every method's overall score towards 1 whatever it attends to. Diffuse lesion
+    types keep their own rows."""
     import pandas as pd
 
     valid = scores.dropna(subset=["mass_in_mask"])
     cols = ["mass_in_mask", "pointing_hit", "area_fraction"]
     per = valid.groupby(["method", "lesion"])[cols].mean()
     per["n"] = valid.groupby(["method", "lesion"]).size()
-    overall = valid.groupby("method")[cols].mean()
-    overall["n"] = valid.groupby("method").size()
+    focal = valid[valid["area_fraction"] <= max_share]
+    overall = focal.groupby("method")[cols].mean().reindex(per.index.unique(level="method"))
+    overall["n"] = focal.groupby("method").size().reindex(overall.index).fillna(0).astype(int)
     overall.index = pd.MultiIndex.from_product([overall.index, ["all"]], names=["method", "lesion"])
     out = pd.concat([per, overall])
     order = sorted(out.index, key=lambda ml: (ml[0], ml[1] == "all", ml[1]))  # "all" last per method

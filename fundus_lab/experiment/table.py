@@ -33,6 +33,7 @@ import pandas as pd
 
 from fundus_lab import config as C
 from fundus_lab.eval import seeds as S
+from fundus_lab.eval.explain import DIFFUSE_SHARE
 from fundus_lab.eval.metrics import chance_level, majority_rate, metric_fn
 from fundus_lab.eval.tables import format_cell, summarise, write_table
 from fundus_lab.experiment.protocols import COLUMNS, DEFAULT_PROTOCOLS, PROTOCOLS, TABLES
@@ -421,14 +422,17 @@ def write_few_shot_curves(results: dict, cfg: "C.Config", out_dir: Path) -> dict
 def write_explanation_scores(summary, run_dir: str | Path, split: str = "test") -> dict[str, Path]:
     """Notebook 02's explanation scores as ``explanation_scores.{csv,txt}`` in the run folder:
     per method and map, the attention mass inside lesion masks against a uniform map's share
-    (the masks' area fraction) and their ratio, over every scored lesion (``lesion == all``)."""
+    (the masks' area fraction) and their ratio, over every scored focal lesion (``lesion == all``:
+    masks over at most a quarter of the image; diffuse types such as media opacity only in their
+    own rows of the csv)."""
     run_dir = Path(run_dir)
     df = summary.reset_index() if isinstance(summary, pd.DataFrame) else pd.DataFrame(summary)
     df = df.sort_values(["method", "lesion"]).reset_index(drop=True)
     df["ratio_to_uniform"] = df["mass_in_mask"] / df["area_fraction"]
     csv_path = run_dir / "explanation_scores.csv"
     df.to_csv(csv_path, index=False, float_format="%.6f")
-    lines = [f"Attention share inside lesion masks vs a uniform map's share ({split} split: in-domain), all lesions:"]
+    lines = [f"Attention share inside lesion masks vs a uniform map's share ({split} split: in-domain), focal lesions "
+             f"(masks over at most {100 * DIFFUSE_SHARE:.0f} % of the image; the csv lists every lesion type):"]
     for _, r in df[df["lesion"] == "all"].iterrows():
         lines.append(f"{r['method']}: {100 * r['mass_in_mask']:.2f} % in masks vs {100 * r['area_fraction']:.2f} % "
                      f"uniform = {r['ratio_to_uniform']:.2f}x (n={int(r['n'])} masks)")
