@@ -121,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             share = {r["method"]: float(r["ratio_to_uniform"]) for r in csv.DictReader(f) if r["lesion"] == "all"}
         for kind in ("last_layer", "rollout"):
             v = share.get(f"ours/{kind}")
-            add(f"ours: attention share in lesion masks / uniform ({kind}; x)",
+            add(f"ours: attention share in focal lesion masks / uniform ({kind}; x)",
                 None if v is None else (v, float("nan"), float("nan")), 2.0, pct=False)
     else:
-        rows.append(f"| ours: attention share in lesion masks | n/a | >= 2 | {scores_csv} missing |")
+        rows.append(f"| ours: attention share in focal lesion masks | n/a | >= 2 | {scores_csv} missing |")
 
     import playground_accuracy as pa
     from fundus_lab.data import open_dataset
